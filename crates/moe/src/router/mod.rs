@@ -1,0 +1,7 @@
+//! Token-to-expert routing: a linear gate, a scoring function and a selection rule.
+
+mod gate;
+mod selection;
+
+pub use gate::{Router, RouterConfig, Routing};
+pub use selection::{RouterNoise, Scoring, Selection};

@@ -1,0 +1,234 @@
+//! Router selection rules, noise, and configuration errors.
+
+use burn::module::{Module, Param};
+use burn::tensor::{Int, Tensor};
+use moekit_moe::{
+    Activation, ExpertBank, MoeError, MoeLayerConfig, RouterConfig, RouterNoise, Scoring, Selection,
+};
+use moekit_testing::{assert_close, device, normal, tensor, values};
+
+fn probs_as_logits(p: &[f32]) -> Vec<f32> {
+    p.iter().map(|v| v.ln()).collect()
+}
+
+fn kept(selection: Selection, p: &[f32]) -> (usize, Vec<f32>) {
+    let device = device(1);
+    let r = RouterConfig::new(2, p.len())
+        .with_selection(selection)
+        .init(&device)
+        .unwrap();
+    let routing = r.route_logits(tensor(probs_as_logits(p), [1, p.len()], &device));
+    let active: Vec<bool> = routing.active.into_data().iter::<bool>().collect();
+    (
+        active.iter().filter(|a| **a).count(),
+        values(routing.weights),
+    )
+}
+
+#[test]
+fn top_p_keeps_experts_until_the_mass_reaches_p() {
+    let p = [0.05, 0.5, 0.15, 0.3];
+    let top_p = |p_, max_k| Selection::TopP { p: p_, max_k };
+    assert_eq!(kept(top_p(0.45, None), &p).0, 1); // 0.5 covers 0.45
+    assert_eq!(kept(top_p(0.75, None), &p).0, 2); // 0.5 < 0.75 <= 0.8
+    assert_eq!(kept(top_p(0.85, None), &p).0, 3); // 0.8 < 0.85 <= 0.95
+    assert_eq!(kept(top_p(1.0, None), &p).0, 4);
+    assert_eq!(kept(top_p(0.85, Some(2)), &p).0, 2); // bounded by max_k
+    // Weights are the probabilities themselves, in decreasing order, zero when unused.
+    let (_, w) = kept(top_p(0.75, None), &p);
+    let want = [0.5, 0.3, 0.0, 0.0];
+    assert!(
+        w.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn top_k_weights_with_and_without_renormalisation() {
+    let p = [0.1, 0.4, 0.2, 0.3];
+    let (_, w) = kept(
+        Selection::TopK {
+            k: 2,
+            renormalize: true,
+        },
+        &p,
+    );
+    assert!(
+        (w[0] - 4.0 / 7.0).abs() < 1e-5 && (w[1] - 3.0 / 7.0).abs() < 1e-5,
+        "{w:?}"
+    );
+    let (_, w) = kept(
+        Selection::TopK {
+            k: 2,
+            renormalize: false,
+        },
+        &p,
+    );
+    assert!(
+        (w[0] - 0.4).abs() < 1e-5 && (w[1] - 0.3).abs() < 1e-5,
+        "{w:?}"
+    );
+}
+
+#[test]
+fn sigmoid_scoring_ranks_by_sigmoid_and_normalises_probabilities() {
+    let device = device(2);
+    let r = RouterConfig::new(2, 3)
+        .with_scoring(Scoring::Sigmoid)
+        .with_selection(Selection::TopK {
+            k: 1,
+            renormalize: false,
+        })
+        .init(&device)
+        .unwrap();
+    let routing = r.route_logits(tensor(vec![0.0, 2.0, -1.0], [1, 3], &device));
+    let s = [
+        0.5f32,
+        1.0 / (1.0 + (-2f32).exp()),
+        1.0 / (1.0 + 1f32.exp()),
+    ];
+    let sum: f32 = s.iter().sum();
+    assert_eq!(
+        routing
+            .experts
+            .into_data()
+            .iter::<i64>()
+            .collect::<Vec<_>>(),
+        vec![1]
+    );
+    assert!((values(routing.weights)[0] - s[1]).abs() < 1e-6);
+    let probs = values(routing.probs);
+    assert!(probs.iter().zip(s).all(|(p, s)| (p - s / sum).abs() < 1e-6));
+}
+
+#[test]
+fn noise_only_while_training_on_an_autodiff_device() {
+    for noise in [RouterNoise::Jitter { eps: 0.2 }, RouterNoise::NoisyTopK] {
+        let cfg = RouterConfig::new(6, 4).with_noise(noise);
+        let eval_device = device(3);
+        let mut r = cfg.init(&eval_device).unwrap();
+        if r.noise_gate.is_some() {
+            // A non-zero noise weight, so that noisy top-k perturbs at all.
+            r.noise_gate = Some(Param::from_tensor(normal([6, 4], 1.0, &eval_device)));
+        }
+        let x = normal([5, 6], 1.0, &eval_device);
+        assert_close(r.logits(x.clone()), r.logits(x.clone()), 0.0, 0.0);
+
+        let training = r.clone().train();
+        let xt = x.clone().autodiff();
+        let (a, b) = (
+            values(training.logits(xt.clone())),
+            values(training.logits(xt.clone())),
+        );
+        assert!(a != b, "{noise:?} should perturb training logits");
+
+        let validation = training.valid();
+        assert_close(validation.logits(x.clone()), validation.logits(x), 0.0, 0.0);
+    }
+}
+
+#[test]
+fn bad_configuration_is_a_typed_error() {
+    let device = device(4);
+    let layer = |e: usize, sel: Selection| {
+        MoeLayerConfig::new(8, 4, e)
+            .with_selection(sel)
+            .init(&device)
+            .map(|_| ())
+    };
+    assert_eq!(
+        layer(
+            4,
+            Selection::TopK {
+                k: 5,
+                renormalize: true
+            }
+        ),
+        Err(MoeError::InvalidTopK { k: 5, experts: 4 })
+    );
+    assert_eq!(
+        layer(
+            4,
+            Selection::TopK {
+                k: 0,
+                renormalize: true
+            }
+        ),
+        Err(MoeError::InvalidTopK { k: 0, experts: 4 })
+    );
+    assert_eq!(
+        layer(
+            0,
+            Selection::TopK {
+                k: 1,
+                renormalize: true
+            }
+        ),
+        Err(MoeError::NoExperts)
+    );
+    for p in [0.0, -0.1, 1.5, f64::NAN] {
+        assert!(
+            matches!(
+                layer(4, Selection::TopP { p, max_k: None }),
+                Err(MoeError::InvalidTopP(_))
+            ),
+            "p = {p}"
+        );
+    }
+    assert!(
+        layer(
+            4,
+            Selection::TopP {
+                p: 0.5,
+                max_k: Some(9)
+            }
+        )
+        .is_err()
+    );
+    let bad_capacity = MoeLayerConfig::new(8, 4, 4)
+        .with_capacity_factor(Some(0.0))
+        .init(&device);
+    assert!(matches!(
+        bad_capacity,
+        Err(MoeError::OutOfRange {
+            what: "capacity_factor",
+            ..
+        })
+    ));
+    let bad_jitter = RouterConfig::new(8, 4)
+        .with_noise(RouterNoise::Jitter { eps: 1.5 })
+        .init(&device);
+    assert!(matches!(bad_jitter, Err(MoeError::OutOfRange { .. })));
+    assert!(matches!(
+        MoeLayerConfig::new(0, 4, 4).init(&device),
+        Err(MoeError::ZeroSize { .. })
+    ));
+
+    let ok = MoeLayerConfig::new(8, 4, 4).init(&device).unwrap();
+    let wrong_width = ok.forward(normal([1, 3, 7], 1.0, &device));
+    assert_eq!(
+        wrong_width.err(),
+        Some(MoeError::HiddenSizeMismatch {
+            expected: 8,
+            got: 7
+        })
+    );
+    let mask = Tensor::<2, Int>::ones([1, 2], &device).bool();
+    let wrong_mask = ok.forward_masked(normal([1, 3, 8], 1.0, &device), Some(mask));
+    assert_eq!(
+        wrong_mask.err(),
+        Some(MoeError::MaskShapeMismatch {
+            expected: [1, 3],
+            got: [1, 2]
+        })
+    );
+    let mismatched = ExpertBank::from_weights(
+        normal([2, 8, 6], 1.0, &device),
+        normal([2, 4, 8], 1.0, &device),
+        Activation::SwiGlu,
+    );
+    assert!(
+        mismatched.is_err(),
+        "a SwiGLU bank with I = 4 needs w_in of width 8, not 6"
+    );
+}

@@ -1,0 +1,1 @@
+pub use moekit_moe as moe;
