@@ -1,18 +1,24 @@
 //! Times the MoE layer against dense SwiGLU FFNs, one JSON line per case.
 //!
 //! The cases, fields and methodology (T = 2048 tokens, H = 576, weights ~ N(0, 0.02), median of
-//! 5 runs after a warm-up) are those of `shared/anchors/torch_moe.py`, so the two outputs compare
-//! line by line. Extra dense cases give every MoE case a dense FFN of the same *active* width.
+//! the runs after a warm-up) are those of `shared/anchors/torch_moe.py`, so the two outputs
+//! compare line by line. Each MoE case is timed interleaved with a dense FFN of the same *active*
+//! width (`k·I`), run for run, so that `ratio_fwd` and `ratio_fwd_bwd` are measured under the
+//! same machine load.
 //!
 //! ```text
-//! RAYON_NUM_THREADS=2 cargo run --release --example bench_moe_layer -- [--dispatch auto|composed|dense] [--runs N] [--only CASE]
+//! RAYON_NUM_THREADS=2 cargo run --release --example bench_moe_layer -- \
+//!     [--dispatch auto|fused|composed|dense] [--runs N] [--only CASE]
 //! ```
 
 use std::time::Instant;
 
+use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::{Device, Distribution, Tensor};
-use moekit::moe::{DispatchMode, FeedForwardConfig, MoeLayerConfig, Selection};
+use moekit::moe::{
+    DispatchMode, FeedForward, FeedForwardConfig, MoeLayer, MoeLayerConfig, Selection,
+};
 
 const H: usize = 576;
 const T: usize = 2048;
@@ -26,7 +32,7 @@ struct Args {
 fn args() -> Args {
     let mut a = Args {
         dispatch: DispatchMode::Auto,
-        runs: 5,
+        runs: 7,
         only: None,
     };
     let mut it = std::env::args().skip(1);
@@ -47,7 +53,9 @@ fn args() -> Args {
             "--runs" => {
                 a.runs = value
                     .parse()
-                    .unwrap_or_else(|_| exit("--runs takes a positive integer"))
+                    .ok()
+                    .filter(|r| *r > 0)
+                    .unwrap_or_else(|| exit("--runs takes a positive integer"))
             }
             "--only" => a.only = Some(value),
             other => exit(&format!(
@@ -63,41 +71,71 @@ fn exit(msg: &str) -> ! {
     std::process::exit(2)
 }
 
-fn median_ms(runs: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut ts: Vec<f64> = (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    ts.sort_by(f64::total_cmp);
-    ts[runs / 2]
+/// Something to time, forward only or forward + backward.
+trait Work {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3>;
 }
 
-fn report(name: &str, fwd_ms: f64, fwd_bwd_ms: f64, flop_per_token: usize, dispatch: &str) {
-    let gflop = (flop_per_token * T) as f64 / 1e9;
-    println!(
-        "{{\"case\": \"{name}\", \"tokens\": {T}, \"fwd_ms\": {fwd_ms:.2}, \"fwd_bwd_ms\": {fwd_bwd_ms:.2}, \
-         \"active_gflop_fwd\": {gflop:.2}, \"fwd_gflops\": {:.1}, \"dispatch\": \"{dispatch}\"}}",
-        gflop / (fwd_ms / 1e3)
-    );
+impl Work for MoeLayer {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        MoeLayer::forward(self, x)
+            .expect("shapes are consistent")
+            .output
+    }
 }
 
-/// Times `forward` without autodiff and `forward + backward` with it.
-fn time(runs: usize, device: &Device, forward: impl Fn(Tensor<3>) -> Tensor<3>) -> (f64, f64) {
-    let x = Tensor::<3>::random([4, T / 4, H], Distribution::Normal(0.0, 1.0), device);
-    let fwd = median_ms(runs, || {
-        let y = forward(x.clone());
+impl Work for FeedForward {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        FeedForward::forward(self, x)
+    }
+}
+
+fn run_once(work: &dyn Work, x: &Tensor<3>, backward: bool) -> f64 {
+    let t = Instant::now();
+    let y = work.forward(x.clone());
+    if backward {
+        drop(y.sum().backward());
+    } else {
         y.device().sync().expect("device sync");
-    });
-    let xg = x.clone().autodiff().require_grad();
-    let fwd_bwd = median_ms(runs, || {
-        let grads = forward(xg.clone()).sum().backward();
-        drop(grads);
-    });
-    (fwd, fwd_bwd)
+    }
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Median milliseconds of each work item, runs interleaved item by item.
+fn interleaved(items: &[&dyn Work], x: &Tensor<3>, backward: bool, runs: usize) -> Vec<f64> {
+    let mut times = vec![Vec::with_capacity(runs); items.len()];
+    for w in items {
+        run_once(*w, x, backward);
+    }
+    for _ in 0..runs {
+        for (w, t) in items.iter().zip(&mut times) {
+            t.push(run_once(*w, x, backward));
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect()
+}
+
+/// Forward and forward+backward medians of each item.
+fn measure(items: &[(&dyn Work, &dyn Work)], device: &Device, runs: usize) -> Vec<(f64, f64)> {
+    let x = Tensor::<3>::random([4, T / 4, H], Distribution::Normal(0.0, 1.0), device);
+    let plain: Vec<&dyn Work> = items.iter().map(|(p, _)| *p).collect();
+    let trained: Vec<&dyn Work> = items.iter().map(|(_, t)| *t).collect();
+    let fwd = interleaved(&plain, &x, false, runs);
+    let fwd_bwd = interleaved(&trained, &x.autodiff().require_grad(), true, runs);
+    fwd.into_iter().zip(fwd_bwd).collect()
+}
+
+fn dense(i: usize, init: &Initializer, device: &Device) -> FeedForward {
+    FeedForwardConfig::new(H, i)
+        .with_initializer(init.clone())
+        .init(device)
+        .unwrap()
 }
 
 fn main() {
@@ -109,6 +147,7 @@ fn main() {
         std: 0.02,
     };
     let wanted = |name: &str| args.only.as_deref().is_none_or(|o| o == name);
+    let gflop = |flop_per_token: usize| (flop_per_token * T) as f64 / 1e9;
     for (e, i, k) in [(8, 1536, 2), (8, 192, 2), (16, 96, 4), (64, 24, 8)] {
         let name = format!("mixtral_E{e}_I{i}_k{k}");
         if !wanted(&name) {
@@ -123,48 +162,49 @@ fn main() {
             .with_dispatch(args.dispatch)
             .init(&device)
             .unwrap_or_else(|err| exit(&err.to_string()));
-        layer.router.gate = burn::module::Param::from_tensor(Tensor::random(
+        layer.router.gate = Param::from_tensor(Tensor::random(
             [H, e],
             Distribution::Normal(0.0, 0.02),
             &device,
         ));
-        let layer_ad = burn::module::Module::train(layer.clone());
-        let resolved = args.dispatch.resolve(&Tensor::zeros([1, H], &device));
-        let run = |x: Tensor<3>| {
-            let l = if x.device().is_autodiff() {
-                &layer_ad
-            } else {
-                &layer
-            };
-            l.forward(x).expect("shapes are consistent").output
-        };
-        let (f, fb) = time(args.runs, &device, run);
-        report(
-            &name,
-            f,
-            fb,
-            k * 6 * H * i + 2 * H * e,
-            &format!("{resolved:?}").to_lowercase(),
+        let equiv = dense(k * i, &init, &device);
+        let (layer_t, equiv_t) = (layer.clone().train(), equiv.clone().train());
+        let m = measure(
+            &[(&layer, &layer_t), (&equiv, &equiv_t)],
+            &device,
+            args.runs,
+        );
+        let ((f, fb), (df, dfb)) = (m[0], m[1]);
+        let g = gflop(k * 6 * H * i + 2 * H * e);
+        let dispatch = format!(
+            "{:?}",
+            args.dispatch.resolve(&Tensor::zeros([1, H], &device))
+        )
+        .to_lowercase();
+        println!(
+            "{{\"case\": \"{name}\", \"tokens\": {T}, \"fwd_ms\": {f:.2}, \"fwd_bwd_ms\": {fb:.2}, \
+             \"active_gflop_fwd\": {g:.2}, \"fwd_gflops\": {:.1}, \"dispatch\": \"{dispatch}\", \
+             \"dense_equiv\": \"dense_I{}\", \"dense_equiv_fwd_ms\": {df:.2}, \"dense_equiv_fwd_bwd_ms\": {dfb:.2}, \
+             \"ratio_fwd\": {:.2}, \"ratio_fwd_bwd\": {:.2}}}",
+            g / (f / 1e3),
+            k * i,
+            f / df,
+            fb / dfb
         );
     }
-    for i in [1536, 384, 3072, 192] {
+    for i in [1536, 384] {
         let name = format!("dense_I{i}");
         if !wanted(&name) {
             continue;
         }
-        let ffn = FeedForwardConfig::new(H, i)
-            .with_initializer(init.clone())
-            .init(&device)
-            .unwrap();
-        let ffn_ad = burn::module::Module::train(ffn.clone());
-        let run = |x: Tensor<3>| {
-            if x.device().is_autodiff() {
-                ffn_ad.forward(x)
-            } else {
-                ffn.forward(x)
-            }
-        };
-        let (f, fb) = time(args.runs, &device, run);
-        report(&name, f, fb, 6 * H * i, "dense");
+        let ffn = dense(i, &init, &device);
+        let ffn_t = ffn.clone().train();
+        let (f, fb) = measure(&[(&ffn, &ffn_t)], &device, args.runs)[0];
+        let g = gflop(6 * H * i);
+        println!(
+            "{{\"case\": \"{name}\", \"tokens\": {T}, \"fwd_ms\": {f:.2}, \"fwd_bwd_ms\": {fb:.2}, \
+             \"active_gflop_fwd\": {g:.2}, \"fwd_gflops\": {:.1}, \"dispatch\": \"dense\"}}",
+            g / (f / 1e3)
+        );
     }
 }

@@ -10,7 +10,7 @@ use crate::dispatch::{DispatchMode, DispatchPlan};
 use crate::error::MoeError;
 use crate::experts::{ExpertBank, ExpertBankConfig};
 use crate::losses::{AuxLossConfig, AuxLosses, aux_losses};
-use crate::router::{Router, RouterConfig, RouterNoise, Scoring, Selection};
+use crate::router::{Router, RouterConfig, RouterNoise, Routing, Scoring, Selection};
 use crate::shared::{SharedExpert, SharedExpertConfig};
 use crate::stats::RoutingStats;
 
@@ -76,18 +76,55 @@ pub struct MoeLayer {
 }
 
 /// Everything one call of [`MoeLayer::forward`] produces.
+///
+/// The auxiliary losses and mean router probabilities are computed on demand from the kept
+/// routing, so inference pays nothing for them.
 #[derive(Debug, Clone)]
 pub struct MoeOutput {
     /// Layer output `[B, S, H]`.
     pub output: Tensor<3>,
-    /// Router logits `[B·S, E]`.
-    pub router_logits: Tensor<2>,
-    /// The individual auxiliary losses.
-    pub aux: AuxLosses,
-    /// `Σ coefficient · loss`, to add to the training loss.
-    pub aux_loss: Tensor<1>,
-    /// Routing statistics.
+    /// The router's decisions for the `B·S` tokens.
+    pub routing: Routing,
+    /// Routing statistics (host values).
     pub stats: RoutingStats,
+    keep: Option<Tensor<1>>,
+    coefficients: AuxLossConfig,
+}
+
+impl MoeOutput {
+    /// Router logits `[B·S, E]`.
+    pub fn router_logits(&self) -> Tensor<2> {
+        self.routing.logits.clone()
+    }
+
+    /// The individual auxiliary losses (padding excluded).
+    pub fn aux_losses(&self) -> AuxLosses {
+        aux_losses(
+            &self.routing,
+            self.keep.clone(),
+            &self.stats.routed_per_expert,
+        )
+    }
+
+    /// `Σ coefficient · loss` with the layer's coefficients, to add to the training loss.
+    pub fn aux_loss(&self) -> Tensor<1> {
+        self.aux_losses().total(&self.coefficients)
+    }
+
+    /// Mean router probability of each expert over real tokens, `[E]`.
+    pub fn mean_prob(&self) -> Tensor<1> {
+        let probs = self.routing.probs.clone();
+        match &self.keep {
+            Some(k) => {
+                let real = self.stats.tokens.max(1) as f64;
+                (probs * k.clone().unsqueeze_dim(1))
+                    .sum_dim(0)
+                    .squeeze_dim(0)
+                    / real
+            }
+            None => probs.mean_dim(0).squeeze_dim(0),
+        }
+    }
 }
 
 impl MoeLayerConfig {
@@ -156,14 +193,6 @@ impl MoeLayer {
         self.experts.hidden_size()
     }
 
-    /// Expert capacity for `tokens` real tokens.
-    pub fn capacity(&self, tokens: usize) -> Option<usize> {
-        let slots = self.router.slots() as f64;
-        let e = self.experts.num_experts() as f64;
-        self.capacity_factor
-            .map(|f| (f * tokens as f64 * slots / e).ceil() as usize)
-    }
-
     /// Applies the layer to every token.
     ///
     /// # Shapes
@@ -201,43 +230,30 @@ impl MoeLayer {
         let t = b * s;
         let x = x.reshape([t, h]);
         let keep = mask.map(|m| m.reshape([t]));
-        let real = match &keep {
-            Some(k) => k.clone().int().sum().into_scalar::<i64>() as usize,
-            None => t,
-        };
 
         let routing = self.router.forward(x.clone());
-        let plan = DispatchPlan::new(&routing, keep.clone(), self.capacity(real))?;
+        let plan = DispatchPlan::new(&routing, keep.clone(), self.capacity_factor)?;
         let mut y = self.dispatch.expert_ffn(x.clone(), &self.experts, &plan);
         if let Some(shared) = &self.shared {
             y = y + shared.forward(x);
         }
-
-        let keep_f = keep.map(|k| k.float());
-        let aux = aux_losses(&routing, keep_f.clone(), &plan.routed);
-        let mean_prob = match keep_f {
-            Some(k) => {
-                (routing.probs.clone() * k.unsqueeze_dim(1))
-                    .sum_dim(0)
-                    .squeeze_dim(0)
-                    / real.max(1) as f64
-            }
-            None => routing.probs.clone().mean_dim(0).squeeze_dim(0),
-        };
         let stats = RoutingStats {
-            tokens: real,
-            routed_per_expert: plan.routed.clone(),
+            tokens: plan.real_tokens,
             tokens_per_expert: plan.tokens_per_expert(),
+            routed_per_expert: plan.routed,
             dropped: plan.dropped,
-            mean_prob,
         };
-        tracing::trace!(tokens = real, dropped = plan.dropped, "moe layer routed");
+        tracing::trace!(
+            tokens = stats.tokens,
+            dropped = stats.dropped,
+            "moe layer routed"
+        );
         Ok(MoeOutput {
             output: y.reshape([b, s, h]),
-            router_logits: routing.logits,
-            aux_loss: aux.total(&self.aux_loss),
-            aux,
+            routing,
             stats,
+            keep: keep.map(|k| k.float()),
+            coefficients: self.aux_loss,
         })
     }
 }

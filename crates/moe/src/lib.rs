@@ -24,6 +24,7 @@ pub mod dispatch;
 pub mod error;
 pub mod experts;
 pub mod ffn;
+mod kernels;
 pub mod layer;
 pub mod losses;
 pub mod router;

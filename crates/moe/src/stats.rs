@@ -1,8 +1,6 @@
 //! Routing statistics of one MoE call, for profiling and logs.
 
-use burn::tensor::Tensor;
-
-/// What the router did in one call.
+/// What the router did in one call (see also [`crate::MoeOutput::mean_prob`]).
 #[derive(Debug, Clone)]
 pub struct RoutingStats {
     /// Real (non-padding) tokens routed.
@@ -13,9 +11,6 @@ pub struct RoutingStats {
     pub tokens_per_expert: Vec<usize>,
     /// Assignments dropped because their expert was full.
     pub dropped: usize,
-    /// Mean router probability of each expert over real tokens `[E]` (a device tensor: read it
-    /// only when needed).
-    pub mean_prob: Tensor<1>,
 }
 
 impl RoutingStats {

@@ -2,14 +2,13 @@
 //!
 //! A [`DispatchPlan`] groups the router's assignments by expert (one small host read). Three
 //! interchangeable implementations then evaluate the experts:
-//! - [`fused`]: one grouped-GEMM custom op with a hand-written backward (Flex, f32);
+//! - fused: one grouped-GEMM custom op with a hand-written backward (Flex, f32; see
+//!   `crate::kernels`, feature `flex`);
 //! - [`composed`]: portable burn ops (gather, per-expert matmuls, scatter-add); every backend;
 //! - [`dense`]: every expert on every token, masked: the test oracle.
 
 pub mod composed;
 pub mod dense;
-#[cfg(feature = "flex")]
-pub mod fused;
 mod plan;
 
 use burn::config::Config;
@@ -50,19 +49,13 @@ impl DispatchMode {
     pub fn expert_ffn(self, x: Tensor<2>, bank: &ExpertBank, plan: &DispatchPlan) -> Tensor<2> {
         match self.resolve(&x) {
             #[cfg(feature = "flex")]
-            DispatchMode::Fused => fused::expert_ffn(x, bank, plan),
+            DispatchMode::Fused => crate::kernels::expert_ffn(x, bank, plan),
             DispatchMode::Dense => dense::expert_ffn(x, bank, plan),
             _ => composed::expert_ffn(x, bank, plan),
         }
     }
 }
 
-#[cfg(feature = "flex")]
 fn fused_available(x: &Tensor<2>) -> bool {
-    fused::supported(&x.device(), x.dtype())
-}
-
-#[cfg(not(feature = "flex"))]
-fn fused_available(_: &Tensor<2>) -> bool {
-    false
+    crate::kernels::available(x)
 }

@@ -25,6 +25,8 @@ pub struct DispatchPlan {
     pub dropped: usize,
     /// Tokens in the batch `T`.
     pub tokens: usize,
+    /// Tokens that are not padding.
+    pub real_tokens: usize,
 }
 
 /// Host-side result of grouping, before upload.
@@ -34,14 +36,29 @@ pub(crate) struct HostPlan {
     pub offsets: Vec<usize>,
     pub routed: Vec<usize>,
     pub dropped: usize,
+    pub real_tokens: usize,
 }
 
-/// Counting sort of assignments by expert. `bucket[n]` is the expert of flat assignment `n`
-/// (`token·K + slot`) or any value `>= experts` for an unused slot. With a capacity, each expert
-/// keeps its first `capacity` assignments in token order (Switch Transformer / GShard) and the
-/// rest are dropped.
-pub(crate) fn group(bucket: &[i64], experts: usize, capacity: Option<usize>) -> HostPlan {
+/// Bucket of an unused slot (top-p) in [`group`]'s input; padding uses `experts + 1`.
+fn unused(experts: usize) -> i64 {
+    experts as i64
+}
+
+/// Counting sort of assignments by expert.
+///
+/// `bucket[n]` is the expert of flat assignment `n = token·k + slot`, `experts` for an unused
+/// slot and `experts + 1` for every slot of a padding token. With a capacity factor `f`, each
+/// expert keeps its first `⌈f · real tokens · k / E⌉` assignments in token order (Switch
+/// Transformer / GShard) and the rest are dropped.
+pub(crate) fn group(
+    bucket: &[i64],
+    experts: usize,
+    k: usize,
+    capacity_factor: Option<f64>,
+) -> HostPlan {
     let mut counts = vec![0usize; experts];
+    let padding = unused(experts) + 1;
+    let real_tokens = bucket.chunks(k.max(1)).filter(|t| t[0] != padding).count();
     for &b in bucket {
         if let Ok(b) = usize::try_from(b)
             && b < experts
@@ -49,6 +66,8 @@ pub(crate) fn group(bucket: &[i64], experts: usize, capacity: Option<usize>) -> 
             counts[b] += 1;
         }
     }
+    let capacity =
+        capacity_factor.map(|f| (f * (real_tokens * k) as f64 / experts as f64).ceil() as usize);
     let kept: Vec<usize> = counts
         .iter()
         .map(|&c| capacity.map_or(c, |cap| c.min(cap)))
@@ -75,6 +94,7 @@ pub(crate) fn group(bucket: &[i64], experts: usize, capacity: Option<usize>) -> 
         offsets,
         routed: counts,
         dropped,
+        real_tokens,
     }
 }
 
@@ -82,11 +102,11 @@ impl DispatchPlan {
     /// Groups the routing's active assignments by expert.
     ///
     /// `keep` (`[T]`, optional) marks real tokens; padding tokens are not dispatched at all.
-    /// `capacity` bounds the assignments per expert.
+    /// `capacity_factor` bounds the assignments per expert to `⌈f · real tokens · k / E⌉`.
     pub fn new(
         routing: &Routing,
         keep: Option<Tensor<1, Bool>>,
-        capacity: Option<usize>,
+        capacity_factor: Option<f64>,
     ) -> Result<Self> {
         let [t, k] = routing.experts.dims();
         let experts = routing.probs.dims()[1];
@@ -94,16 +114,16 @@ impl DispatchPlan {
         if i32::try_from(n).is_err() {
             return Err(MoeError::TooManyAssignments { assignments: n });
         }
-        let mut active = routing.active.clone();
-        if let Some(keep) = keep {
-            active = active.bool_and(keep.unsqueeze_dim::<2>(1).expand([t, k]));
-        }
-        let bucket = routing
+        let mut bucket = routing
             .experts
             .clone()
-            .mask_fill(active.bool_not(), experts as i64);
+            .mask_fill(routing.active.clone().bool_not(), unused(experts));
+        if let Some(keep) = keep {
+            let padding = keep.bool_not().unsqueeze_dim::<2>(1).expand([t, k]);
+            bucket = bucket.mask_fill(padding, unused(experts) + 1);
+        }
         let bucket: Vec<i64> = bucket.into_data().iter::<i64>().collect();
-        let host = group(&bucket, experts, capacity);
+        let host = group(&bucket, experts, k, capacity_factor);
 
         let device = routing.weights.device();
         let rows: Vec<i64> = host.slots.iter().map(|&s| s / k as i64).collect();
@@ -123,6 +143,7 @@ impl DispatchPlan {
             routed: host.routed,
             dropped: host.dropped,
             tokens: t,
+            real_tokens: host.real_tokens,
         })
     }
 
@@ -171,8 +192,8 @@ mod tests {
 
     #[test]
     fn groups_by_expert_in_token_order() {
-        // 3 tokens x 2 slots; bucket 9 marks an unused slot.
-        let plan = group(&[1, 0, 1, 9, 0, 1], 3, None);
+        // 3 tokens x 2 slots; bucket 3 (= E) marks an unused slot.
+        let plan = group(&[1, 0, 1, 3, 0, 1], 3, 2, None);
         assert_eq!(plan.offsets, vec![0, 2, 5, 5]);
         assert_eq!(plan.slots, vec![1, 4, 0, 2, 5]);
         assert_eq!(plan.dropped, 0);
@@ -180,16 +201,19 @@ mod tests {
 
     #[test]
     fn capacity_keeps_the_earliest_tokens() {
-        let plan = group(&[1, 0, 1, 0, 1, 0], 2, Some(2));
+        // 6 tokens x 1 slot, capacity ⌈0.7 · 6 · 1 / 2⌉ = 3 - but token 5 is padding (bucket 3),
+        // so capacity is ⌈0.7 · 5 / 2⌉ = 2.
+        let plan = group(&[1, 0, 1, 0, 1, 3], 2, 1, Some(0.7));
+        assert_eq!(plan.real_tokens, 5);
         assert_eq!(plan.offsets, vec![0, 2, 4]);
         assert_eq!(plan.slots, vec![1, 3, 0, 2]);
-        assert_eq!(plan.dropped, 2);
-        assert_eq!(plan.routed, vec![3, 3]);
+        assert_eq!(plan.dropped, 1);
+        assert_eq!(plan.routed, vec![2, 3]);
     }
 
     #[test]
     fn empty_batch_and_empty_experts() {
-        let plan = group(&[], 4, None);
+        let plan = group(&[], 4, 2, None);
         assert_eq!(plan.offsets, vec![0; 5]);
         assert!(plan.slots.is_empty());
     }

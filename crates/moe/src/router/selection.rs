@@ -96,7 +96,7 @@ impl Selection {
         let slots = self.slots(e);
         match *self {
             Selection::TopK { k, renormalize } => {
-                let (top, ids) = scores.topk_with_indices(k, 1);
+                let (top, ids) = crate::kernels::top_k(scores, k);
                 let weights = if renormalize {
                     let sum = top.clone().sum_dim(1);
                     top / sum

@@ -8,6 +8,7 @@
 
 use rayon::prelude::*;
 
+use super::scratch;
 use crate::activation::Activation;
 
 /// Assignments per task: large enough for efficient GEMMs, small enough to balance 2–16 cores.
@@ -261,33 +262,43 @@ fn combine(p: &Problem, src: &[f32], scale: Option<&[f32]>) -> Vec<f32> {
     out
 }
 
-/// Forward pass. Returns `y [T, H]` and the pre-activations `[N, in_width(I)]` that the
-/// backward pass needs.
+/// Forward pass. Returns `y [T, H]` and, with `keep_pre`, the pre-activations
+/// `[N, in_width(I)]` that the backward pass needs (a pooled buffer: hand it back to
+/// [`scratch::give`] when done).
 pub fn forward(
     p: &Problem,
     x: &[f32],
     w_in: &[f32],
     w_out: &[f32],
     weights: &[f32],
-) -> (Vec<f32>, Vec<f32>) {
+    keep_pre: bool,
+) -> (Vec<f32>, Option<Vec<f32>>) {
     let (h, i, w, n) = (p.hidden, p.inter, p.width(), p.assignments());
-    let mut pre = vec![0f32; n * w];
-    let mut z = vec![0f32; n * h];
-    let (pre_s, z_s) = (Shared::new(&mut pre), Shared::new(&mut z));
+    let mut pre = keep_pre.then(|| scratch::take(n * w));
+    let mut z = scratch::take(n * h);
+    let pre_s = pre.as_mut().map(|v| Shared::new(v));
+    let z_s = Shared::new(&mut z);
     p.tasks().into_par_iter().for_each(|(e, r0, r1)| {
         let m = r1 - r0;
-        let mut xs = vec![0f32; m * h];
-        gather(&mut xs, x, &p.rows[r0..r1], h);
-        // SAFETY: task row ranges are disjoint.
-        let (pre_t, z_t) = unsafe { (pre_s.rows(r0, r1, w), z_s.rows(r0, r1, h)) };
-        let wi = View::row_major(&w_in[e * h * w..(e + 1) * h * w], w);
-        matmul(pre_t, m, w, h, View::row_major(&xs, h), wi, false);
-        let mut a = vec![0f32; m * i];
-        activate(p.activation, pre_t, &mut a, i);
-        let wo = View::row_major(&w_out[e * i * h..(e + 1) * i * h], h);
-        matmul(z_t, m, h, i, View::row_major(&a, i), wo, false);
+        let local_pre = if pre_s.is_some() { 0 } else { m * w };
+        scratch::with_local([m * h, local_pre, m * i], |[xs, local_pre, a]| {
+            gather(xs, x, &p.rows[r0..r1], h);
+            // SAFETY: task row ranges are disjoint.
+            let pre_t = match &pre_s {
+                Some(s) => unsafe { s.rows(r0, r1, w) },
+                None => local_pre,
+            };
+            let z_t = unsafe { z_s.rows(r0, r1, h) };
+            let wi = View::row_major(&w_in[e * h * w..(e + 1) * h * w], w);
+            matmul(pre_t, m, w, h, View::row_major(xs, h), wi, false);
+            activate(p.activation, pre_t, a, i);
+            let wo = View::row_major(&w_out[e * i * h..(e + 1) * i * h], h);
+            matmul(z_t, m, h, i, View::row_major(a, i), wo, false);
+        })
     });
-    (combine(p, &z, Some(weights)), pre)
+    let y = combine(p, &z, Some(weights));
+    scratch::give(z);
+    (y, pre)
 }
 
 /// Backward pass from `dy [T, H]` and the forward's pre-activations.
@@ -302,11 +313,11 @@ pub fn backward(
 ) -> Grads {
     let (h, i, w, n, e_count) = (p.hidden, p.inter, p.width(), p.assignments(), p.experts());
     // Per-assignment buffers, filled by row tasks.
-    let mut xs = vec![0f32; n * h]; // gathered inputs
-    let mut dz = vec![0f32; n * h]; // weights[n] · dy[token]
-    let mut act = vec![0f32; n * i]; // activations
-    let mut dpre = vec![0f32; n * w]; // gradient of the pre-activations
-    let mut dxs = vec![0f32; n * h]; // gradient of the gathered inputs
+    let mut xs = scratch::take(n * h); // gathered inputs
+    let mut dz = scratch::take(n * h); // weights[n] · dy[token]
+    let mut dxs = scratch::take(n * h); // gradient of the gathered inputs
+    let mut act = scratch::take(n * i); // activations
+    let mut dpre = scratch::take(n * w); // gradient of the pre-activations
     let mut dweights = vec![0f32; n];
     {
         let s = [&mut xs, &mut dz, &mut dxs].map(|v| Shared::new(v));
@@ -335,20 +346,21 @@ pub fn backward(
             let rows = &p.rows[r0..r1];
             gather(xs_t, x, rows, h);
             gather(dz_t, dy, rows, h);
-            // ∂L/∂a before weighting: dy[token] · W_outᵀ.
-            let wo = View::row_major(&w_out[e * i * h..(e + 1) * i * h], h);
-            let mut da = vec![0f32; m * i];
-            matmul(&mut da, m, i, h, View::row_major(dz_t, h), wo.t(), false);
-            let pre_t = &pre[r0 * w..r1 * w];
-            activate(p.activation, pre_t, act_t, i);
-            for r in 0..m {
-                let wr = weights[r0 + r];
-                let (a_r, da_r) = (&act_t[r * i..(r + 1) * i], &mut da[r * i..(r + 1) * i]);
-                dw_t[r] = a_r.iter().zip(da_r.iter()).map(|(a, d)| a * d).sum();
-                da_r.iter_mut().for_each(|d| *d *= wr);
-                dz_t[r * h..(r + 1) * h].iter_mut().for_each(|d| *d *= wr);
-            }
-            activate_backward(p.activation, pre_t, &da, dpre_t, i);
+            scratch::with_local([m * i], |[da]| {
+                // ∂L/∂a before weighting: dy[token] · W_outᵀ.
+                let wo = View::row_major(&w_out[e * i * h..(e + 1) * i * h], h);
+                matmul(da, m, i, h, View::row_major(dz_t, h), wo.t(), false);
+                let pre_t = &pre[r0 * w..r1 * w];
+                activate(p.activation, pre_t, act_t, i);
+                for r in 0..m {
+                    let wr = weights[r0 + r];
+                    let (a_r, da_r) = (&act_t[r * i..(r + 1) * i], &mut da[r * i..(r + 1) * i]);
+                    dw_t[r] = a_r.iter().zip(da_r.iter()).map(|(a, d)| a * d).sum();
+                    da_r.iter_mut().for_each(|d| *d *= wr);
+                    dz_t[r * h..(r + 1) * h].iter_mut().for_each(|d| *d *= wr);
+                }
+                activate_backward(p.activation, pre_t, da, dpre_t, i);
+            });
             let wi = View::row_major(&w_in[e * h * w..(e + 1) * h * w], w);
             matmul(dxs_t, m, h, w, View::row_major(dpre_t, w), wi.t(), false);
         });
@@ -414,12 +426,41 @@ pub fn backward(
             }
         });
     }
+    let dx = combine(p, &dxs, None);
+    for buf in [xs, dz, dxs, act, dpre] {
+        scratch::give(buf);
+    }
     Grads {
-        x: combine(p, &dxs, None),
+        x: dx,
         w_in: dw_in,
         w_out: dw_out,
         weights: dweights,
     }
+}
+
+/// Indices of the `k` largest values of each row of `scores [T, E]`, decreasing, ties broken
+/// towards the lower index; NaN ranks above every number (`f32::total_cmp`).
+pub fn top_k_indices(scores: &[f32], experts: usize, k: usize) -> Vec<i64> {
+    let rows = scores.len() / experts.max(1);
+    let mut out = vec![0i64; rows * k];
+    let order = |s: &[f32], a: &usize, b: &usize| s[*b].total_cmp(&s[*a]).then(a.cmp(b));
+    out.par_chunks_mut(k.max(1))
+        .zip(scores.par_chunks(experts.max(1)))
+        .for_each_init(
+            || Vec::with_capacity(experts),
+            |idx, (o, s)| {
+                idx.clear();
+                idx.extend(0..experts);
+                if k < experts {
+                    idx.select_nth_unstable_by(k, |a, b| order(s, a, b));
+                }
+                idx[..k].sort_unstable_by(|a, b| order(s, a, b));
+                for (o, &i) in o.iter_mut().zip(idx.iter()) {
+                    *o = i as i64;
+                }
+            },
+        );
+    out
 }
 
 #[cfg(test)]
@@ -458,6 +499,22 @@ mod tests {
     }
 
     #[test]
+    fn top_k_matches_a_full_sort() {
+        let mut seed = 3;
+        for (e, k) in [(1, 1), (5, 2), (8, 8), (64, 8), (7, 6)] {
+            let mut s: Vec<f32> = (0..11 * e).map(|_| lcg(&mut seed)).collect();
+            s[0] = s[e - 1]; // a tie in the first row
+            let got = top_k_indices(&s, e, k);
+            for (r, row) in s.chunks(e).enumerate() {
+                let mut idx: Vec<usize> = (0..e).collect();
+                idx.sort_by(|a, b| row[*b].total_cmp(&row[*a]).then(a.cmp(b)));
+                let want: Vec<i64> = idx[..k].iter().map(|&i| i as i64).collect();
+                assert_eq!(&got[r * k..(r + 1) * k], &want[..], "E{e} k{k} row {r}");
+            }
+        }
+    }
+
+    #[test]
     fn forward_matches_naive_loops_for_every_activation() {
         let mut seed = 7;
         let (t, h, i, e) = (37, 9, 5, 4);
@@ -478,7 +535,7 @@ mod tests {
                 offsets: &offsets,
                 rows: &rows,
             };
-            let (y, _) = forward(&p, &x, &w_in, &w_out, &weights);
+            let (y, _) = forward(&p, &x, &w_in, &w_out, &weights, false);
             let want = naive(&p, &x, &w_in, &w_out, &weights);
             for (a, b) in y.iter().zip(&want) {
                 assert!(

@@ -1,24 +1,16 @@
-//! Fused grouped-GEMM dispatch for burn's Flex (CPU) backend, as a burn backend extension with a
-//! hand-written backward pass for autodiff.
-//!
-//! One call computes `y[t] = Σ_{n: rows[n]=t} weights[n] · FFN_{e(n)}(x[t])` for every kept
-//! assignment, without the per-expert op dispatch, copies and scatter of the composed path.
-
-mod autodiff;
-mod flex;
-pub mod kernel;
+//! The backend extension trait and its tensor-level wrappers.
 
 use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::backend::{Backend, Dispatch, DispatchDevice, backend_extension};
-use burn::tensor::{DType, Device, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor};
 
-use super::DispatchPlan;
 use crate::activation::Activation;
+use crate::dispatch::DispatchPlan;
 use crate::experts::ExpertBank;
 
-/// Backends with a fused grouped expert FFN.
+/// Backends with the MoE kernels (Flex, and autodiff over Flex).
 #[backend_extension(Flex, Autodiff)]
-pub trait GroupedFfnBackend: Backend {
+pub trait MoeKernels: Backend {
     /// `y [T, H]` from `x [T, H]`, banks `w_in [E, H, W]`, `w_out [E, I, H]`, the token of each
     /// assignment `rows [N]`, its weight `weights [N]` and the expert offsets (`E + 1`).
     fn grouped_ffn(
@@ -30,6 +22,10 @@ pub trait GroupedFfnBackend: Backend {
         offsets: Vec<usize>,
         activation: Activation,
     ) -> FloatTensor<Self>;
+
+    /// Indices `[T, k]` of the `k` largest values of each row of `scores [T, E]`, in decreasing
+    /// order of value (ties: lower index first). Not differentiable (indices only).
+    fn top_k_indices(scores: FloatTensor<Self>, k: usize) -> IntTensor<Self>;
 }
 
 /// Whether the fused kernel can run on this device for this dtype.
@@ -46,8 +42,8 @@ pub fn supported(device: &Device, dtype: DType) -> bool {
 /// # Shapes
 /// - x: `[T, H]`
 /// - output: `[T, H]`
-pub fn expert_ffn(x: Tensor<2>, bank: &ExpertBank, plan: &DispatchPlan) -> Tensor<2> {
-    let out = <Dispatch as GroupedFfnBackend>::grouped_ffn(
+pub(crate) fn expert_ffn(x: Tensor<2>, bank: &ExpertBank, plan: &DispatchPlan) -> Tensor<2> {
+    let out = <Dispatch as MoeKernels>::grouped_ffn(
         x.into_dispatch(),
         bank.w_in.val().into_dispatch(),
         bank.w_out.val().into_dispatch(),
@@ -57,4 +53,16 @@ pub fn expert_ffn(x: Tensor<2>, bank: &ExpertBank, plan: &DispatchPlan) -> Tenso
         bank.activation,
     );
     Tensor::from_dispatch(out)
+}
+
+/// Row-wise top-k indices through [`MoeKernels::top_k_indices`].
+///
+/// # Shapes
+/// - scores: `[T, E]`
+/// - output: `[T, k]`
+pub(crate) fn top_k_indices(scores: Tensor<2>, k: usize) -> Tensor<2, Int> {
+    Tensor::from_dispatch(<Dispatch as MoeKernels>::top_k_indices(
+        scores.into_dispatch(),
+        k,
+    ))
 }

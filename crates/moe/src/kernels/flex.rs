@@ -5,8 +5,9 @@ use burn::backend::tensor::{FloatTensor, IntTensor};
 use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 
-use super::GroupedFfnBackend;
+use super::extension::MoeKernels;
 use super::kernel::{self, Grads, Problem};
+use super::scratch;
 use crate::activation::Activation;
 
 /// A contiguous copy-free (when already contiguous) f32 view.
@@ -57,6 +58,7 @@ pub(super) struct Saved {
     pub weights: FlexTensor,
     pub offsets: Vec<usize>,
     pub activation: Activation,
+    /// Pre-activations `[N, in_width(I)]`, a pooled buffer.
     pub pre: Vec<f32>,
 }
 
@@ -79,7 +81,8 @@ fn problem<'a>(
     }
 }
 
-/// Forward on Flex, returning the output and what backward needs.
+/// Forward on Flex, returning the output and, with `keep`, what backward needs.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
     x: FlexTensor,
     w_in: FlexTensor,
@@ -88,29 +91,34 @@ pub(super) fn forward(
     weights: FlexTensor,
     offsets: Vec<usize>,
     activation: Activation,
-) -> (FlexTensor, Saved) {
+    keep: bool,
+) -> (FlexTensor, Option<Saved>) {
     let rows = indices(&rows);
     let p = problem(&x, &w_out, &rows, &offsets, activation);
     let shape = vec![p.tokens, p.hidden];
-    let (y, pre) = kernel::forward(&p, &f32s(&x), &f32s(&w_in), &f32s(&w_out), &f32s(&weights));
-    let y = tensor(y, shape);
-    (
-        y,
-        Saved {
-            x,
-            w_in,
-            w_out,
-            rows,
-            weights,
-            offsets,
-            activation,
-            pre,
-        },
-    )
+    let (y, pre) = kernel::forward(
+        &p,
+        &f32s(&x),
+        &f32s(&w_in),
+        &f32s(&w_out),
+        &f32s(&weights),
+        keep,
+    );
+    let saved = pre.map(|pre| Saved {
+        x,
+        w_in,
+        w_out,
+        rows,
+        weights,
+        offsets,
+        activation,
+        pre,
+    });
+    (tensor(y, shape), saved)
 }
 
 /// Backward on Flex: gradients of `(x, w_in, w_out, weights)`.
-pub(super) fn backward(s: &Saved, dy: FlexTensor) -> [FlexTensor; 4] {
+pub(super) fn backward(s: Saved, dy: FlexTensor) -> [FlexTensor; 4] {
     let p = problem(&s.x, &s.w_out, &s.rows, &s.offsets, s.activation);
     let Grads {
         x,
@@ -127,15 +135,17 @@ pub(super) fn backward(s: &Saved, dy: FlexTensor) -> [FlexTensor; 4] {
         &s.pre,
     );
     let shape = |t: &FlexTensor| t.layout().shape().to_vec();
-    [
+    let grads = [
         tensor(x, shape(&s.x)),
         tensor(w_in, shape(&s.w_in)),
         tensor(w_out, shape(&s.w_out)),
         tensor(weights, shape(&s.weights)),
-    ]
+    ];
+    scratch::give(s.pre);
+    grads
 }
 
-impl GroupedFfnBackend for Flex {
+impl MoeKernels for Flex {
     fn grouped_ffn(
         x: FloatTensor<Self>,
         w_in: FloatTensor<Self>,
@@ -145,6 +155,12 @@ impl GroupedFfnBackend for Flex {
         offsets: Vec<usize>,
         activation: Activation,
     ) -> FloatTensor<Self> {
-        forward(x, w_in, w_out, rows, weights, offsets, activation).0
+        forward(x, w_in, w_out, rows, weights, offsets, activation, false).0
+    }
+
+    fn top_k_indices(scores: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+        let shape = scores.layout().shape().to_vec();
+        let ids = kernel::top_k_indices(&f32s(&scores), shape[1], k);
+        FlexTensor::from_data(TensorData::new(ids, [shape[0], k]))
     }
 }

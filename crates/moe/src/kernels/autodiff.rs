@@ -8,7 +8,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::{FloatTensor, IntTensor};
 
-use super::GroupedFfnBackend;
+use super::extension::MoeKernels;
 use super::flex::{self, Saved};
 use crate::activation::Activation;
 
@@ -20,7 +20,7 @@ impl Backward<Flex, 4> for GroupedFfnStep {
 
     fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
         let dy = grads.consume::<Flex>(&ops.node);
-        let parent_grads = flex::backward(&ops.state, dy);
+        let parent_grads = flex::backward(ops.state, dy);
         for (parent, grad) in ops.parents.into_iter().zip(parent_grads) {
             if let Some(node) = parent {
                 grads.register::<Flex>(node.id, grad);
@@ -29,7 +29,7 @@ impl Backward<Flex, 4> for GroupedFfnStep {
     }
 }
 
-impl<C: CheckpointStrategy> GroupedFfnBackend for Autodiff<Flex, C> {
+impl<C: CheckpointStrategy> MoeKernels for Autodiff<Flex, C> {
     fn grouped_ffn(
         x: FloatTensor<Self>,
         w_in: FloatTensor<Self>,
@@ -40,6 +40,11 @@ impl<C: CheckpointStrategy> GroupedFfnBackend for Autodiff<Flex, C> {
         activation: Activation,
     ) -> FloatTensor<Self> {
         let guards = [x.node(), w_in.node(), w_out.node(), weights.node()];
+        let prep = GroupedFfnStep
+            .prepare::<C>(guards)
+            .compute_bound()
+            .stateful();
+        let keep = matches!(prep, OpsKind::Tracked(_));
         let (y, saved) = flex::forward(
             x.into_primitive(),
             w_in.into_primitive(),
@@ -48,14 +53,16 @@ impl<C: CheckpointStrategy> GroupedFfnBackend for Autodiff<Flex, C> {
             weights.into_primitive(),
             offsets,
             activation,
+            keep,
         );
-        match GroupedFfnStep
-            .prepare::<C>(guards)
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(saved, y),
-            OpsKind::UnTracked(prep) => prep.finish(y),
+        match (prep, saved) {
+            (OpsKind::Tracked(prep), Some(saved)) => prep.finish(saved, y),
+            (OpsKind::UnTracked(prep), _) => prep.finish(y),
+            (OpsKind::Tracked(_), None) => unreachable!("tracked steps keep their pre-activations"),
         }
+    }
+
+    fn top_k_indices(scores: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+        Flex::top_k_indices(scores.into_primitive(), k)
     }
 }
