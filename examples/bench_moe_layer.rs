@@ -140,7 +140,7 @@ fn dense(i: usize, init: &Initializer, device: &Device) -> FeedForward {
 
 fn main() {
     let args = args();
-    let device = Device::default();
+    let device = moekit::default_device();
     device.seed(0);
     let init = Initializer::Normal {
         mean: 0.0,

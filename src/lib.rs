@@ -1,1 +1,43 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+/// The burn version moekit is built on, re-exported so that users share its tensor types.
+pub use burn;
+/// Sparse Mixture-of-Experts layers: routers, expert banks, dispatch, auxiliary losses.
 pub use moekit_moe as moe;
+
+use burn::tensor::Device;
+
+/// The device that this crate's backend features select.
+///
+/// With a GPU feature (`cuda`, `vulkan`, `metal`, `wgpu`) this is burn's default device (the
+/// fastest enabled GPU backend; `BURN_DEVICE` overrides it), otherwise the Flex CPU backend.
+/// Unlike `Device::default()`, it does not switch to WGPU merely because another crate in the
+/// build enabled burn's `wgpu` feature.
+pub fn default_device() -> Device {
+    #[cfg(any(
+        feature = "cuda",
+        feature = "vulkan",
+        feature = "metal",
+        feature = "wgpu"
+    ))]
+    return Device::default();
+    #[cfg(all(
+        feature = "flex",
+        not(any(
+            feature = "cuda",
+            feature = "vulkan",
+            feature = "metal",
+            feature = "wgpu"
+        ))
+    ))]
+    return Device::flex();
+    #[cfg(not(any(
+        feature = "flex",
+        feature = "cuda",
+        feature = "vulkan",
+        feature = "metal",
+        feature = "wgpu"
+    )))]
+    compile_error!("moekit needs a backend feature: flex (default), wgpu, vulkan, metal or cuda");
+}

@@ -43,6 +43,24 @@ pub enum MoeError {
         /// Hidden size of the input.
         got: usize,
     },
+    /// A weight tensor has the wrong shape.
+    #[error("{what} has shape {got:?}, expected {expected:?}")]
+    WeightShape {
+        /// Which weight.
+        what: &'static str,
+        /// Expected shape.
+        expected: Vec<usize>,
+        /// Actual shape.
+        got: Vec<usize>,
+    },
+    /// A router and an expert bank disagree on the number of experts.
+    #[error("the router scores {router} experts but the bank holds {bank}")]
+    ExpertCountMismatch {
+        /// Experts the router scores.
+        router: usize,
+        /// Experts in the bank.
+        bank: usize,
+    },
     /// The padding mask does not match the input.
     #[error("padding mask has shape {got:?}, the input needs {expected:?}")]
     MaskShapeMismatch {

@@ -82,15 +82,24 @@ impl ExpertBank {
         w_out: Tensor<3>,
         activation: Activation,
     ) -> crate::Result<Self> {
-        let [e, h, w] = w_in.dims();
-        let [e2, i, h2] = w_out.dims();
+        let [e, h, _] = w_in.dims();
+        let i = w_out.dims()[1];
         if e == 0 {
             return Err(MoeError::NoExperts);
         }
-        if e != e2 || h != h2 || activation.in_width(i) != w {
-            return Err(MoeError::HiddenSizeMismatch {
-                expected: h,
-                got: h2,
+        let expected = [e, h, activation.in_width(i)];
+        if w_in.dims() != expected {
+            return Err(MoeError::WeightShape {
+                what: "w_in",
+                expected: expected.to_vec(),
+                got: w_in.dims().to_vec(),
+            });
+        }
+        if w_out.dims() != [e, i, h] {
+            return Err(MoeError::WeightShape {
+                what: "w_out",
+                expected: vec![e, i, h],
+                got: w_out.dims().to_vec(),
             });
         }
         Ok(Self {

@@ -70,12 +70,21 @@ impl FeedForward {
         w_out: Tensor<2>,
         activation: Activation,
     ) -> crate::Result<Self> {
-        let [h, w] = w_in.dims();
-        let [i, h_out] = w_out.dims();
-        if h != h_out || activation.in_width(i) != w {
-            return Err(MoeError::HiddenSizeMismatch {
-                expected: h,
-                got: h_out,
+        let [h, _] = w_in.dims();
+        let i = w_out.dims()[0];
+        let expected = [h, activation.in_width(i)];
+        if w_in.dims() != expected {
+            return Err(MoeError::WeightShape {
+                what: "w_in",
+                expected: expected.to_vec(),
+                got: w_in.dims().to_vec(),
+            });
+        }
+        if w_out.dims() != [i, h] {
+            return Err(MoeError::WeightShape {
+                what: "w_out",
+                expected: vec![i, h],
+                got: w_out.dims().to_vec(),
             });
         }
         Ok(Self {

@@ -173,9 +173,9 @@ impl MoeLayer {
         shared: Option<SharedExpert>,
     ) -> crate::Result<Self> {
         if router.num_experts() != experts.num_experts() {
-            return Err(MoeError::InvalidTopK {
-                k: router.num_experts(),
-                experts: experts.num_experts(),
+            return Err(MoeError::ExpertCountMismatch {
+                router: router.num_experts(),
+                bank: experts.num_experts(),
             });
         }
         Ok(Self {

@@ -123,7 +123,7 @@ fn all_experts_active_and_empty_experts() {
 
 #[test]
 fn large_expert_groups_split_into_tasks() {
-    // 300 tokens on 2 experts: each expert's rows span several kernel tasks.
+    // k = E = 2: each expert computes all 300 tokens, more than one kernel task (256 rows).
     check(
         Case {
             tokens: 300,

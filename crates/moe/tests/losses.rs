@@ -23,23 +23,40 @@ fn scalar(t: Tensor<1>) -> f32 {
     values(t)[0]
 }
 
-#[test]
-fn load_balancing_is_one_when_balanced_and_grows_with_collapse() {
-    let device = device(1);
-    let e = 4;
-    let r = router(
+/// `[T, E]` logits where token `t` prefers expert `t mod E` by `margin`.
+fn balanced(t: usize, e: usize, margin: f32, device: &Device) -> Tensor<2> {
+    let v = (0..t * e)
+        .map(|i| if i % e == (i / e) % e { margin } else { 0.0 })
+        .collect();
+    tensor(v, [t, e], device)
+}
+
+/// `[T, E]` logits where every token prefers expert 0 by `margin`.
+fn collapsed(t: usize, e: usize, margin: f32, device: &Device) -> Tensor<2> {
+    let v = (0..t * e)
+        .map(|i| if i % e == 0 { margin } else { 0.0 })
+        .collect();
+    tensor(v, [t, e], device)
+}
+
+fn top1(e: usize, device: &Device) -> Router {
+    router(
         e,
         Selection::TopK {
             k: 1,
             renormalize: true,
         },
-        &device,
-    );
+        device,
+    )
+}
+
+#[test]
+fn load_balancing_is_one_when_balanced_and_grows_with_collapse() {
+    let device = device(1);
+    let e = 4;
+    let r = top1(e, &device);
     // Token t prefers expert t mod E: every expert gets the same load and mean probability.
-    let balanced: Vec<f32> = (0..8 * e)
-        .map(|i| if i % e == (i / e) % e { 2.0 } else { 0.0 })
-        .collect();
-    let lb = scalar(losses(&r, tensor(balanced, [8, e], &device)).load_balancing);
+    let lb = scalar(losses(&r, balanced(8, e, 2.0, &device)).load_balancing);
     assert!((lb - 1.0).abs() < 1e-5, "balanced: {lb}");
     // Uniform probabilities: 1 as well, whatever the (tie-broken) choice.
     let lb = scalar(losses(&r, Tensor::zeros([8, e], &device)).load_balancing);
@@ -47,10 +64,7 @@ fn load_balancing_is_one_when_balanced_and_grows_with_collapse() {
     // Everyone prefers expert 0, more and more sharply.
     let mut last = 1.0;
     for sharpness in [0.5f32, 1.0, 2.0, 4.0, 8.0] {
-        let collapsed: Vec<f32> = (0..8 * e)
-            .map(|i| if i % e == 0 { sharpness } else { 0.0 })
-            .collect();
-        let lb = scalar(losses(&r, tensor(collapsed, [8, e], &device)).load_balancing);
+        let lb = scalar(losses(&r, collapsed(8, e, sharpness, &device)).load_balancing);
         assert!(lb > last, "collapse {sharpness}: {lb} <= {last}");
         assert!(lb <= e as f32 + 1e-5);
         last = lb;
@@ -99,25 +113,12 @@ fn logsumexp_is_finite_for_extreme_logits() {
 fn importance_and_load_cv2_are_zero_when_balanced() {
     let device = device(4);
     let e = 4;
-    let r = router(
-        e,
-        Selection::TopK {
-            k: 1,
-            renormalize: true,
-        },
-        &device,
-    );
-    let balanced: Vec<f32> = (0..8 * e)
-        .map(|i| if i % e == (i / e) % e { 2.0 } else { 0.0 })
-        .collect();
-    let l = losses(&r, tensor(balanced, [8, e], &device));
+    let r = top1(e, &device);
+    let l = losses(&r, balanced(8, e, 2.0, &device));
     assert!(scalar(l.importance_cv2).abs() < 1e-6);
     assert!(scalar(l.load_cv2).abs() < 1e-6);
     // All load on one expert of four: CV² of [n, 0, 0, 0] is E - 1 = 3.
-    let collapsed: Vec<f32> = (0..8 * e)
-        .map(|i| if i % e == 0 { 5.0 } else { 0.0 })
-        .collect();
-    let l = losses(&r, tensor(collapsed, [8, e], &device));
+    let l = losses(&r, collapsed(8, e, 5.0, &device));
     assert!((scalar(l.load_cv2) - 3.0).abs() < 1e-4);
 }
 

@@ -227,8 +227,21 @@ fn bad_configuration_is_a_typed_error() {
         normal([2, 4, 8], 1.0, &device),
         Activation::SwiGlu,
     );
-    assert!(
-        mismatched.is_err(),
-        "a SwiGLU bank with I = 4 needs w_in of width 8, not 6"
+    // A SwiGLU bank with I = 4 needs w_in of width 8.
+    assert_eq!(
+        mismatched.err(),
+        Some(MoeError::WeightShape {
+            what: "w_in",
+            expected: vec![2, 8, 8],
+            got: vec![2, 8, 6]
+        })
+    );
+    let router = RouterConfig::new(8, 3).init(&device).unwrap();
+    let w_in = normal([2, 8, 8], 1.0, &device);
+    let bank = ExpertBank::from_weights(w_in, normal([2, 4, 8], 1.0, &device), Activation::SwiGlu)
+        .unwrap();
+    assert_eq!(
+        moekit_moe::MoeLayer::from_parts(router, bank, None).err(),
+        Some(MoeError::ExpertCountMismatch { router: 3, bank: 2 })
     );
 }

@@ -6,8 +6,10 @@
 //! | value | device |
 //! |---|---|
 //! | `flex` (default) | burn's Flex CPU backend |
+//!
+//! The `flex` and `wgpu` features are on by default, so one test build serves both CI runs.
 //! | `wgpu-cpu` | WGPU on a CPU adapter (Mesa's lavapipe in CI) |
-//! | `wgpu` | WGPU on the default adapter (needs the `wgpu` feature) |
+//! | `wgpu` | WGPU on the default adapter |
 //! | `vulkan` | Vulkan through WGPU (needs the `vulkan` feature) |
 //! | `cuda` | CUDA device 0 (needs the `cuda` feature) |
 
