@@ -6,7 +6,7 @@
 
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use moekit::moe::{DispatchMode, FeedForwardConfig, MoeLayerConfig, Selection};
 

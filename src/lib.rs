@@ -14,30 +14,35 @@ use burn::tensor::Device;
 /// fastest enabled GPU backend; `BURN_DEVICE` overrides it), otherwise the Flex CPU backend.
 /// Unlike `Device::default()`, it does not switch to WGPU merely because another crate in the
 /// build enabled burn's `wgpu` feature.
+#[cfg(any(
+    feature = "cuda",
+    feature = "vulkan",
+    feature = "metal",
+    feature = "wgpu"
+))]
 pub fn default_device() -> Device {
-    #[cfg(any(
-        feature = "cuda",
-        feature = "vulkan",
-        feature = "metal",
-        feature = "wgpu"
-    ))]
-    return Device::default();
-    #[cfg(all(
-        feature = "flex",
-        not(any(
-            feature = "cuda",
-            feature = "vulkan",
-            feature = "metal",
-            feature = "wgpu"
-        ))
-    ))]
-    return Device::flex();
-    #[cfg(not(any(
-        feature = "flex",
-        feature = "cuda",
-        feature = "vulkan",
-        feature = "metal",
-        feature = "wgpu"
-    )))]
-    compile_error!("moekit needs a backend feature: flex (default), wgpu, vulkan, metal or cuda");
+    Device::default()
 }
+
+/// The device that this crate's backend features select: Flex, the only backend enabled.
+#[cfg(all(
+    feature = "flex",
+    not(any(
+        feature = "cuda",
+        feature = "vulkan",
+        feature = "metal",
+        feature = "wgpu"
+    ))
+))]
+pub fn default_device() -> Device {
+    Device::flex()
+}
+
+#[cfg(not(any(
+    feature = "flex",
+    feature = "cuda",
+    feature = "vulkan",
+    feature = "metal",
+    feature = "wgpu"
+)))]
+compile_error!("moekit needs a backend feature: flex (default), wgpu, vulkan, metal or cuda");

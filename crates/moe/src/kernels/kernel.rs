@@ -224,11 +224,10 @@ fn activate_backward(act: Activation, h: &[f32], da: &[f32], dh: &mut [f32], int
             Activation::SwiGlu => {
                 let (g, u) = hr.split_at(inter);
                 let (dg, du) = dhr.split_at_mut(inter);
-                for i in 0..inter {
-                    let s = sigmoid(g[i]);
-                    let silu = g[i] * s;
-                    du[i] = dar[i] * silu;
-                    dg[i] = dar[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
+                for ((((dg, du), &g), &u), &d) in dg.iter_mut().zip(du).zip(g).zip(u).zip(dar) {
+                    let s = sigmoid(g);
+                    *du = d * g * s;
+                    *dg = d * u * s * (1.0 + g * (1.0 - s));
                 }
             }
             Activation::Gelu => {
@@ -442,19 +441,20 @@ mod tests {
         let (h, i, w) = (p.hidden, p.inter, p.width());
         let mut y = vec![0f32; p.tokens * h];
         for e in 0..p.experts() {
-            for n in p.offsets[e]..p.offsets[e + 1] {
-                let t = p.rows[n];
-                let mut pre = vec![0f32; w];
-                for c in 0..w {
-                    pre[c] = (0..h)
-                        .map(|k| x[t * h + k] * w_in[e * h * w + k * w + c])
-                        .sum();
-                }
+            let (start, end) = (p.offsets[e], p.offsets[e + 1]);
+            for (&t, &weight) in p.rows[start..end].iter().zip(&weights[start..end]) {
+                let pre: Vec<f32> = (0..w)
+                    .map(|c| {
+                        (0..h)
+                            .map(|k| x[t * h + k] * w_in[e * h * w + k * w + c])
+                            .sum()
+                    })
+                    .collect();
                 let mut a = vec![0f32; i];
                 activate(p.activation, &pre, &mut a, i);
-                for c in 0..h {
+                for (c, out) in y[t * h..(t + 1) * h].iter_mut().enumerate() {
                     let v: f32 = (0..i).map(|k| a[k] * w_out[e * i * h + k * h + c]).sum();
-                    y[t * h + c] += weights[n] * v;
+                    *out += weight * v;
                 }
             }
         }

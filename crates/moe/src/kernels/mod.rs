@@ -27,14 +27,15 @@ use burn::tensor::{Int, Tensor};
 pub(crate) use extension::expert_ffn;
 
 /// Whether the custom kernels run for tensors like `x` (Flex device, f32).
+#[cfg(feature = "flex")]
 pub(crate) fn available(x: &Tensor<2>) -> bool {
-    #[cfg(feature = "flex")]
-    return extension::supported(&x.device(), x.dtype());
-    #[cfg(not(feature = "flex"))]
-    {
-        let _ = x;
-        false
-    }
+    extension::supported(&x.device(), x.dtype())
+}
+
+/// Whether the custom kernels run for tensors like `x`: never without the `flex` feature.
+#[cfg(not(feature = "flex"))]
+pub(crate) fn available(_: &Tensor<2>) -> bool {
+    false
 }
 
 /// Row-wise top-k `(values, indices)` of `scores [T, E]`, values differentiable.
