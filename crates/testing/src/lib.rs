@@ -45,11 +45,6 @@ pub fn device(seed: u64) -> Device {
     device
 }
 
-/// Whether the device under test is a GPU-style backend with looser float reproducibility.
-pub fn is_gpu() -> bool {
-    std::env::var(DEVICE_VAR).is_ok_and(|v| v != "flex")
-}
-
 /// A tensor of standard-normal values scaled by `std`.
 pub fn normal<const D: usize>(shape: [usize; D], std: f64, device: &Device) -> Tensor<D> {
     Tensor::random(shape, Distribution::Normal(0.0, std), device)

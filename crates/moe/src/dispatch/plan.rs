@@ -15,8 +15,6 @@ pub struct DispatchPlan {
     pub rows: Tensor<1, Int>,
     /// Combine weight of each kept assignment, `[N]` (differentiable w.r.t. the router).
     pub weights: Tensor<1>,
-    /// Flat `token·K + slot` position of each kept assignment, `[N]`.
-    pub slots: Tensor<1, Int>,
     /// Expert `e` owns assignments `offsets[e]..offsets[e + 1]`; length `E + 1`.
     pub offsets: Vec<usize>,
     /// Assignments the router sent to each expert, before capacity dropping.
@@ -130,15 +128,10 @@ impl DispatchPlan {
         let len = host.slots.len();
         let slots = Tensor::<1, Int>::from_data(TensorData::new(host.slots, [len]), &device);
         let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [len]), &device);
-        let weights = routing
-            .weights
-            .clone()
-            .reshape([n])
-            .select(0, slots.clone());
+        let weights = routing.weights.clone().reshape([n]).select(0, slots);
         Ok(Self {
             rows,
             weights,
-            slots,
             offsets: host.offsets,
             routed: host.routed,
             dropped: host.dropped,
