@@ -115,11 +115,11 @@ fn noise_only_while_training_on_an_autodiff_device() {
         assert_close(r.logits(x.clone()), r.logits(x.clone()), 0.0, 0.0);
 
         let training = r.clone().train();
-        let xt = x.clone().autodiff();
-        let (a, b) = (
-            values(training.logits(xt.clone())),
-            values(training.logits(xt.clone())),
-        );
+        // Both copies of x in one call: one noise draw, so that a parallel test reseeding the
+        // shared device cannot make two draws coincide.
+        let xt = Tensor::cat(vec![x.clone(), x.clone()], 0).autodiff();
+        let noisy = values(training.logits(xt));
+        let (a, b) = noisy.split_at(noisy.len() / 2);
         assert!(a != b, "{noise:?} should perturb training logits");
 
         let validation = training.valid();
