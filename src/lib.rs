@@ -3,6 +3,8 @@
 
 /// The burn version moekit is built on, re-exported so that users share its tensor types.
 pub use burn;
+/// LLaMA-family models: decoder, checkpoints (safetensors, GGUF), tokenizer, generation.
+pub use moekit_llama as llama;
 /// Sparse Mixture-of-Experts layers: routers, expert banks, dispatch, auxiliary losses.
 pub use moekit_moe as moe;
 

@@ -1,0 +1,45 @@
+//! Errors of the command line: one line saying what is wrong, and a hint saying what to do.
+
+use std::path::PathBuf;
+
+use moekit::llama::LlamaError;
+
+/// A failed command.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// From the model library.
+    #[error(transparent)]
+    Llama(#[from] LlamaError),
+    /// Reading an input file.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Bad arguments.
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl CliError {
+    /// What the user can do about it.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            Self::Llama(LlamaError::Corrupt { .. }) => {
+                Some("the file is damaged or not a model checkpoint; download it again")
+            }
+            Self::Llama(LlamaError::MissingTensor { .. } | LlamaError::TensorShape { .. }) => {
+                Some("the weights do not match config.json; check that they belong together")
+            }
+            Self::Llama(LlamaError::UnsupportedDtype { .. }) => {
+                Some("convert the checkpoint to f32/f16/bf16 or a supported GGUF quantisation")
+            }
+            Self::Llama(LlamaError::NotAModel(_)) | Self::Llama(LlamaError::Io { .. }) => {
+                Some("MODEL is a Hugging Face model directory or a .gguf file")
+            }
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! The `moekit` command line.
+
+mod commands;
+mod error;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::CliError;
+
+/// Turn dense LLaMA-family models into sparse Mixture-of-Experts models, evaluate and run them.
+#[derive(Parser, Debug)]
+#[command(name = "moekit", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Architecture, parameter counts (total and active), layer kinds and experts of a model.
+    Info {
+        /// A directory with config.json (Hugging Face safetensors) or a .gguf file.
+        model: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Perplexity over the first N tokens of a text file (no special tokens added).
+    Eval(commands::eval::EvalArgs),
+    /// Generate text from a prompt, streaming tokens as they come (greedy by default).
+    Generate(commands::generate::GenerateArgs),
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Info { model, json } => commands::info::run(&model, json),
+        Command::Eval(args) => commands::eval::run(&args),
+        Command::Generate(args) => commands::generate::run(&args),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOEKIT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "error: {e}{}",
+                e.hint().map(|h| format!(" ({h})")).unwrap_or_default()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Perplexity of a model on a token sequence.
+
+use std::time::Instant;
+
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+use serde::Serialize;
+
+use crate::model::Llama;
+use crate::{LlamaError, Result};
+
+/// The result of [`perplexity`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Perplexity {
+    /// Tokens read.
+    pub tokens: usize,
+    /// Tokens predicted (each window's first token has no prediction).
+    pub predictions: usize,
+    /// Mean negative log-likelihood in nats.
+    pub nll: f64,
+    /// `exp(nll)`.
+    pub perplexity: f64,
+    /// Wall time of the forward passes, seconds.
+    pub seconds: f64,
+    /// `tokens / seconds`.
+    pub tokens_per_second: f64,
+}
+
+/// Perplexity `exp(−(1/N)·Σ log p(xₜ | x<t))` of `ids`, read in consecutive windows of
+/// `window` tokens (each window starts a fresh context; a window of one token predicts
+/// nothing). `progress(done, total)` reports tokens.
+pub fn perplexity(
+    model: &Llama,
+    ids: &[u32],
+    window: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Perplexity> {
+    if ids.len() < 2 {
+        return Err(LlamaError::Input(format!(
+            "perplexity needs at least 2 tokens, got {}",
+            ids.len()
+        )));
+    }
+    if window < 2 {
+        return Err(LlamaError::Input(format!(
+            "window {window} must be at least 2"
+        )));
+    }
+    let device = model.device();
+    let (mut nll, mut predictions) = (0.0f64, 0usize);
+    let start = Instant::now();
+    let mut done = 0;
+    for chunk in ids.chunks(window) {
+        if chunk.len() >= 2 {
+            let t = chunk.len();
+            let logits = model.logits(model.tokens(&[chunk], &device)?)?;
+            let logp = log_softmax(logits.narrow(1, 0, t - 1), 2);
+            let targets: Vec<i64> = chunk[1..].iter().map(|&i| i as i64).collect();
+            let targets: Tensor<3, Int> =
+                Tensor::from_data(TensorData::new(targets, [1, t - 1, 1]), &device);
+            let sum = logp.gather(2, targets).sum().into_scalar::<f32>() as f64;
+            nll -= sum;
+            predictions += t - 1;
+        }
+        done += chunk.len();
+        progress(done, ids.len());
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let mean = nll / predictions as f64;
+    if !mean.is_finite() {
+        return Err(LlamaError::Input(format!(
+            "the negative log-likelihood is {mean}: the model produced non-finite logits"
+        )));
+    }
+    Ok(Perplexity {
+        tokens: ids.len(),
+        predictions,
+        nll: mean,
+        perplexity: mean.exp(),
+        seconds,
+        tokens_per_second: ids.len() as f64 / seconds,
+    })
+}

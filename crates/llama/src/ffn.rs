@@ -1,0 +1,79 @@
+//! The FFN slot of a decoder layer: a dense SwiGLU or a MoE layer.
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+use moekit_moe::{
+    Activation, FeedForward, FeedForwardConfig, MoeLayer, MoeLayerConfig, MoeOutput, Selection,
+    SharedExpertConfig,
+};
+
+use crate::Result;
+use crate::config::FfnSpec;
+
+/// What a decoder layer runs after attention. Conversion replaces the variant; the decoder's
+/// forward code does not change.
+#[derive(Module, Debug)]
+pub enum FfnSlot {
+    /// `SwiGLU(x·W_gate, x·W_up)·W_down` (weights in moekit-moe's fused `[gate | up]` layout).
+    Dense(FeedForward),
+    /// A sparse MoE layer.
+    Moe(MoeLayer),
+}
+
+impl FfnSlot {
+    /// A randomly initialised slot of the given kind and width `hidden`.
+    pub fn init(spec: FfnSpec, hidden: usize, device: &Device) -> Result<Self> {
+        Ok(match spec {
+            FfnSpec::Dense { intermediate_size } => Self::Dense(
+                FeedForwardConfig::new(hidden, intermediate_size)
+                    .with_activation(Activation::SwiGlu)
+                    .init(device)?,
+            ),
+            FfnSpec::Moe {
+                num_experts,
+                top_k,
+                intermediate_size,
+                renormalize,
+                shared_intermediate_size,
+            } => Self::Moe(
+                MoeLayerConfig::new(hidden, intermediate_size, num_experts)
+                    .with_selection(Selection::TopK {
+                        k: top_k,
+                        renormalize,
+                    })
+                    .with_shared_expert(
+                        shared_intermediate_size
+                            .map(|i| SharedExpertConfig::new(i).with_gated(true)),
+                    )
+                    .init(device)?,
+            ),
+        })
+    }
+
+    /// Applies the FFN; MoE layers also return their routing.
+    ///
+    /// # Shapes
+    /// - x: `[B, T, H]`
+    pub fn forward(&self, x: Tensor<3>) -> Result<(Tensor<3>, Option<MoeOutput>)> {
+        Ok(match self {
+            Self::Dense(ffn) => (ffn.forward(x), None),
+            Self::Moe(moe) => {
+                let out = moe.forward(x)?;
+                (out.output.clone(), Some(out))
+            }
+        })
+    }
+
+    /// Parameters of the slot: `(total, active per token)`.
+    pub fn param_counts(&self) -> (usize, usize) {
+        match self {
+            Self::Dense(ffn) => (ffn.num_params(), ffn.num_params()),
+            Self::Moe(moe) => {
+                let total = moe.num_params();
+                let per_expert = moe.experts.params_per_expert();
+                let idle = moe.experts.num_experts() - moe.router.slots();
+                (total, total - idle * per_expert)
+            }
+        }
+    }
+}

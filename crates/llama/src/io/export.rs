@@ -1,0 +1,362 @@
+//! Writing a model as a Hugging Face checkpoint: `model.safetensors`, `config.json` and the
+//! tokenizer files, each written atomically.
+
+use std::path::Path;
+
+use burn::module::Module;
+use moekit_moe::{FeedForward, MoeLayer, Scoring, Selection};
+use serde_json::Value;
+
+use super::host::HostTensor;
+use super::names::{Scheme, Weight, name};
+use super::safetensors::{SaveDtype, write};
+use crate::config::{Architecture, LlamaConfig};
+use crate::ffn::FfnSlot;
+use crate::model::Llama;
+use crate::tokenizer::Tokenizer;
+use crate::{LlamaError, Result};
+
+/// The checkpoint layout to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// Dense LLaMA / Mistral / Qwen2, as the model's configuration names it. Every FFN must be
+    /// dense.
+    Dense,
+    /// Mixtral: every FFN a softmax top-k MoE with renormalised weights, no shared expert.
+    Mixtral,
+    /// Qwen2-MoE: MoE layers (optionally with a shared expert) and dense ones
+    /// (`mlp_only_layers`).
+    Qwen2Moe,
+}
+
+impl ExportFormat {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Dense => "dense",
+            Self::Mixtral => "mixtral",
+            Self::Qwen2Moe => "qwen2_moe",
+        }
+    }
+
+    fn scheme(self) -> Scheme {
+        match self {
+            Self::Dense => Scheme::Hf,
+            Self::Mixtral => Scheme::Mixtral,
+            Self::Qwen2Moe => Scheme::Qwen2Moe,
+        }
+    }
+}
+
+/// The shape every MoE layer of a model shares.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct MoeShape {
+    experts: usize,
+    top_k: usize,
+    intermediate: usize,
+    renormalize: bool,
+    shared: Option<usize>,
+}
+
+fn moe_shape(moe: &MoeLayer, format: ExportFormat) -> Result<MoeShape> {
+    let fail = |reason: String| LlamaError::Export {
+        format: format.label(),
+        reason,
+    };
+    let Selection::TopK { k, renormalize } = moe.router.selection else {
+        return Err(fail(
+            "top-p routing has no Hugging Face equivalent; set a top-k selection first".into(),
+        ));
+    };
+    if moe.router.scoring != Scoring::Softmax || moe.router.bias.is_some() {
+        return Err(fail(
+            "only softmax routers without bias can be exported".into(),
+        ));
+    }
+    Ok(MoeShape {
+        experts: moe.experts.num_experts(),
+        top_k: k,
+        intermediate: moe.experts.intermediate_size(),
+        renormalize,
+        shared: moe.shared.as_ref().map(|s| s.ffn.intermediate_size()),
+    })
+}
+
+/// The `config.json` of the exported model.
+fn export_config(model: &Llama, format: ExportFormat, dtype: SaveDtype) -> Result<LlamaConfig> {
+    let fail = |reason: String| LlamaError::Export {
+        format: format.label(),
+        reason,
+    };
+    let mut c = model.config.clone();
+    let mut dense_widths = Vec::new();
+    let mut dense_layers = Vec::new();
+    let mut shape: Option<MoeShape> = None;
+    for (l, layer) in model.layers.iter().enumerate() {
+        match &layer.ffn {
+            FfnSlot::Dense(ffn) => {
+                dense_widths.push(ffn.intermediate_size());
+                dense_layers.push(l);
+            }
+            FfnSlot::Moe(moe) => {
+                let s = moe_shape(moe, format)?;
+                if shape.is_some_and(|prev| prev != s) {
+                    return Err(fail(format!(
+                        "layer {l}'s MoE differs from earlier layers ({s:?} vs {:?})",
+                        shape.expect("checked")
+                    )));
+                }
+                shape = Some(s);
+            }
+        }
+    }
+    dense_widths.dedup();
+    if dense_widths.len() > 1 {
+        return Err(fail(format!("dense FFN widths differ: {dense_widths:?}")));
+    }
+    for key in [
+        "rope_parameters",
+        "layer_types",
+        "qkv_bias",
+        "torch_dtype",
+        "dtype",
+    ] {
+        c.extra.remove(key);
+    }
+    (c.num_local_experts, c.num_experts, c.moe_intermediate_size) = (None, None, None);
+    (c.num_experts_per_tok, c.norm_topk_prob) = (None, None);
+    (
+        c.shared_expert_intermediate_size,
+        c.decoder_sparse_step,
+        c.mlp_only_layers,
+    ) = (None, None, None);
+    let original = c.architecture()?;
+    let arch = match format {
+        ExportFormat::Dense => {
+            if shape.is_some() {
+                return Err(fail(
+                    "the model has MoE layers; export it as mixtral or qwen2_moe".into(),
+                ));
+            }
+            match original {
+                Architecture::Mixtral => Architecture::Mistral,
+                Architecture::Qwen2Moe => Architecture::Qwen2,
+                a => a,
+            }
+        }
+        ExportFormat::Mixtral => {
+            let s = shape.ok_or_else(|| fail("the model has no MoE layer".into()))?;
+            if !dense_layers.is_empty() {
+                return Err(fail(format!(
+                    "layers {dense_layers:?} are dense; Mixtral needs every layer sparse (use qwen2_moe)"
+                )));
+            }
+            if !s.renormalize || s.shared.is_some() {
+                return Err(fail(
+                    "Mixtral renormalises top-k weights and has no shared expert (use qwen2_moe)"
+                        .into(),
+                ));
+            }
+            if model.config.qkv_bias() || model.config.o_bias() {
+                return Err(fail(
+                    "Mixtral attention has no biases (use qwen2_moe)".into(),
+                ));
+            }
+            c.intermediate_size = s.intermediate;
+            c.num_local_experts = Some(s.experts);
+            c.num_experts_per_tok = Some(s.top_k);
+            Architecture::Mixtral
+        }
+        ExportFormat::Qwen2Moe => {
+            let s = shape.ok_or_else(|| fail("the model has no MoE layer".into()))?;
+            if model.config.o_bias() {
+                return Err(fail("Qwen2-MoE's output projection has no bias".into()));
+            }
+            if let Some(&i) = dense_widths.first() {
+                c.intermediate_size = i;
+            }
+            c.num_experts = Some(s.experts);
+            c.num_experts_per_tok = Some(s.top_k);
+            c.moe_intermediate_size = Some(s.intermediate);
+            c.norm_topk_prob = Some(s.renormalize);
+            // transformers always builds a shared expert; a model without one gets a zero one.
+            c.shared_expert_intermediate_size = Some(s.shared.unwrap_or(1));
+            c.decoder_sparse_step = Some(1);
+            c.mlp_only_layers = Some(dense_layers);
+            c.extra
+                .insert("use_sliding_window".into(), Value::Bool(false));
+            Architecture::Qwen2Moe
+        }
+    };
+    c.model_type = arch.model_type().into();
+    c.architectures = vec![arch.class_name().into()];
+    c.attention_bias = matches!(arch, Architecture::Llama | Architecture::Mistral)
+        .then_some(model.config.o_bias() || model.config.qkv_bias())
+        .filter(|&b| b);
+    c.extra.insert(
+        "torch_dtype".into(),
+        Value::String(dtype.torch_name().into()),
+    );
+    c.validate()?;
+    Ok(c)
+}
+
+/// Collects `(name, tensor)` pairs in PyTorch layouts.
+struct Collector {
+    scheme: Scheme,
+    tensors: Vec<(String, HostTensor)>,
+}
+
+impl Collector {
+    fn push(&mut self, w: Weight, t: HostTensor) {
+        let n = name(w, self.scheme).expect("the export table names every weight it writes");
+        self.tensors.push((n, t));
+    }
+
+    /// Pushes a SwiGLU's gate/up `[I, H]` and down `[H, I]`, from moekit's `w_in [H, 2I]` and
+    /// `w_out [I, H]`.
+    fn swiglu(&mut self, [gate, up, down]: [Weight; 3], w_in: &HostTensor, w_out: &HostTensor) {
+        let i = w_out.shape[0];
+        self.push(gate, w_in.cols(0, i).transpose());
+        self.push(up, w_in.cols(i, i).transpose());
+        self.push(down, w_out.transpose());
+    }
+
+    fn ffn(&mut self, names: [Weight; 3], ffn: &FeedForward, scale_down: f32) {
+        let w_in = HostTensor::from_tensor(ffn.w_in.val());
+        let mut w_out = HostTensor::from_tensor(ffn.w_out.val());
+        w_out.data.iter_mut().for_each(|v| *v *= scale_down);
+        self.swiglu(names, &w_in, &w_out);
+    }
+}
+
+fn collect(model: &Llama, config: &LlamaConfig, scheme: Scheme) -> Vec<(String, HostTensor)> {
+    let mut out = Collector {
+        scheme,
+        tensors: Vec::new(),
+    };
+    let h = config.hidden_size;
+    out.push(
+        Weight::Embed,
+        HostTensor::from_tensor(model.embed_tokens.weight.val()),
+    );
+    for (l, layer) in model.layers.iter().enumerate() {
+        out.push(
+            Weight::AttnNorm(l),
+            HostTensor::from_tensor(layer.input_norm.gamma.val()),
+        );
+        out.push(
+            Weight::FfnNorm(l),
+            HostTensor::from_tensor(layer.post_attention_norm.gamma.val()),
+        );
+        let a = &layer.attention;
+        for (w, b, proj) in [
+            (Weight::Q(l), Weight::QBias(l), &a.q_proj),
+            (Weight::K(l), Weight::KBias(l), &a.k_proj),
+            (Weight::V(l), Weight::VBias(l), &a.v_proj),
+            (Weight::O(l), Weight::OBias(l), &a.o_proj),
+        ] {
+            let weight = HostTensor::from_tensor(proj.weight.val()).transpose();
+            let rows = weight.shape[0];
+            out.push(w, weight);
+            let wants_bias = match w {
+                Weight::O(_) => config.o_bias(),
+                _ => config.qkv_bias(),
+            };
+            if wants_bias {
+                let bias = proj.bias.as_ref().map_or_else(
+                    || HostTensor::zeros(vec![rows]),
+                    |b| HostTensor::from_tensor(b.val()),
+                );
+                out.push(b, bias);
+            }
+        }
+        match &layer.ffn {
+            FfnSlot::Dense(ffn) => {
+                out.ffn([Weight::Gate(l), Weight::Up(l), Weight::Down(l)], ffn, 1.0)
+            }
+            FfnSlot::Moe(moe) => {
+                out.push(
+                    Weight::Router(l),
+                    HostTensor::from_tensor(moe.router.gate.val()).transpose(),
+                );
+                let w_in = HostTensor::from_tensor(moe.experts.w_in.val());
+                let w_out = HostTensor::from_tensor(moe.experts.w_out.val());
+                for e in 0..moe.experts.num_experts() {
+                    let names = [
+                        Weight::ExpertGate(l, e),
+                        Weight::ExpertUp(l, e),
+                        Weight::ExpertDown(l, e),
+                    ];
+                    out.swiglu(names, &w_in.index(e), &w_out.index(e));
+                }
+                if scheme == Scheme::Qwen2Moe {
+                    let names = [
+                        Weight::SharedGate(l),
+                        Weight::SharedUp(l),
+                        Weight::SharedDown(l),
+                    ];
+                    match &moe.shared {
+                        Some(shared) => match &shared.gate {
+                            Some(g) => {
+                                out.ffn(names, &shared.ffn, 1.0);
+                                out.push(
+                                    Weight::SharedScale(l),
+                                    HostTensor::from_tensor(g.val()).transpose(),
+                                );
+                            }
+                            // An ungated shared expert: gate weights of 0 give sigmoid(0) = ½,
+                            // so the down projection is doubled (exact in floating point).
+                            None => {
+                                out.ffn(names, &shared.ffn, 2.0);
+                                out.push(Weight::SharedScale(l), HostTensor::zeros(vec![1, h]));
+                            }
+                        },
+                        None => {
+                            out.push(names[0], HostTensor::zeros(vec![1, h]));
+                            out.push(names[1], HostTensor::zeros(vec![1, h]));
+                            out.push(names[2], HostTensor::zeros(vec![h, 1]));
+                            out.push(Weight::SharedScale(l), HostTensor::zeros(vec![1, h]));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out.push(
+        Weight::FinalNorm,
+        HostTensor::from_tensor(model.norm.gamma.val()),
+    );
+    if let Some(head) = &model.lm_head {
+        out.push(
+            Weight::LmHead,
+            HostTensor::from_tensor(head.weight.val()).transpose(),
+        );
+    }
+    out.tensors
+}
+
+/// Writes `model` into `dir` (created if needed) as a Hugging Face checkpoint in `format`,
+/// with the tokenizer files when a tokenizer is given. Returns the written configuration.
+pub fn save_pretrained(
+    model: &Llama,
+    tokenizer: Option<&Tokenizer>,
+    dir: &Path,
+    format: ExportFormat,
+    dtype: SaveDtype,
+) -> Result<LlamaConfig> {
+    let config = export_config(model, format, dtype)?;
+    std::fs::create_dir_all(dir).map_err(|e| LlamaError::io(dir, e))?;
+    let tensors = collect(model, &config, format.scheme());
+    tracing::info!(dir = %dir.display(), tensors = tensors.len(), params = model.num_params(), "writing checkpoint");
+    // A stale shard index from an earlier save would shadow the new file.
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        std::fs::remove_file(&index).map_err(|e| LlamaError::io(&index, e))?;
+    }
+    write(&dir.join("model.safetensors"), &tensors, dtype)?;
+    if let Some(t) = tokenizer {
+        t.save(dir)?;
+    }
+    config.save(dir)?;
+    Ok(config)
+}

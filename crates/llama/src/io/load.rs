@@ -1,0 +1,369 @@
+//! Opening a checkpoint (a Hugging Face directory or a GGUF file) and building the model.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::{Device, Tensor};
+use moekit_moe::{
+    Activation, ExpertBank, FeedForward, MoeLayer, RouterConfig, Selection, SharedExpert,
+};
+
+use super::gguf::{GgufFile, unpermute_rows};
+use super::host::HostTensor;
+use super::names::{Scheme, Weight, name};
+use super::quant::GgmlType;
+use super::safetensors::SafetensorsDir;
+use super::source::TensorSource;
+use crate::config::{Architecture, FfnSpec, LlamaConfig};
+use crate::ffn::FfnSlot;
+use crate::layer::DecoderLayer;
+use crate::model::Llama;
+use crate::rope::Rope;
+use crate::tokenizer::Tokenizer;
+use crate::{LlamaError, Result};
+
+/// An opened checkpoint: its configuration is parsed and its tensors are mapped, nothing is
+/// loaded yet.
+#[derive(Debug)]
+pub struct Checkpoint {
+    path: PathBuf,
+    config: LlamaConfig,
+    files: Files,
+}
+
+#[derive(Debug)]
+enum Files {
+    Hf(SafetensorsDir),
+    Gguf(GgufFile),
+}
+
+impl Checkpoint {
+    /// Opens `path`: a directory with `config.json` and safetensors, or a `.gguf` file.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            let config_path = path.join("config.json");
+            if !config_path.exists() {
+                return Err(LlamaError::NotAModel(path.to_path_buf()));
+            }
+            let config = LlamaConfig::from_file(&config_path)?;
+            let files = Files::Hf(SafetensorsDir::open(path)?);
+            Ok(Self {
+                path: path.to_path_buf(),
+                config,
+                files,
+            })
+        } else if path.is_file() {
+            let gguf = GgufFile::open(path)?;
+            Ok(Self {
+                path: path.to_path_buf(),
+                config: gguf.config()?,
+                files: Files::Gguf(gguf),
+            })
+        } else if path.exists() {
+            Err(LlamaError::NotAModel(path.to_path_buf()))
+        } else {
+            Err(LlamaError::io(
+                path,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ))
+        }
+    }
+
+    /// The model configuration (for a GGUF file, derived from its metadata).
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// The checkpoint path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How many tensors the file stores in each type (`Q4_1`, `BF16`, ...), most common first.
+    pub fn tensor_types(&self) -> Vec<(String, usize)> {
+        let names: Vec<String> = match &self.files {
+            Files::Hf(dir) => dir.dtypes(),
+            Files::Gguf(g) => g
+                .tensors
+                .values()
+                .map(|t| GgmlType::id_name(t.type_id))
+                .collect(),
+        };
+        let mut counts = std::collections::BTreeMap::<String, usize>::new();
+        for n in names {
+            *counts.entry(n).or_default() += 1;
+        }
+        let mut counts: Vec<_> = counts.into_iter().collect();
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        counts
+    }
+
+    /// The tokenizer: `tokenizer.json` beside `config.json`, or the GGUF metadata.
+    pub fn tokenizer(&self) -> Result<Tokenizer> {
+        match &self.files {
+            Files::Hf(_) => {
+                let file = self.path.join("tokenizer.json");
+                if !file.exists() {
+                    return Err(LlamaError::NoTokenizer(self.path.clone()));
+                }
+                Tokenizer::from_file(&file, self.path.join("tokenizer_config.json").as_path())
+            }
+            Files::Gguf(g) => Tokenizer::from_gguf(g),
+        }
+    }
+
+    /// Loads the weights onto `device`. `progress(done, total)` is called as layers load.
+    pub fn load(&self, device: &Device, progress: &mut dyn FnMut(usize, usize)) -> Result<Llama> {
+        let (source, scheme, permuted): (&dyn TensorSource, Scheme, bool) = match &self.files {
+            Files::Hf(dir) => {
+                let scheme = match self.config.architecture()? {
+                    Architecture::Mixtral => Scheme::Mixtral,
+                    Architecture::Qwen2Moe => Scheme::Qwen2Moe,
+                    _ => Scheme::Hf,
+                };
+                (dir, scheme, false)
+            }
+            Files::Gguf(g) => (g, Scheme::Gguf, g.qk_permuted()),
+        };
+        let reader = Reader {
+            source,
+            scheme,
+            qk_permuted: permuted,
+            config: &self.config,
+            device,
+        };
+        build(&reader, progress)
+    }
+}
+
+/// Reads weights by [`Weight`] and checks their shapes.
+struct Reader<'a> {
+    source: &'a dyn TensorSource,
+    scheme: Scheme,
+    qk_permuted: bool,
+    config: &'a LlamaConfig,
+    device: &'a Device,
+}
+
+impl Reader<'_> {
+    fn name(&self, w: Weight) -> String {
+        name(w, self.scheme).unwrap_or_else(|| format!("{w:?}"))
+    }
+
+    fn maybe(&self, w: Weight, shape: &[usize]) -> Result<Option<HostTensor>> {
+        let n = self.name(w);
+        let Some(t) = self.source.read(&n)? else {
+            return Ok(None);
+        };
+        // A [n] vector may be stored as [1, n] or [n, 1]; accept the same values.
+        let squeezed: Vec<usize> = t.shape.iter().copied().filter(|&d| d != 1).collect();
+        let expected: Vec<usize> = shape.iter().copied().filter(|&d| d != 1).collect();
+        if t.shape != shape && squeezed != expected {
+            return Err(LlamaError::TensorShape {
+                name: n,
+                expected: shape.to_vec(),
+                got: t.shape,
+            });
+        }
+        let t = HostTensor::new(shape.to_vec(), t.data);
+        Ok(Some(match w {
+            Weight::Q(_) | Weight::QBias(_) if self.qk_permuted => {
+                unpermute_rows(&t, self.config.num_attention_heads)
+            }
+            Weight::K(_) | Weight::KBias(_) if self.qk_permuted => {
+                unpermute_rows(&t, self.config.kv_heads())
+            }
+            _ => t,
+        }))
+    }
+
+    fn take(&self, w: Weight, shape: &[usize]) -> Result<HostTensor> {
+        self.maybe(w, shape)?
+            .ok_or_else(|| LlamaError::MissingTensor {
+                path: self.source.path().to_path_buf(),
+                name: self.name(w),
+            })
+    }
+
+    fn norm(&self, w: Weight) -> Result<RmsNorm> {
+        let h = self.config.hidden_size;
+        Ok(RmsNorm {
+            gamma: Param::from_tensor(self.take(w, &[h])?.to_tensor(self.device)),
+            epsilon: self.config.rms_norm_eps,
+        })
+    }
+
+    /// A linear layer from a PyTorch `[out, in]` weight (stored transposed, `[in, out]`).
+    fn linear(&self, w: Weight, bias: Option<Weight>, out: usize, inp: usize) -> Result<Linear> {
+        let weight = self
+            .take(w, &[out, inp])?
+            .transpose()
+            .to_tensor(self.device);
+        let bias = bias
+            .map(|b| self.take(b, &[out]))
+            .transpose()?
+            .map(|b| Param::from_tensor(b.to_tensor(self.device)));
+        Ok(Linear {
+            weight: Param::from_tensor(weight),
+            bias,
+        })
+    }
+
+    /// SwiGLU weights `(w_in [H, 2I], w_out [I, H])` from gate/up `[I, H]` and down `[H, I]`.
+    fn swiglu(&self, gate: Weight, up: Weight, down: Weight, i: usize) -> Result<[HostTensor; 2]> {
+        let h = self.config.hidden_size;
+        let gate = self.take(gate, &[i, h])?.transpose();
+        let up = self.take(up, &[i, h])?.transpose();
+        let down = self.take(down, &[h, i])?.transpose();
+        Ok([HostTensor::concat_cols(&[&gate, &up]), down])
+    }
+
+    fn dense(&self, gate: Weight, up: Weight, down: Weight, i: usize) -> Result<FeedForward> {
+        let [w_in, w_out] = self.swiglu(gate, up, down, i)?;
+        Ok(FeedForward::from_weights(
+            w_in.to_tensor(self.device),
+            w_out.to_tensor(self.device),
+            Activation::SwiGlu,
+        )?)
+    }
+
+    fn experts(&self, l: usize, e: usize, i: usize) -> Result<ExpertBank> {
+        let h = self.config.hidden_size;
+        let (w_in, w_out): (Vec<_>, Vec<_>) = if self.scheme == Scheme::Gguf {
+            let gates = self.take(Weight::ExpertGates(l), &[e, i, h])?;
+            let ups = self.take(Weight::ExpertUps(l), &[e, i, h])?;
+            let downs = self.take(Weight::ExpertDowns(l), &[e, h, i])?;
+            (0..e)
+                .map(|x| {
+                    let (g, u) = (gates.index(x).transpose(), ups.index(x).transpose());
+                    (
+                        HostTensor::concat_cols(&[&g, &u]),
+                        downs.index(x).transpose(),
+                    )
+                })
+                .unzip()
+        } else {
+            (0..e)
+                .map(|x| {
+                    self.swiglu(
+                        Weight::ExpertGate(l, x),
+                        Weight::ExpertUp(l, x),
+                        Weight::ExpertDown(l, x),
+                        i,
+                    )
+                    .map(|[a, b]| (a, b))
+                })
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .unzip()
+        };
+        Ok(ExpertBank::from_weights(
+            HostTensor::stack(&w_in).to_tensor(self.device),
+            HostTensor::stack(&w_out).to_tensor(self.device),
+            Activation::SwiGlu,
+        )?)
+    }
+
+    fn ffn(&self, l: usize) -> Result<FfnSlot> {
+        let h = self.config.hidden_size;
+        Ok(match self.config.ffn_spec(l) {
+            FfnSpec::Dense { intermediate_size } => FfnSlot::Dense(self.dense(
+                Weight::Gate(l),
+                Weight::Up(l),
+                Weight::Down(l),
+                intermediate_size,
+            )?),
+            FfnSpec::Moe {
+                num_experts,
+                top_k,
+                intermediate_size,
+                renormalize,
+                shared_intermediate_size,
+            } => {
+                let mut router = RouterConfig::new(h, num_experts)
+                    .with_selection(Selection::TopK {
+                        k: top_k,
+                        renormalize,
+                    })
+                    .init(self.device)?;
+                let gate = self.take(Weight::Router(l), &[num_experts, h])?.transpose();
+                router.gate = Param::from_tensor(gate.to_tensor(self.device));
+                let experts = self.experts(l, num_experts, intermediate_size)?;
+                let shared = match shared_intermediate_size {
+                    Some(s) => Some(SharedExpert {
+                        ffn: self.dense(
+                            Weight::SharedGate(l),
+                            Weight::SharedUp(l),
+                            Weight::SharedDown(l),
+                            s,
+                        )?,
+                        gate: Some(Param::from_tensor(
+                            self.take(Weight::SharedScale(l), &[1, h])?
+                                .transpose()
+                                .to_tensor(self.device),
+                        )),
+                    }),
+                    None => None,
+                };
+                FfnSlot::Moe(MoeLayer::from_parts(router, experts, shared)?)
+            }
+        })
+    }
+
+    fn layer(&self, l: usize) -> Result<DecoderLayer> {
+        let c = self.config;
+        let (h, d) = (c.hidden_size, c.head_width());
+        let (q, kv) = (c.num_attention_heads * d, c.kv_heads() * d);
+        let bias = |b: Weight| c.qkv_bias().then_some(b);
+        Ok(DecoderLayer {
+            input_norm: self.norm(Weight::AttnNorm(l))?,
+            attention: crate::attention::Attention {
+                q_proj: self.linear(Weight::Q(l), bias(Weight::QBias(l)), q, h)?,
+                k_proj: self.linear(Weight::K(l), bias(Weight::KBias(l)), kv, h)?,
+                v_proj: self.linear(Weight::V(l), bias(Weight::VBias(l)), kv, h)?,
+                o_proj: self.linear(Weight::O(l), c.o_bias().then_some(Weight::OBias(l)), h, q)?,
+                num_heads: c.num_attention_heads,
+                num_kv_heads: c.kv_heads(),
+                head_dim: d,
+            },
+            post_attention_norm: self.norm(Weight::FfnNorm(l))?,
+            ffn: self.ffn(l)?,
+        })
+    }
+}
+
+fn build(r: &Reader<'_>, progress: &mut dyn FnMut(usize, usize)) -> Result<Llama> {
+    let c = r.config;
+    let total = c.num_hidden_layers + 2;
+    let (v, h) = (c.vocab_size, c.hidden_size);
+    let embed: Tensor<2> = r.take(Weight::Embed, &[v, h])?.to_tensor(r.device);
+    progress(1, total);
+    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    for l in 0..c.num_hidden_layers {
+        layers.push(r.layer(l)?);
+        progress(l + 2, total);
+    }
+    let lm_head = if c.tie_word_embeddings {
+        None
+    } else {
+        Some(r.linear(Weight::LmHead, None, v, h)?)
+    };
+    let model = Llama {
+        embed_tokens: Embedding {
+            weight: Param::from_tensor(embed),
+        },
+        layers,
+        norm: r.norm(Weight::FinalNorm)?,
+        lm_head,
+        config: c.clone(),
+        rope: Rope::new(c)?,
+    };
+    progress(total, total);
+    tracing::info!(
+        path = %r.source.path().display(),
+        params = model.param_counts().total,
+        "loaded model"
+    );
+    Ok(model)
+}

@@ -1,0 +1,11 @@
+//! Checkpoint files: Hugging Face safetensors and GGUF in, Hugging Face safetensors out.
+
+pub(crate) mod atomic;
+pub mod export;
+pub mod gguf;
+pub mod host;
+pub mod load;
+pub mod names;
+pub mod quant;
+pub mod safetensors;
+pub mod source;

@@ -1,0 +1,234 @@
+//! Hugging Face safetensors: memory-mapped reading (single file or sharded with
+//! `model.safetensors.index.json`) and atomic writing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata, SafeTensors};
+use serde_json::{Value, json};
+
+use super::atomic;
+use super::host::HostTensor;
+use super::source::TensorSource;
+use crate::{LlamaError, Result};
+
+/// One memory-mapped `.safetensors` file.
+#[derive(Debug)]
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    metadata: Metadata,
+}
+
+/// The safetensors files of a model directory.
+#[derive(Debug)]
+pub struct SafetensorsDir {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    index: HashMap<String, usize>,
+}
+
+impl Shard {
+    fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).map_err(|e| LlamaError::io(path, e))?;
+        // SAFETY: read-only map; the file must not be truncated while mapped.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| LlamaError::io(path, e))?;
+        let (header, metadata) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| LlamaError::corrupt(path, format!("invalid safetensors file: {e}")))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + header,
+            metadata,
+        })
+    }
+}
+
+impl SafetensorsDir {
+    /// Opens `model.safetensors`, or every shard that `model.safetensors.index.json` lists.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let mut shards = Vec::new();
+        let mut index = HashMap::new();
+        if index_path.exists() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| LlamaError::io(&index_path, e))?;
+            let parsed: Value = serde_json::from_str(&text)
+                .map_err(|e| LlamaError::corrupt(&index_path, format!("invalid JSON: {e}")))?;
+            let map = parsed
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| LlamaError::corrupt(&index_path, "no `weight_map` object"))?;
+            let mut files: BTreeMap<String, usize> = BTreeMap::new();
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| {
+                    LlamaError::corrupt(&index_path, format!("`{name}` maps to a non-string"))
+                })?;
+                if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+                    return Err(LlamaError::corrupt(
+                        &index_path,
+                        format!("shard name `{file}` leaves the model directory"),
+                    ));
+                }
+                let next = files.len();
+                let shard = *files.entry(file.to_string()).or_insert(next);
+                index.insert(name.clone(), shard);
+            }
+            let mut ordered: Vec<_> = files.into_iter().collect();
+            ordered.sort_by_key(|(_, i)| *i);
+            for (file, _) in ordered {
+                shards.push(Shard::open(&dir.join(file))?);
+            }
+            for (name, &s) in &index {
+                if shards[s].metadata.info(name).is_none() {
+                    return Err(LlamaError::corrupt(
+                        &shards[s].path,
+                        format!("the index puts `{name}` here, but the file does not hold it"),
+                    ));
+                }
+            }
+        } else {
+            let shard = Shard::open(&dir.join("model.safetensors"))?;
+            for name in shard.metadata.tensors().keys() {
+                index.insert(name.clone(), 0);
+            }
+            shards.push(shard);
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            shards,
+            index,
+        })
+    }
+
+    /// The storage type of every tensor (`F32`, `BF16`, ...).
+    pub fn dtypes(&self) -> Vec<String> {
+        self.index
+            .iter()
+            .filter_map(|(name, &s)| self.shards[s].metadata.info(name))
+            .map(|info| format!("{:?}", info.dtype))
+            .collect()
+    }
+}
+
+impl TensorSource for SafetensorsDir {
+    fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    fn read(&self, name: &str) -> Result<Option<HostTensor>> {
+        let Some(&s) = self.index.get(name) else {
+            return Ok(None);
+        };
+        let shard = &self.shards[s];
+        let info = shard.metadata.info(name).expect("checked when opened");
+        let (a, b) = info.data_offsets;
+        let bytes = &shard.mmap[shard.data_start + a..shard.data_start + b];
+        let data: Vec<f32> = match info.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(LlamaError::UnsupportedDtype {
+                    path: shard.path.clone(),
+                    name: name.into(),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        Ok(Some(HostTensor::new(info.shape.clone(), data)))
+    }
+}
+
+/// Storage type of written tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SaveDtype {
+    /// 32-bit float: lossless for moekit's f32 weights.
+    #[default]
+    F32,
+    /// bfloat16 (round to nearest even).
+    BF16,
+    /// IEEE half.
+    F16,
+}
+
+impl SaveDtype {
+    /// The `torch_dtype` string for `config.json`.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::BF16 => "bfloat16",
+            Self::F16 => "float16",
+        }
+    }
+
+    fn safetensors_name(self) -> &'static str {
+        match self {
+            Self::F32 => "F32",
+            Self::BF16 => "BF16",
+            Self::F16 => "F16",
+        }
+    }
+
+    fn width(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::BF16 | Self::F16 => 2,
+        }
+    }
+
+    fn encode(self, values: &[f32], out: &mut Vec<u8>) {
+        out.clear();
+        match self {
+            Self::F32 => values.iter().for_each(|v| out.extend(v.to_le_bytes())),
+            Self::BF16 => values
+                .iter()
+                .for_each(|v| out.extend(bf16::from_f32(*v).to_le_bytes())),
+            Self::F16 => values
+                .iter()
+                .for_each(|v| out.extend(f16::from_f32(*v).to_le_bytes())),
+        }
+    }
+}
+
+/// Writes `tensors` as one safetensors file at `path`, atomically, with the
+/// `{"format": "pt"}` metadata transformers expects.
+pub fn write(path: &Path, tensors: &[(String, HostTensor)], dtype: SaveDtype) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for (name, t) in tensors {
+        let len = t.data.len() * dtype.width();
+        header.insert(
+            name.clone(),
+            json!({"dtype": dtype.safetensors_name(), "shape": t.shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let mut header = serde_json::to_vec(&header).expect("a JSON map serialises");
+    // The data must start 8-byte aligned; pad the header with spaces.
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+    atomic::write_with(path, |w| {
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        let mut buf = Vec::new();
+        for (_, t) in tensors {
+            dtype.encode(&t.data, &mut buf);
+            w.write_all(&buf)?;
+        }
+        Ok(())
+    })
+}

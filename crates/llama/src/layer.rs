@@ -1,0 +1,63 @@
+//! One pre-norm decoder layer: `h + attn(norm(h))`, then `h + ffn(norm(h))`.
+
+use burn::module::Module;
+use burn::nn::{RmsNorm, RmsNormConfig};
+use burn::tensor::{Device, Tensor};
+use moekit_moe::MoeOutput;
+
+use crate::Result;
+use crate::attention::{Attention, KvCache};
+use crate::config::LlamaConfig;
+use crate::ffn::FfnSlot;
+use crate::rope::RopeTables;
+
+/// A LLaMA decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    /// RMSNorm before attention.
+    pub input_norm: RmsNorm,
+    /// Self-attention.
+    pub attention: Attention,
+    /// RMSNorm before the FFN.
+    pub post_attention_norm: RmsNorm,
+    /// Dense or MoE FFN.
+    pub ffn: FfnSlot,
+}
+
+impl DecoderLayer {
+    /// Layer `layer` of `config`, randomly initialised.
+    pub fn init(config: &LlamaConfig, layer: usize, device: &Device) -> Result<Self> {
+        Ok(Self {
+            input_norm: rms_norm(config, device),
+            attention: Attention::init(config, device),
+            post_attention_norm: rms_norm(config, device),
+            ffn: FfnSlot::init(config.ffn_spec(layer), config.hidden_size, device)?,
+        })
+    }
+
+    /// # Shapes
+    /// - h: `[B, T, H]`
+    /// - output: `[B, T, H]`, and the MoE routing if the FFN is sparse.
+    pub fn forward(
+        &self,
+        h: Tensor<3>,
+        rope: &RopeTables,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<(Tensor<3>, Option<MoeOutput>)> {
+        let h = h.clone()
+            + self
+                .attention
+                .forward(self.input_norm.forward(h), rope, cache);
+        let (y, moe) = self
+            .ffn
+            .forward(self.post_attention_norm.forward(h.clone()))?;
+        Ok((h + y, moe))
+    }
+}
+
+/// An RMSNorm of width `hidden_size` with the configuration's epsilon (weights of 1).
+pub(crate) fn rms_norm(config: &LlamaConfig, device: &Device) -> RmsNorm {
+    RmsNormConfig::new(config.hidden_size)
+        .with_epsilon(config.rms_norm_eps)
+        .init(device)
+}

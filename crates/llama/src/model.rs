@@ -1,0 +1,179 @@
+//! The LLaMA-family decoder: embedding, decoder layers, final norm, output projection.
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use moekit_moe::MoeOutput;
+
+use crate::attention::KvCache;
+use crate::config::{LlamaConfig, ParamCounts};
+use crate::ffn::FfnSlot;
+use crate::layer::{DecoderLayer, rms_norm};
+use crate::rope::Rope;
+use crate::{LlamaError, Result};
+
+/// A decoder-only LLaMA-family transformer (LLaMA, Mistral, Qwen2, SmolLM, Mixtral,
+/// Qwen2-MoE): pre-norm layers of grouped-query attention with rotary embeddings, each followed
+/// by a dense or MoE FFN slot.
+#[derive(Module, Debug)]
+pub struct Llama {
+    /// Token embedding `[V, H]`.
+    pub embed_tokens: Embedding,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer>,
+    /// Final RMSNorm.
+    pub norm: RmsNorm,
+    /// Output projection `[H, V]`; `None` when tied to the embedding.
+    pub lm_head: Option<Linear>,
+    /// The configuration the model was built from.
+    #[module(skip)]
+    pub config: LlamaConfig,
+    /// Rotary frequencies.
+    #[module(skip)]
+    pub rope: Rope,
+}
+
+/// What one forward pass returns.
+#[derive(Debug, Clone)]
+pub struct ModelOutput {
+    /// Next-token logits `[B, T, V]`.
+    pub logits: Tensor<3>,
+    /// The input of every layer and the final hidden state before the last norm
+    /// (`num_layers + 1` tensors `[B, T, H]`), when requested.
+    pub hidden_states: Vec<Tensor<3>>,
+    /// `(layer, routing)` of every MoE layer, for auxiliary losses and statistics.
+    pub moe: Vec<(usize, MoeOutput)>,
+}
+
+impl LlamaConfig {
+    /// A randomly initialised model of this configuration (see [`crate::load`] for pretrained
+    /// weights).
+    pub fn init(&self, device: &Device) -> Result<Llama> {
+        self.validate()?;
+        let layers = (0..self.num_hidden_layers)
+            .map(|l| DecoderLayer::init(self, l, device))
+            .collect::<Result<_>>()?;
+        Ok(Llama {
+            embed_tokens: EmbeddingConfig::new(self.vocab_size, self.hidden_size).init(device),
+            layers,
+            norm: rms_norm(self, device),
+            lm_head: (!self.tie_word_embeddings).then(|| {
+                LinearConfig::new(self.hidden_size, self.vocab_size)
+                    .with_bias(false)
+                    .init(device)
+            }),
+            config: self.clone(),
+            rope: Rope::new(self)?,
+        })
+    }
+}
+
+impl Llama {
+    /// Next-token logits.
+    ///
+    /// Token ids must be below `vocab_size` (see [`Llama::tokens`] for a checked conversion).
+    ///
+    /// # Shapes
+    /// - tokens: `[B, T]`
+    /// - output: `[B, T, V]`
+    pub fn logits(&self, tokens: Tensor<2, Int>) -> Result<Tensor<3>> {
+        Ok(self.forward(tokens, false, None)?.logits)
+    }
+
+    /// The full forward pass. With `hidden_states`, every layer's input and the last layer's
+    /// output are returned too. With a `cache`, the tokens continue the cached positions and
+    /// their keys and values are appended to it.
+    ///
+    /// # Shapes
+    /// - tokens: `[B, T]`
+    pub fn forward(
+        &self,
+        tokens: Tensor<2, Int>,
+        hidden_states: bool,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<ModelOutput> {
+        let [_, t] = tokens.dims();
+        let device = tokens.device();
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let rope = self.rope.tables(start, t, &device);
+        let mut h = self.embed_tokens.forward(tokens);
+        let mut states = Vec::new();
+        let mut moe = Vec::new();
+        for (l, layer) in self.layers.iter().enumerate() {
+            if hidden_states {
+                states.push(h.clone());
+            }
+            let (next, routing) = layer.forward(h, &rope, cache.as_deref_mut().map(|c| (c, l)))?;
+            h = next;
+            if let Some(r) = routing {
+                moe.push((l, r));
+            }
+        }
+        if hidden_states {
+            states.push(h.clone());
+        }
+        let h = self.norm.forward(h);
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(h),
+            None => h.matmul(self.embed_tokens.weight.val().transpose().unsqueeze()),
+        };
+        Ok(ModelOutput {
+            logits,
+            hidden_states: states,
+            moe,
+        })
+    }
+
+    /// A `[B, T]` token tensor from rows of ids, checking every id against the vocabulary and
+    /// that rows have one length.
+    pub fn tokens(&self, rows: &[&[u32]], device: &Device) -> Result<Tensor<2, Int>> {
+        let t = rows.first().map_or(0, |r| r.len());
+        if t == 0 || rows.iter().any(|r| r.len() != t) {
+            return Err(LlamaError::Input(
+                "token rows must be non-empty and of one length".into(),
+            ));
+        }
+        let vocab = self.config.vocab_size;
+        let mut ids = Vec::with_capacity(rows.len() * t);
+        for &id in rows.iter().flat_map(|r| r.iter()) {
+            if id as usize >= vocab {
+                return Err(LlamaError::Input(format!(
+                    "token id {id} is outside the vocabulary of {vocab}"
+                )));
+            }
+            ids.push(id as i64);
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(ids, [rows.len(), t]),
+            device,
+        ))
+    }
+
+    /// A cache for incremental decoding with this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Parameter counts of the model as built (which may differ from its original
+    /// configuration after conversion).
+    pub fn param_counts(&self) -> ParamCounts {
+        let mut counts = ParamCounts {
+            total: self.num_params(),
+            active: self.num_params(),
+            routed_experts: 0,
+        };
+        for layer in &self.layers {
+            let (total, active) = layer.ffn.param_counts();
+            counts.active -= total - active;
+            if let FfnSlot::Moe(moe) = &layer.ffn {
+                counts.routed_experts += moe.experts.num_params();
+            }
+        }
+        counts
+    }
+
+    /// The model's device.
+    pub fn device(&self) -> Device {
+        self.embed_tokens.weight.val().device()
+    }
+}
