@@ -1,0 +1,106 @@
+//! The `moekit` binary on good and bad input: bad input gives one `error:` line and a non-zero
+//! exit status, never a panic.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn moekit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moekit"))
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+fn assert_clean_failure(out: &Output, mentions: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "succeeded: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(lines[0].contains(mentions), "`{mentions}` not in: {stderr}");
+}
+
+fn fixture() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../llama/tests/fixtures/quants.gguf")
+        .display()
+        .to_string()
+}
+
+#[test]
+fn missing_and_non_model_paths() {
+    assert_clean_failure(&moekit(&["info", "/nonexistent/model.gguf"]), "/nonexistent");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    assert_clean_failure(&moekit(&["info", &d]), "not a model");
+}
+
+#[test]
+fn corrupt_gguf_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read(fixture()).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &good[..good.len() / 2]).unwrap();
+    let cut = cut.display().to_string();
+    assert_clean_failure(&moekit(&["info", &cut]), "cut.gguf");
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "some text").unwrap();
+    assert_clean_failure(
+        &moekit(&["eval", &cut, "--text", &text.display().to_string()]),
+        "past the end",
+    );
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"definitely not a model").unwrap();
+    assert_clean_failure(&moekit(&["info", &junk.display().to_string()]), "magic");
+}
+
+#[test]
+fn gguf_without_model_metadata() {
+    // A valid GGUF that holds tensors but no llama.* metadata.
+    assert_clean_failure(&moekit(&["info", &fixture()]), "metadata");
+}
+
+#[test]
+fn bad_config_json() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), "{\"model_type\": \"llama\"").unwrap();
+    let d = dir.path().display().to_string();
+    assert_clean_failure(&moekit(&["info", &d]), "config.json");
+    std::fs::write(
+        dir.path().join("config.json"),
+        r#"{"model_type": "bloom", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2}"#,
+    )
+    .unwrap();
+    assert_clean_failure(&moekit(&["info", &d]), "unsupported architecture `bloom`");
+}
+
+#[test]
+fn info_describes_a_written_model() {
+    // The smallest real round trip through the binary: a config plus safetensors written by
+    // the library.
+    use moekit::llama::{ExportFormat, LlamaConfig, SaveDtype, save_pretrained};
+    let mut c = LlamaConfig::llama(40, 16, 32, 2, 2, 1);
+    c.model_type = "mixtral".into();
+    c.num_local_experts = Some(4);
+    c.num_experts_per_tok = Some(2);
+    let model = c.init(&moekit::burn::tensor::Device::flex()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    save_pretrained(&model, None, dir.path(), ExportFormat::Mixtral, SaveDtype::BF16).unwrap();
+    let out = moekit(&["info", &dir.path().display().to_string(), "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["architecture"], "mixtral");
+    assert_eq!(info["params"]["total"], model.param_counts().total);
+    assert_eq!(info["params"]["active"], model.param_counts().active);
+    assert!(info["layer_kinds"][0]["kind"].as_str().unwrap().contains("4 experts"));
+    assert_eq!(info["tensor_types"][0]["type"], "BF16");
+    // No tokenizer was written: eval says so in one line.
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "hello").unwrap();
+    assert_clean_failure(
+        &moekit(&["eval", &dir.path().display().to_string(), "--text", &text.display().to_string()]),
+        "no tokenizer",
+    );
+}

@@ -1,0 +1,133 @@
+//! GGUF reading: every supported type de-quantised exactly as gguf-py (llama.cpp's Python
+//! package, an independent implementation) does, and corrupt files rejected with errors.
+
+use std::path::{Path, PathBuf};
+
+use moekit_llama::LlamaError;
+use moekit_llama::io::gguf::{GgufFile, unpermute_rows};
+use moekit_llama::io::host::HostTensor;
+use moekit_llama::io::source::TensorSource;
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+#[test]
+fn every_type_dequantises_like_gguf_py() {
+    let file = GgufFile::open(&fixture("quants.gguf")).unwrap();
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("quants.json")).unwrap()).unwrap();
+    let expected = expected.as_object().unwrap();
+    assert_eq!(expected.len(), 9);
+    for (name, want) in expected {
+        let t = file.read(name).unwrap().unwrap();
+        let shape: Vec<usize> = want["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(t.shape, shape, "{name}");
+        let values = want["values"].as_array().unwrap();
+        assert_eq!(t.data.len(), values.len(), "{name}");
+        for (i, (got, want)) in t.data.iter().zip(values).enumerate() {
+            let want = want.as_f64().unwrap() as f32;
+            assert!(
+                (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{name}[{i}]: {got} vs gguf-py {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn unpermute_inverts_the_llama_cpp_permutation() {
+    // llama.cpp: w.reshape(heads, 2, D/2, in).swapaxes(1, 2).reshape(w.shape)
+    let (heads, d, cols) = (3, 8, 5);
+    let hf = HostTensor::new(
+        vec![heads * d, cols],
+        (0..heads * d * cols).map(|v| v as f32).collect(),
+    );
+    let mut permuted = vec![0.0; hf.data.len()];
+    for h in 0..heads {
+        for two in 0..2 {
+            for i in 0..d / 2 {
+                for c in 0..cols {
+                    let src = ((h * 2 + two) * (d / 2) + i) * cols + c;
+                    let dst = ((h * (d / 2) + i) * 2 + two) * cols + c;
+                    permuted[dst] = hf.data[src];
+                }
+            }
+        }
+    }
+    let permuted = HostTensor::new(hf.shape.clone(), permuted);
+    assert_ne!(permuted, hf);
+    assert_eq!(unpermute_rows(&permuted, heads), hf);
+}
+
+fn open_bytes(bytes: &[u8]) -> Result<GgufFile, LlamaError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    GgufFile::open(&path)
+}
+
+fn corrupt_reason(bytes: &[u8]) -> String {
+    match open_bytes(bytes) {
+        Err(LlamaError::Corrupt { reason, .. }) => reason,
+        other => panic!("expected a corrupt-file error, got {other:?}"),
+    }
+}
+
+#[test]
+fn truncation_anywhere_is_an_error_never_a_panic() {
+    let good = std::fs::read(fixture("quants.gguf")).unwrap();
+    // The file may end in padding; cuts before the end of the last tensor must fail.
+    let end = GgufFile::open(&fixture("quants.gguf"))
+        .unwrap()
+        .tensors
+        .values()
+        .map(|t| t.offset + t.len)
+        .max()
+        .unwrap();
+    // Every cut inside the header, and a spread of cuts inside the data.
+    let cuts = (0..end.min(2048)).chain((2048..end).step_by(97));
+    for cut in cuts {
+        assert!(open_bytes(&good[..cut]).is_err(), "a file cut at {cut} was accepted");
+    }
+    assert!(corrupt_reason(&good[..end - 1]).contains("past the end"));
+    assert!(open_bytes(&good[..end]).is_ok());
+}
+
+#[test]
+fn lying_headers_are_rejected_before_allocating() {
+    let good = std::fs::read(fixture("quants.gguf")).unwrap();
+    assert!(corrupt_reason(b"GGML\x03\0\0\0").contains("magic"));
+    let mut v1 = good.clone();
+    v1[4] = 1;
+    assert!(corrupt_reason(&v1).contains("version 1"));
+    // Tensor count of 2^60.
+    let mut huge = good.clone();
+    huge[8..16].copy_from_slice(&(1u64 << 60).to_le_bytes());
+    assert!(corrupt_reason(&huge).contains("cannot fit"));
+    // The first key's string length claims 2^40 bytes.
+    let mut long = good.clone();
+    long[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    assert!(corrupt_reason(&long).contains("cannot fit"));
+    // Random bytes after a valid magic and version.
+    let mut noise = b"GGUF\x03\0\0\0".to_vec();
+    noise.extend((0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));
+    assert!(open_bytes(&noise).is_err());
+}
+
+#[test]
+fn metadata_without_an_architecture_is_an_error() {
+    // The fixture has no llama.* keys: asking for a model configuration must fail cleanly.
+    let file = GgufFile::open(&fixture("quants.gguf")).unwrap();
+    let err = file.config().unwrap_err();
+    assert!(matches!(err, LlamaError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("llama."), "{err}");
+}
