@@ -21,13 +21,19 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let path = std::env::args().nth(1).map(PathBuf::from).unwrap_or_else(|| {
-        let cache = std::env::var_os("MOEKIT_CACHE").map_or_else(
-            || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/moekit"),
-            PathBuf::from,
-        );
-        cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let path = std::env::args()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("MOEKIT_CACHE").map_or_else(
+                || {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/moekit")
+                },
+                PathBuf::from,
+            );
+            cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
     let device = moekit::default_device();
 
     let start = Instant::now();
@@ -47,7 +53,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|_| {
             (0..T)
                 .map(|_| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     ((state >> 33) % 49152) as u32
                 })
                 .collect()

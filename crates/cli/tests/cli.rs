@@ -30,7 +30,10 @@ fn fixture() -> String {
 
 #[test]
 fn missing_and_non_model_paths() {
-    assert_clean_failure(&moekit(&["info", "/nonexistent/model.gguf"]), "/nonexistent");
+    assert_clean_failure(
+        &moekit(&["info", "/nonexistent/model.gguf"]),
+        "/nonexistent",
+    );
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display().to_string();
     assert_clean_failure(&moekit(&["info", &d]), "not a model");
@@ -87,20 +90,41 @@ fn info_describes_a_written_model() {
     c.num_experts_per_tok = Some(2);
     let model = c.init(&moekit::burn::tensor::Device::flex()).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    save_pretrained(&model, None, dir.path(), ExportFormat::Mixtral, SaveDtype::BF16).unwrap();
+    save_pretrained(
+        &model,
+        None,
+        dir.path(),
+        ExportFormat::Mixtral,
+        SaveDtype::BF16,
+    )
+    .unwrap();
     let out = moekit(&["info", &dir.path().display().to_string(), "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["architecture"], "mixtral");
     assert_eq!(info["params"]["total"], model.param_counts().total);
     assert_eq!(info["params"]["active"], model.param_counts().active);
-    assert!(info["layer_kinds"][0]["kind"].as_str().unwrap().contains("4 experts"));
+    assert!(
+        info["layer_kinds"][0]["kind"]
+            .as_str()
+            .unwrap()
+            .contains("4 experts")
+    );
     assert_eq!(info["tensor_types"][0]["type"], "BF16");
     // No tokenizer was written: eval says so in one line.
     let text = dir.path().join("t.txt");
     std::fs::write(&text, "hello").unwrap();
     assert_clean_failure(
-        &moekit(&["eval", &dir.path().display().to_string(), "--text", &text.display().to_string()]),
+        &moekit(&[
+            "eval",
+            &dir.path().display().to_string(),
+            "--text",
+            &text.display().to_string(),
+        ]),
         "no tokenizer",
     );
 }

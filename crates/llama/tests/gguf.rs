@@ -96,7 +96,10 @@ fn truncation_anywhere_is_an_error_never_a_panic() {
     // Every cut inside the header, and a spread of cuts inside the data.
     let cuts = (0..end.min(2048)).chain((2048..end).step_by(97));
     for cut in cuts {
-        assert!(open_bytes(&good[..cut]).is_err(), "a file cut at {cut} was accepted");
+        assert!(
+            open_bytes(&good[..cut]).is_err(),
+            "a file cut at {cut} was accepted"
+        );
     }
     assert!(corrupt_reason(&good[..end - 1]).contains("past the end"));
     assert!(open_bytes(&good[..end]).is_ok());

@@ -19,7 +19,11 @@ fn assert_near(got: &[f64], expected: &[f64], tol: f64, label: &str) {
 }
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f64> {
-    HostTensor::from_tensor(t).data.iter().map(|&v| v as f64).collect()
+    HostTensor::from_tensor(t)
+        .data
+        .iter()
+        .map(|&v| v as f64)
+        .collect()
 }
 
 /// `x [in] · w [in, out]`.

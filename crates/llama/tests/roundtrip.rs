@@ -4,9 +4,7 @@ use std::path::Path;
 
 use burn::tensor::Tensor;
 use moekit_llama::io::host::HostTensor;
-use moekit_llama::{
-    Checkpoint, ExportFormat, LlamaConfig, LlamaError, SaveDtype, save_pretrained,
-};
+use moekit_llama::{Checkpoint, ExportFormat, LlamaConfig, LlamaError, SaveDtype, save_pretrained};
 use moekit_testing::device;
 use safetensors::SafeTensors;
 
@@ -92,7 +90,14 @@ fn a_mixtral_model_also_exports_as_qwen2_moe() {
     c.num_experts_per_tok = Some(2);
     let model = c.init(&device).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    save_pretrained(&model, None, dir.path(), ExportFormat::Qwen2Moe, SaveDtype::F32).unwrap();
+    save_pretrained(
+        &model,
+        None,
+        dir.path(),
+        ExportFormat::Qwen2Moe,
+        SaveDtype::F32,
+    )
+    .unwrap();
     let back = Checkpoint::open(dir.path())
         .unwrap()
         .load(&device, &mut |_, _| {})
@@ -109,8 +114,14 @@ fn impossible_exports_are_refused() {
     let device = device(5);
     let dense = tiny().init(&device).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let err = save_pretrained(&dense, None, dir.path(), ExportFormat::Mixtral, SaveDtype::F32)
-        .unwrap_err();
+    let err = save_pretrained(
+        &dense,
+        None,
+        dir.path(),
+        ExportFormat::Mixtral,
+        SaveDtype::F32,
+    )
+    .unwrap_err();
     assert!(matches!(err, LlamaError::Export { .. }), "{err}");
     assert!(!dir.path().join("model.safetensors").exists());
 }
@@ -120,7 +131,14 @@ fn bf16_export_rounds_weights_once() {
     let device = device(6);
     let model = tiny().init(&device).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    save_pretrained(&model, None, dir.path(), ExportFormat::Dense, SaveDtype::BF16).unwrap();
+    save_pretrained(
+        &model,
+        None,
+        dir.path(),
+        ExportFormat::Dense,
+        SaveDtype::BF16,
+    )
+    .unwrap();
     let back = Checkpoint::open(dir.path())
         .unwrap()
         .load(&device, &mut |_, _| {})
@@ -145,7 +163,14 @@ fn broken_checkpoints_give_errors_naming_the_problem() {
     let device = device(7);
     let model = tiny().init(&device).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    save_pretrained(&model, None, dir.path(), ExportFormat::Dense, SaveDtype::F32).unwrap();
+    save_pretrained(
+        &model,
+        None,
+        dir.path(),
+        ExportFormat::Dense,
+        SaveDtype::F32,
+    )
+    .unwrap();
     let file = dir.path().join("model.safetensors");
     let good = std::fs::read(&file).unwrap();
 

@@ -26,7 +26,10 @@ fn gguf() -> Option<PathBuf> {
 }
 
 fn fixture() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/smollm2_tokens.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/smollm2_tokens.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -41,7 +44,10 @@ fn ids(v: &Value) -> Vec<u32> {
 fn load(path: &std::path::Path) -> (Llama, Tokenizer) {
     let ckpt = Checkpoint::open(path).unwrap();
     let device = moekit_testing::device(0);
-    (ckpt.load(&device, &mut |_, _| {}).unwrap(), ckpt.tokenizer().unwrap())
+    (
+        ckpt.load(&device, &mut |_, _| {}).unwrap(),
+        ckpt.tokenizer().unwrap(),
+    )
 }
 
 #[test]
