@@ -369,7 +369,7 @@ impl LlamaConfig {
                     .mlp_only_layers
                     .as_ref()
                     .is_some_and(|l| l.contains(&layer));
-                if dense_only || (layer + 1) % step != 0 {
+                if dense_only || !(layer + 1).is_multiple_of(step) {
                     return dense;
                 }
                 FfnSpec::Moe {
@@ -452,7 +452,7 @@ impl LlamaConfig {
             ));
         }
         let d = self.head_width();
-        if d == 0 || d % 2 != 0 || d > MAX_WIDTH {
+        if d == 0 || !d.is_multiple_of(2) || d > MAX_WIDTH {
             return bad(format!("head_dim {d} must be even and positive"));
         }
         if !self.num_attention_heads.is_multiple_of(self.kv_heads()) {

@@ -17,7 +17,10 @@ fn gguf() -> Option<PathBuf> {
     if path.exists() {
         Some(path)
     } else {
-        eprintln!(
+        // Written to the real stderr, past libtest's output capture, so the skip is visible.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
             "SKIPPED: {} is absent; run scripts/fetch-smollm2.sh to run this test",
             path.display()
         );
