@@ -2,18 +2,32 @@
 
 use std::path::Path;
 
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
 use moekit_llama::io::host::HostTensor;
-use moekit_llama::{Checkpoint, ExportFormat, LlamaConfig, LlamaError, SaveDtype, save_pretrained};
+use moekit_llama::{
+    Checkpoint, ExportFormat, Llama, LlamaConfig, LlamaError, SaveDtype, save_pretrained,
+};
 use moekit_testing::device;
 use safetensors::SafeTensors;
 
-fn logits(model: &moekit_llama::Llama, device: &burn::tensor::Device) -> Vec<f32> {
+fn logits(model: &Llama, device: &Device) -> Vec<f32> {
     let tokens: Vec<u32> = (0..9).map(|i| (i * 7 + 1) % 50).collect();
     let t: Tensor<3> = model
         .logits(model.tokens(&[&tokens], device).unwrap())
         .unwrap();
     HostTensor::from_tensor(t).data
+}
+
+/// Writes `model` into a new temporary directory.
+fn save(model: &Llama, format: ExportFormat, dtype: SaveDtype) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    save_pretrained(model, None, dir.path(), format, dtype).unwrap();
+    dir
+}
+
+/// Loads the checkpoint in `dir`.
+fn reload(dir: &Path, device: &Device) -> Result<Llama, LlamaError> {
+    Checkpoint::open(dir)?.load(device, &mut |_, _| {})
 }
 
 fn roundtrip(config: LlamaConfig, format: ExportFormat, seed: u64) -> LlamaConfig {
@@ -25,10 +39,7 @@ fn roundtrip(config: LlamaConfig, format: ExportFormat, seed: u64) -> LlamaConfi
     let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     assert!(st.len() > 10);
-    let back = Checkpoint::open(dir.path())
-        .unwrap()
-        .load(&device, &mut |_, _| {})
-        .unwrap();
+    let back = reload(dir.path(), &device).unwrap();
     assert_eq!(back.param_counts(), model.param_counts());
     let (a, b) = (logits(&model, &device), logits(&back, &device));
     assert_eq!(a, b, "logits changed through {format:?}");
@@ -89,19 +100,8 @@ fn a_mixtral_model_also_exports_as_qwen2_moe() {
     c.num_local_experts = Some(4);
     c.num_experts_per_tok = Some(2);
     let model = c.init(&device).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    save_pretrained(
-        &model,
-        None,
-        dir.path(),
-        ExportFormat::Qwen2Moe,
-        SaveDtype::F32,
-    )
-    .unwrap();
-    let back = Checkpoint::open(dir.path())
-        .unwrap()
-        .load(&device, &mut |_, _| {})
-        .unwrap();
+    let dir = save(&model, ExportFormat::Qwen2Moe, SaveDtype::F32);
+    let back = reload(dir.path(), &device).unwrap();
     assert_eq!(back.config.model_type, "qwen2_moe");
     let (a, b) = (logits(&model, &device), logits(&back, &device));
     for (x, y) in a.iter().zip(&b) {
@@ -130,19 +130,8 @@ fn impossible_exports_are_refused() {
 fn bf16_export_rounds_weights_once() {
     let device = device(6);
     let model = tiny().init(&device).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    save_pretrained(
-        &model,
-        None,
-        dir.path(),
-        ExportFormat::Dense,
-        SaveDtype::BF16,
-    )
-    .unwrap();
-    let back = Checkpoint::open(dir.path())
-        .unwrap()
-        .load(&device, &mut |_, _| {})
-        .unwrap();
+    let dir = save(&model, ExportFormat::Dense, SaveDtype::BF16);
+    let back = reload(dir.path(), &device).unwrap();
     let a = HostTensor::from_tensor(model.embed_tokens.weight.val()).data;
     let b = HostTensor::from_tensor(back.embed_tokens.weight.val()).data;
     for (x, y) in a.iter().zip(&b) {
@@ -162,15 +151,7 @@ fn write_config(dir: &Path, config: &LlamaConfig) {
 fn broken_checkpoints_give_errors_naming_the_problem() {
     let device = device(7);
     let model = tiny().init(&device).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    save_pretrained(
-        &model,
-        None,
-        dir.path(),
-        ExportFormat::Dense,
-        SaveDtype::F32,
-    )
-    .unwrap();
+    let dir = save(&model, ExportFormat::Dense, SaveDtype::F32);
     let file = dir.path().join("model.safetensors");
     let good = std::fs::read(&file).unwrap();
 
@@ -192,19 +173,13 @@ fn broken_checkpoints_give_errors_naming_the_problem() {
     let mut wider = tiny();
     wider.intermediate_size = 65;
     write_config(dir.path(), &wider);
-    let err = Checkpoint::open(dir.path())
-        .unwrap()
-        .load(&device, &mut |_, _| {})
-        .unwrap_err();
+    let err = reload(dir.path(), &device).unwrap_err();
     assert!(matches!(err, LlamaError::TensorShape { .. }), "{err}");
     // Asking for an output head the file does not have.
     let mut untied = tiny();
     untied.tie_word_embeddings = false;
     write_config(dir.path(), &untied);
-    let err = Checkpoint::open(dir.path())
-        .unwrap()
-        .load(&device, &mut |_, _| {})
-        .unwrap_err();
+    let err = reload(dir.path(), &device).unwrap_err();
     assert!(err.to_string().contains("lm_head.weight"), "{err}");
     // Unknown architecture.
     let mut unknown = tiny();
