@@ -9,6 +9,10 @@ use serde::Serialize;
 use crate::model::Llama;
 use crate::{LlamaError, Result};
 
+/// Positions whose logits are materialised at once (`[HEAD_ROWS, V]`), so that long windows
+/// do not hold a `[T, V]` logits tensor.
+const HEAD_ROWS: usize = 512;
+
 /// The result of [`perplexity`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Perplexity {
@@ -53,13 +57,20 @@ pub fn perplexity(
     for chunk in ids.chunks(window) {
         if chunk.len() >= 2 {
             let t = chunk.len();
-            let logits = model.logits(model.tokens(&[chunk], &device)?)?;
-            let logp = log_softmax(logits.narrow(1, 0, t - 1), 2);
-            let targets: Vec<i64> = chunk[1..].iter().map(|&i| i as i64).collect();
-            let targets: Tensor<3, Int> =
-                Tensor::from_data(TensorData::new(targets, [1, t - 1, 1]), &device);
-            let sum = logp.gather(2, targets).sum().into_scalar::<f32>() as f64;
-            nll -= sum;
+            let (last, _, _) =
+                model.forward_hidden(model.tokens(&[chunk], &device)?, false, None)?;
+            // Logits for a few positions at a time: [HEAD_ROWS, V] instead of [T, V].
+            for start in (0..t - 1).step_by(HEAD_ROWS) {
+                let rows = HEAD_ROWS.min(t - 1 - start);
+                let logp = log_softmax(model.head(last.clone().narrow(1, start, rows)), 2);
+                let targets: Vec<i64> = chunk[start + 1..start + 1 + rows]
+                    .iter()
+                    .map(|&i| i as i64)
+                    .collect();
+                let targets: Tensor<3, Int> =
+                    Tensor::from_data(TensorData::new(targets, [1, rows, 1]), &device);
+                nll -= logp.gather(2, targets).sum().into_scalar::<f32>() as f64;
+            }
             predictions += t - 1;
         }
         done += chunk.len();

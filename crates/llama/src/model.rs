@@ -90,8 +90,28 @@ impl Llama {
         &self,
         tokens: Tensor<2, Int>,
         hidden_states: bool,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<ModelOutput> {
+        let (h, hidden_states, moe) = self.forward_hidden(tokens, hidden_states, cache)?;
+        Ok(ModelOutput {
+            logits: self.head(h),
+            hidden_states,
+            moe,
+        })
+    }
+
+    /// The decoder without [`Llama::head`]: the last layer's output `[B, T, H]`, the hidden
+    /// states if asked for, and each MoE layer's routing.
+    ///
+    /// # Shapes
+    /// - tokens: `[B, T]`
+    #[allow(clippy::type_complexity)]
+    pub fn forward_hidden(
+        &self,
+        tokens: Tensor<2, Int>,
+        hidden_states: bool,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor<3>, Vec<Tensor<3>>, Vec<(usize, MoeOutput)>)> {
         let [_, t] = tokens.dims();
         let device = tokens.device();
         let start = cache.as_ref().map_or(0, |c| c.len());
@@ -112,16 +132,20 @@ impl Llama {
         if hidden_states {
             states.push(h.clone());
         }
+        Ok((h, states, moe))
+    }
+
+    /// Final norm and output projection: the last layer's output to logits.
+    ///
+    /// # Shapes
+    /// - h: `[B, T, H]`
+    /// - output: `[B, T, V]`
+    pub fn head(&self, h: Tensor<3>) -> Tensor<3> {
         let h = self.norm.forward(h);
-        let logits = match &self.lm_head {
+        match &self.lm_head {
             Some(head) => head.forward(h),
             None => h.matmul(self.embed_tokens.weight.val().transpose().unsqueeze()),
-        };
-        Ok(ModelOutput {
-            logits,
-            hidden_states: states,
-            moe,
-        })
+        }
     }
 
     /// A `[B, T]` token tensor from rows of ids, checking every id against the vocabulary and

@@ -256,3 +256,35 @@ fn out_of_vocabulary_ids_are_an_error() {
     assert!(err.to_string().contains("61"), "{err}");
     assert!(model.tokens(&[&[1, 2], &[3]], &device).is_err());
 }
+
+#[test]
+fn perplexity_equals_the_mean_nll_of_the_full_logits() {
+    // 700 tokens in windows of 650: the first window spans two logit slices of the evaluator.
+    let device = device(6);
+    let model = tiny("llama", true).init(&device).unwrap();
+    let tokens: Vec<u32> = (0..700u32).map(|i| (i * 37 + i / 7) % 61).collect();
+    let got = moekit_llama::perplexity(&model, &tokens, 650, &mut |_, _| {}).unwrap();
+    let (mut nll, mut n) = (0.0, 0);
+    for window in tokens.chunks(650) {
+        let logits = host(
+            model
+                .logits(model.tokens(&[window], &device).unwrap())
+                .unwrap(),
+        );
+        let v = model.config.vocab_size;
+        for (t, &next) in window.iter().enumerate().skip(1) {
+            let row = &logits[(t - 1) * v..t * v];
+            let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+            nll += lse - row[next as usize];
+            n += 1;
+        }
+    }
+    assert_eq!(got.predictions, n);
+    assert!(
+        ((nll / n as f64) - got.nll).abs() < 1e-4,
+        "{} vs {}",
+        nll / n as f64,
+        got.nll
+    );
+}
