@@ -1,10 +1,12 @@
 """Reference figures from Hugging Face transformers, to compare with `moekit eval` / `moekit generate`.
 
     python scripts/hf_reference.py MODEL --text FILE [--max-tokens 512] [--prompt TEXT --chat]
+                                   [--adapter DIR]
 
 MODEL is a directory with config.json (safetensors) or a .gguf file (de-quantised by
 transformers). Prints JSON: perplexity over the first N tokens of FILE (no special tokens) and,
-with --prompt, the greedy continuation. Needs `torch transformers gguf` (see ../shared/anchors).
+with --prompt, the greedy continuation. --adapter applies a PEFT LoRA directory (PeftModel, not
+merged). Needs `torch transformers gguf` (and `peft` for --adapter; see ../shared/anchors).
 """
 import argparse, json, math, os, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -16,6 +18,7 @@ ap.add_argument("--max-tokens", type=int, default=512)
 ap.add_argument("--prompt")
 ap.add_argument("--chat", action="store_true")
 ap.add_argument("--max-new-tokens", type=int, default=32)
+ap.add_argument("--adapter")
 a = ap.parse_args()
 
 if a.model.endswith(".gguf"):
@@ -25,6 +28,9 @@ else:
     d, kw = a.model, {}
 tok = AutoTokenizer.from_pretrained(d, **kw)
 model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw).eval()
+if a.adapter:
+    from peft import PeftModel
+    model = PeftModel.from_pretrained(model, a.adapter).eval()
 out = {}
 with torch.no_grad():
     if a.text:

@@ -5,6 +5,8 @@
 pub use burn;
 /// LLaMA-family models: decoder, checkpoints (safetensors, GGUF), tokenizer, generation.
 pub use moekit_llama as llama;
+/// LoRA adapters: factored `x·A·B` layers, merge/unmerge, PEFT adapter names and config.
+pub use moekit_lora as lora;
 /// Sparse Mixture-of-Experts layers: routers, expert banks, dispatch, auxiliary losses.
 pub use moekit_moe as moe;
 

@@ -39,6 +39,9 @@ impl CliError {
             Self::Llama(LlamaError::NotAModel(_)) | Self::Llama(LlamaError::Io { .. }) => {
                 Some("MODEL is a Hugging Face model directory or a .gguf file")
             }
+            Self::Llama(LlamaError::Adapter { .. } | LlamaError::Lora(_)) => Some(
+                "--adapter takes a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) made for this base model",
+            ),
             _ => None,
         }
     }

@@ -1,10 +1,12 @@
 //! Grouped-query self-attention with rotary embeddings and a KV cache.
 
 use burn::module::Module;
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::LinearConfig;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor};
+
+use moekit_lora::LinearSlot;
 
 use crate::config::LlamaConfig;
 use crate::rope::RopeTables;
@@ -14,13 +16,13 @@ use crate::rope::RopeTables;
 #[derive(Module, Debug)]
 pub struct Attention {
     /// Query projection `[H, heads·D]` (with a bias in Qwen2).
-    pub q_proj: Linear,
+    pub q_proj: LinearSlot,
     /// Key projection `[H, kv_heads·D]`.
-    pub k_proj: Linear,
+    pub k_proj: LinearSlot,
     /// Value projection `[H, kv_heads·D]`.
-    pub v_proj: Linear,
+    pub v_proj: LinearSlot,
     /// Output projection `[heads·D, H]`.
-    pub o_proj: Linear,
+    pub o_proj: LinearSlot,
     /// Query heads.
     #[module(skip)]
     pub num_heads: usize,
@@ -76,7 +78,7 @@ impl Attention {
     pub fn init(config: &LlamaConfig, device: &Device) -> Self {
         let (h, d) = (config.hidden_size, config.head_width());
         let (q, kv) = (config.num_attention_heads * d, config.kv_heads() * d);
-        let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device);
+        let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device).into();
         Self {
             q_proj: linear(h, q, config.qkv_bias()),
             k_proj: linear(h, kv, config.qkv_bias()),

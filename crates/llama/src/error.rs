@@ -84,6 +84,17 @@ pub enum LlamaError {
     /// An error from the MoE layer.
     #[error(transparent)]
     Moe(#[from] moekit_moe::MoeError),
+    /// An error from the LoRA crate (bad rank, pattern or adapter config).
+    #[error(transparent)]
+    Lora(#[from] moekit_lora::LoraError),
+    /// An adapter directory does not fit the model or is malformed.
+    #[error("{path}: {reason}")]
+    Adapter {
+        /// The adapter directory or file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl LlamaError {

@@ -9,6 +9,7 @@ use moekit_moe::{
 
 use crate::Result;
 use crate::config::FfnSpec;
+use crate::lora_ffn::LoraFfn;
 
 /// What a decoder layer runs after attention. Conversion replaces the variant; the decoder's
 /// forward code does not change.
@@ -21,6 +22,8 @@ pub enum FfnSlot {
     Dense(FeedForward),
     /// A sparse MoE layer.
     Moe(MoeLayer),
+    /// A frozen dense SwiGLU with LoRA updates (what LoRA surgery turns `Dense` into).
+    Lora(LoraFfn),
 }
 
 impl FfnSlot {
@@ -60,6 +63,7 @@ impl FfnSlot {
     pub fn forward(&self, x: Tensor<3>) -> Result<(Tensor<3>, Option<MoeOutput>)> {
         Ok(match self {
             Self::Dense(ffn) => (ffn.forward(x), None),
+            Self::Lora(ffn) => (ffn.forward(x), None),
             Self::Moe(moe) => {
                 let out = moe.forward(x)?;
                 (out.output.clone(), Some(out))
@@ -67,10 +71,21 @@ impl FfnSlot {
         })
     }
 
+    /// The dense FFN of a `Dense` slot, or of a `Lora` slot with its updates folded in;
+    /// `None` for MoE.
+    pub fn dense(&self) -> Option<FeedForward> {
+        match self {
+            Self::Dense(ffn) => Some(ffn.clone()),
+            Self::Lora(ffn) => Some(ffn.merged()),
+            Self::Moe(_) => None,
+        }
+    }
+
     /// Parameters of the slot: `(total, active per token)`.
     pub fn param_counts(&self) -> (usize, usize) {
         match self {
             Self::Dense(ffn) => (ffn.num_params(), ffn.num_params()),
+            Self::Lora(ffn) => (ffn.num_params(), ffn.num_params()),
             Self::Moe(moe) => {
                 let total = moe.num_params();
                 let per_expert = moe.experts.params_per_expert();

@@ -5,6 +5,7 @@
 use burn::tensor::Tensor;
 use moekit_llama::io::host::HostTensor;
 use moekit_llama::{FfnSlot, Llama, LlamaConfig};
+use moekit_lora::{LinearSlot, LoraAdapter, LoraConfig};
 use moekit_testing::device;
 
 /// Element-wise `|a - b| <= tol·(1 + |b|)`.
@@ -66,8 +67,25 @@ fn rope(x: &mut [f64], pos: usize, base: f64) {
     }
 }
 
-fn linear(l: &burn::nn::Linear, x: &[f64], out: usize) -> Vec<f64> {
-    let mut y = matvec(x, &host(l.weight.val()), out);
+/// `W [in, out]` plus `s·A·B` of an optional LoRA adapter, in f64.
+fn with_update(w: Vec<f64>, adapter: Option<&LoraAdapter>) -> Vec<f64> {
+    let Some(ad) = adapter else { return w };
+    let (a, b, r, out) = (host(ad.a.val()), host(ad.b.val()), ad.rank(), ad.d_out());
+    let s = ad.scaling();
+    let mut w = w;
+    for (row, w_row) in w.chunks_mut(out).enumerate() {
+        for (j, w) in w_row.iter_mut().enumerate() {
+            *w += s * (0..r).map(|k| a[row * r + k] * b[k * out + j]).sum::<f64>();
+        }
+    }
+    w
+}
+
+/// A projection with any LoRA update folded in (`W + s·A·B`).
+fn linear(slot: &LinearSlot, x: &[f64], out: usize) -> Vec<f64> {
+    let l = slot.base();
+    let w = with_update(host(l.weight.val()), slot.adapter());
+    let mut y = matvec(x, &w, out);
     if let Some(b) = &l.bias {
         y.iter_mut().zip(host(b.val())).for_each(|(y, b)| *y += b);
     }
@@ -133,6 +151,22 @@ fn reference(model: &Llama, tokens: &[u32]) -> Vec<f64> {
                     f.intermediate_size(),
                     h,
                 ),
+                FfnSlot::Lora(f) => {
+                    let i = f.base.intermediate_size();
+                    let w_in = host(f.base.w_in.val());
+                    let cols = |c0: usize| -> Vec<f64> {
+                        w_in.chunks(2 * i).flat_map(|r| r[c0..c0 + i].to_vec()).collect()
+                    };
+                    let gate = with_update(cols(0), f.gate.as_ref());
+                    let up = with_update(cols(i), f.up.as_ref());
+                    let fused: Vec<f64> = gate
+                        .chunks(i)
+                        .zip(up.chunks(i))
+                        .flat_map(|(g, u)| g.iter().chain(u).copied().collect::<Vec<_>>())
+                        .collect();
+                    let w_out = with_update(host(f.base.w_out.val()), f.down.as_ref());
+                    swiglu(&xn, &fused, &w_out, i, h)
+                }
                 FfnSlot::Moe(m) => {
                     let e = m.experts.num_experts();
                     let i = m.experts.intermediate_size();
@@ -192,7 +226,12 @@ fn tiny(model_type: &str, tied: bool) -> LlamaConfig {
 
 fn check(config: LlamaConfig, seed: u64) {
     let device = device(seed);
-    let model = config.init(&device).unwrap();
+    check_model(config.init(&device).unwrap(), seed);
+}
+
+fn check_model(model: Llama, seed: u64) {
+    let device = model.device();
+    let config = model.config.clone();
     let tokens: Vec<u32> = (0..11).map(|i| (i * 17 + 3) % 61).collect();
     let logits = model
         .logits(model.tokens(&[&tokens], &device).unwrap())
@@ -212,6 +251,23 @@ fn llama_with_separate_head_matches_the_naive_reference() {
 fn tied_embeddings_and_qkv_biases_match_the_naive_reference() {
     // Qwen2 carries Q/K/V biases; random init gives them non-zero values.
     check(tiny("qwen2", true), 2);
+}
+
+#[test]
+fn lora_adapted_projections_match_the_naive_reference() {
+    // Every attention projection and the gate/down projections of the FFN, with non-zero B so
+    // the updates count; the reference folds s·A·B into the weights in f64.
+    let device = device(4);
+    let targets = ["self_attn.*", "gate_proj", "down_proj"].map(String::from).to_vec();
+    let config = LoraConfig::new(3).with_alpha(5.0).with_target_modules(targets);
+    let mut model = tiny("qwen2", false).init(&device).unwrap().with_lora(&config).unwrap();
+    assert_eq!(model.adapters().len(), 2 * 6);
+    for (site, adapter) in model.adapters().into_iter().map(|(s, a)| (s, a.clone())).collect::<Vec<_>>() {
+        let b = moekit_testing::normal(adapter.b.dims(), 0.3, &device);
+        let adapter = LoraAdapter::from_factors(adapter.a.val(), b, 5.0, site.layer == 1).unwrap();
+        model.set_adapter(site, adapter).unwrap();
+    }
+    check_model(model, 4);
 }
 
 #[test]

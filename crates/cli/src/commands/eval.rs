@@ -14,6 +14,10 @@ use crate::progress;
 pub struct EvalArgs {
     /// A directory with config.json (Hugging Face safetensors) or a .gguf file.
     model: PathBuf,
+    /// A LoRA adapter directory saved by Hugging Face PEFT or moekit (adapter_config.json +
+    /// adapter_model.safetensors) to apply to the model.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// Text file to evaluate on.
     #[arg(long)]
     text: PathBuf,
@@ -35,7 +39,7 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
         path: args.text.clone(),
         source,
     })?;
-    let (_, model, tokenizer) = super::load(&args.model)?;
+    let (_, model, tokenizer) = super::load(&args.model, args.adapter.as_deref())?;
     let mut ids = tokenizer.encode(&text)?;
     if let Some(n) = args.max_tokens {
         ids.truncate(n);

@@ -14,6 +14,10 @@ use crate::error::CliError;
 pub struct GenerateArgs {
     /// A directory with config.json (Hugging Face safetensors) or a .gguf file.
     model: PathBuf,
+    /// A LoRA adapter directory saved by Hugging Face PEFT or moekit (adapter_config.json +
+    /// adapter_model.safetensors) to apply to the model.
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// The prompt.
     #[arg(long)]
     prompt: String,
@@ -44,7 +48,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
             seed: args.seed,
         },
     };
-    let (_, model, tokenizer) = super::load(&args.model)?;
+    let (_, model, tokenizer) = super::load(&args.model, args.adapter.as_deref())?;
     let prompt = if args.chat {
         tokenizer.chat_prompt(&[Message::new("user", &args.prompt)])
     } else {

@@ -12,6 +12,7 @@ use super::names::{Scheme, Weight, name};
 use super::safetensors::{SaveDtype, write};
 use crate::config::{Architecture, LlamaConfig};
 use crate::ffn::FfnSlot;
+use crate::lora_ffn::LoraFfn;
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
 use crate::{LlamaError, Result};
@@ -93,7 +94,7 @@ fn export_config(model: &Llama, format: ExportFormat, dtype: SaveDtype) -> Resul
     let mut shape: Option<MoeShape> = None;
     for (l, layer) in model.layers.iter().enumerate() {
         match &layer.ffn {
-            FfnSlot::Dense(ffn) => {
+            FfnSlot::Dense(ffn) | FfnSlot::Lora(LoraFfn { base: ffn, .. }) => {
                 dense_widths.push(ffn.intermediate_size());
                 dense_layers.push(l);
             }
@@ -255,6 +256,7 @@ fn collect(model: &Llama, config: &LlamaConfig, scheme: Scheme) -> Vec<(String, 
             (Weight::V(l), Weight::VBias(l), &a.v_proj),
             (Weight::O(l), Weight::OBias(l), &a.o_proj),
         ] {
+            let proj = proj.merged();
             let weight = HostTensor::from_tensor(proj.weight.val()).transpose();
             let rows = weight.shape[0];
             out.push(w, weight);
@@ -271,8 +273,9 @@ fn collect(model: &Llama, config: &LlamaConfig, scheme: Scheme) -> Vec<(String, 
             }
         }
         match &layer.ffn {
-            FfnSlot::Dense(ffn) => {
-                out.ffn([Weight::Gate(l), Weight::Up(l), Weight::Down(l)], ffn, 1.0)
+            FfnSlot::Dense(_) | FfnSlot::Lora(_) => {
+                let ffn = layer.ffn.dense().expect("a dense slot");
+                out.ffn([Weight::Gate(l), Weight::Up(l), Weight::Down(l)], &ffn, 1.0)
             }
             FfnSlot::Moe(moe) => {
                 out.push(
@@ -337,6 +340,8 @@ fn collect(model: &Llama, config: &LlamaConfig, scheme: Scheme) -> Vec<(String, 
 
 /// Writes `model` into `dir` (created if needed) as a Hugging Face checkpoint in `format`,
 /// with the tokenizer files when a tokenizer is given. Returns the written configuration.
+/// LoRA adapters are folded into the weights they update (see [`Llama::merge_lora`]); to keep
+/// them apart, write them with [`crate::io::adapter::save_adapter`] instead.
 pub fn save_pretrained(
     model: &Llama,
     tokenizer: Option<&Tokenizer>,

@@ -92,17 +92,36 @@ impl SafetensorsDir {
                 }
             }
         } else {
-            let shard = Shard::open(&dir.join("model.safetensors"))?;
-            for name in shard.metadata.tensors().keys() {
-                index.insert(name.clone(), 0);
-            }
-            shards.push(shard);
+            return Self::open_file(&dir.join("model.safetensors"));
         }
         Ok(Self {
             dir: dir.to_path_buf(),
             shards,
             index,
         })
+    }
+
+    /// Opens one safetensors file (e.g. PEFT's `adapter_model.safetensors`).
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let shard = Shard::open(path)?;
+        let index = shard
+            .metadata
+            .tensors()
+            .keys()
+            .map(|name| (name.clone(), 0))
+            .collect();
+        Ok(Self {
+            dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            shards: vec![shard],
+            index,
+        })
+    }
+
+    /// Names of every tensor, sorted.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.index.keys().cloned().collect();
+        names.sort();
+        names
     }
 
     /// The storage type of every tensor (`F32`, `BF16`, ...).
