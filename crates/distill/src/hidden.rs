@@ -69,5 +69,8 @@ pub fn hidden_cosine(
     let dot = (student.clone() * teacher.clone()).sum_dim(2);
     let norms = student.square().sum_dim(2) * teacher.square().sum_dim(2);
     let cos = dot / norms.clamp_min(1e-16).sqrt();
-    Ok(masked_mean(cos.squeeze_dim::<2>(2).neg().add_scalar(1.0), mask))
+    Ok(masked_mean(
+        cos.squeeze_dim::<2>(2).neg().add_scalar(1.0),
+        mask,
+    ))
 }

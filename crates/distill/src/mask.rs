@@ -148,8 +148,10 @@ mod tests {
     #[test]
     fn labels_mask_drops_the_ignore_index() {
         let device = device(0);
-        let labels =
-            Tensor::<2, Int>::from_data(TensorData::new(vec![3i64, -100, 0, -100], [2, 2]), &device);
+        let labels = Tensor::<2, Int>::from_data(
+            TensorData::new(vec![3i64, -100, 0, -100], [2, 2]),
+            &device,
+        );
         let w: Vec<f32> = TokenMask::from_labels(labels, -100)
             .weights()
             .into_data()

@@ -133,7 +133,11 @@ pub(crate) fn tempered(
 }
 
 /// `τ² ·` the masked mean of per-token values.
-pub(crate) fn finish(per_token: Tensor<2>, mask: Option<&TokenMask>, temperature: f64) -> Tensor<1> {
+pub(crate) fn finish(
+    per_token: Tensor<2>,
+    mask: Option<&TokenMask>,
+    temperature: f64,
+) -> Tensor<1> {
     let mean = masked_mean(per_token, mask);
     if temperature == 1.0 {
         mean

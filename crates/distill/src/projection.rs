@@ -87,12 +87,10 @@ impl HiddenProjection {
         let map = if self.is_shared() {
             &self.maps[0]
         } else {
-            self.maps
-                .get(pair)
-                .ok_or(DistillError::ProjectionPairs {
-                    expected: pair + 1,
-                    got: self.maps.len(),
-                })?
+            self.maps.get(pair).ok_or(DistillError::ProjectionPairs {
+                expected: pair + 1,
+                got: self.maps.len(),
+            })?
         };
         let width = map.weight.dims()[0];
         let [b, t, h] = x.dims();

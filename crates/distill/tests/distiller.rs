@@ -25,7 +25,9 @@ mod distill {
     /// Outputs with logits `[2, 4, 9]` and three hidden states `[2, 4, 6]`.
     fn outputs(seed: u64, device: &Device) -> DistillOutput {
         let b = Batch::random(2, 4, 9, 1.5, seed);
-        let hidden = (0..3).map(|i| normal([2, 4, 6], 1.0 + i as f64, device)).collect();
+        let hidden = (0..3)
+            .map(|i| normal([2, 4, 6], 1.0 + i as f64, device))
+            .collect();
         DistillOutput::new(b.student_t(device)).with_hidden(hidden)
     }
 
@@ -95,7 +97,10 @@ mod distill {
         assert_eq!(parts.get("tv"), Some(parts.parts[5].1));
         assert_eq!(parts.get("nope"), None);
         let shown = parts.to_string();
-        assert!(shown.starts_with("loss ") && shown.contains("hidden-cos"), "{shown}");
+        assert!(
+            shown.starts_with("loss ") && shown.contains("hidden-cos"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -110,7 +115,10 @@ mod distill {
         );
         assert_eq!(loss.to_string(), "kl:1,hidden-mse:0.5,ce:0.1");
         assert_eq!(
-            "Forward-KL:2, TOPK:1e-1".parse::<DistillLoss>().unwrap().to_string(),
+            "Forward-KL:2, TOPK:1e-1"
+                .parse::<DistillLoss>()
+                .unwrap()
+                .to_string(),
             "kl:2,topk-kl:0.1"
         );
         let err = "kl:1,klx:2".parse::<DistillLoss>().unwrap_err();
@@ -130,7 +138,10 @@ mod distill {
         }
         for bad in ["", "  ", "kl:1,", ",kl", "kl:1,,ce:1"] {
             let err = bad.parse::<DistillLoss>().unwrap_err();
-            assert!(matches!(err, DistillError::InvalidSpec { .. }), "{bad:?}: {err}");
+            assert!(
+                matches!(err, DistillError::InvalidSpec { .. }),
+                "{bad:?}: {err}"
+            );
         }
         let err = "kl:1,ce:1,fkl:2".parse::<DistillLoss>().unwrap_err();
         assert_eq!(err, DistillError::DuplicateLoss { name: "kl".into() });
@@ -147,9 +158,7 @@ mod distill {
         let config = DistillConfig::new("skew-rkl:1,ce:0.1,hidden-cos:0.5".parse().unwrap())
             .with_alpha(0.1)
             .with_layers(vec![(1, 3), (2, 6)])
-            .with_projection(Some(
-                HiddenProjectionConfig::new(4, 8).with_pairs(2),
-            ));
+            .with_projection(Some(HiddenProjectionConfig::new(4, 8).with_pairs(2)));
         use burn::config::Config;
         let json = config.to_string();
         assert!(json.contains("skew-rkl:1,ce:0.1,hidden-cos:0.5"), "{json}");
@@ -180,7 +189,9 @@ mod distill {
         let mut valid = vec![true; 8];
         valid[1] = false;
         let m = mask(&valid, [2, 4], &device);
-        let ok = distiller.loss(t, s, Some(labels(&device)), Some(&m)).unwrap();
+        let ok = distiller
+            .loss(t, s, Some(labels(&device)), Some(&m))
+            .unwrap();
         assert!(ok.value.is_finite());
     }
 
@@ -188,7 +199,9 @@ mod distill {
     fn missing_inputs_and_bad_layer_maps_are_typed_errors() {
         let device = device(46);
         let (t, s) = (outputs(47, &device), outputs(48, &device));
-        let d = DistillConfig::new("kl:1,ce:0.5".parse().unwrap()).init(&device).unwrap();
+        let d = DistillConfig::new("kl:1,ce:0.5".parse().unwrap())
+            .init(&device)
+            .unwrap();
         let err = d.loss(t.clone(), s.clone(), None, None).unwrap_err();
         assert_eq!(err, DistillError::MissingLabels);
 
@@ -213,7 +226,13 @@ mod distill {
         let err = d
             .loss(t.clone(), DistillOutput::new(s.logits.clone()), None, None)
             .unwrap_err();
-        assert!(matches!(err, DistillError::HiddenIndex { side: "student", .. }));
+        assert!(matches!(
+            err,
+            DistillError::HiddenIndex {
+                side: "student",
+                ..
+            }
+        ));
 
         let err = DistillConfig::new("hidden-mse:1".parse().unwrap())
             .with_layers(vec![(0, 0), (1, 1)])
@@ -275,14 +294,19 @@ mod distill {
         let student_h: Vec<Tensor<3>> = (0..2).map(|_| normal([4, 8, 6], 1.0, &device)).collect();
         let teacher_h: Vec<Tensor<3>> = student_h
             .iter()
-            .map(|h| h.clone().without_autodiff().matmul(target.clone().unsqueeze()))
+            .map(|h| {
+                h.clone()
+                    .without_autodiff()
+                    .matmul(target.clone().unsqueeze())
+            })
             .collect();
         let logits = Tensor::<3>::zeros([4, 8, 4], &device);
-        let mut distiller: Distiller = DistillConfig::new("hidden-mse:1,hidden-cos:1".parse().unwrap())
-            .with_layers(vec![(0, 0), (1, 1)])
-            .with_projection(Some(HiddenProjectionConfig::new(6, 10).with_pairs(2)))
-            .init(&device)
-            .unwrap();
+        let mut distiller: Distiller =
+            DistillConfig::new("hidden-mse:1,hidden-cos:1".parse().unwrap())
+                .with_layers(vec![(0, 0), (1, 1)])
+                .with_projection(Some(HiddenProjectionConfig::new(6, 10).with_pairs(2)))
+                .init(&device)
+                .unwrap();
         assert_eq!(distiller.num_params(), 2 * 6 * 10);
         let mut first = None;
         let mut last = 0.0;
@@ -301,7 +325,10 @@ mod distill {
             distiller.projection = Some(sgd(distiller.projection.take().unwrap(), &grads, 2.0));
         }
         let first = first.unwrap();
-        assert!(last < 0.05 * first, "the projection did not learn: {first} -> {last}");
+        assert!(
+            last < 0.05 * first,
+            "the projection did not learn: {first} -> {last}"
+        );
     }
 
     /// A model whose logits and hidden state are rows of tables indexed by the token.
@@ -334,7 +361,13 @@ mod distill {
     }
 
     fn table(v: usize, h: usize, device: &Device) -> Table {
-        let param = |x: Tensor<2>| if device.is_autodiff() { x.require_grad() } else { x };
+        let param = |x: Tensor<2>| {
+            if device.is_autodiff() {
+                x.require_grad()
+            } else {
+                x
+            }
+        };
         Table {
             logits: param(normal([v, v], 2.0, device)),
             hidden: param(normal([v, h], 1.0, device)),
@@ -349,16 +382,30 @@ mod distill {
         let teacher = table(7, 5, &train);
         let student = table(7, 5, &train);
         let tokens = ints(vec![0, 3, 6, 2, 2, 5], [2, 3], &train);
-        let d = DistillConfig::new("kl:1".parse().unwrap()).init(&train).unwrap();
-        let parts = d.step(&teacher, &student, tokens.clone(), None, None).unwrap();
+        let d = DistillConfig::new("kl:1".parse().unwrap())
+            .init(&train)
+            .unwrap();
+        let parts = d
+            .step(&teacher, &student, tokens.clone(), None, None)
+            .unwrap();
         assert_eq!(teacher.asked_hidden.get(), Some(false));
         assert_eq!(student.asked_hidden.get(), Some(false));
         let grads = parts.total.backward();
-        assert!(teacher.logits.grad(&grads).is_none_or(|g| values(g).iter().all(|&x| x == 0.0)));
+        assert!(
+            teacher
+                .logits
+                .grad(&grads)
+                .is_none_or(|g| values(g).iter().all(|&x| x == 0.0))
+        );
         let g = values(student.logits.grad(&grads).unwrap());
         // Only the rows of the tokens seen get a gradient.
         for (i, x) in g.iter().enumerate() {
-            assert_eq!(*x != 0.0, [0, 2, 3, 5, 6].contains(&(i / 7)), "row {}", i / 7);
+            assert_eq!(
+                *x != 0.0,
+                [0, 2, 3, 5, 6].contains(&(i / 7)),
+                "row {}",
+                i / 7
+            );
         }
 
         let d = DistillConfig::new("kl:1,hidden-mse:1".parse().unwrap())
@@ -370,7 +417,12 @@ mod distill {
         assert_eq!(student.asked_hidden.get(), Some(true));
         let grads = parts.total.backward();
         assert!(student.hidden.grad(&grads).is_some());
-        assert!(teacher.hidden.grad(&grads).is_none_or(|g| values(g).iter().all(|&x| x == 0.0)));
+        assert!(
+            teacher
+                .hidden
+                .grad(&grads)
+                .is_none_or(|g| values(g).iter().all(|&x| x == 0.0))
+        );
     }
 
     #[test]
@@ -387,6 +439,10 @@ mod distill {
         let parts = d.step(&teacher, &student, tokens, None, None).unwrap();
         assert!(parts.value > 0.0);
         let grads = parts.total.backward();
-        assert!(values(student.logits.grad(&grads).unwrap()).iter().any(|&x| x != 0.0));
+        assert!(
+            values(student.logits.grad(&grads).unwrap())
+                .iter()
+                .any(|&x| x != 0.0)
+        );
     }
 }

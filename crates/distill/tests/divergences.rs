@@ -102,7 +102,12 @@ mod distill {
         }
         // An out-of-range label at a padding position is never read.
         let m = mask(&[true, false, true], [1, 3], &device);
-        let ok = cross_entropy(student, ints(vec![0, 77, 2], [1, 3], &device), Some(&m), -100);
+        let ok = cross_entropy(
+            student,
+            ints(vec![0, 77, 2], [1, 3], &device),
+            Some(&m),
+            -100,
+        );
         assert_near(scalar(ok.unwrap()), 5f64.ln(), 1e-6, 1e-6, "padding label");
     }
 
@@ -128,8 +133,20 @@ mod distill {
         let b = tensor(vec![1.0, -2.0, 3.0, 0.5, 1.0, 0.0], [1, 2, 3], &device);
         let cos = |a: Tensor<3>, b: Tensor<3>| scalar(hidden_cosine(a, b, None).unwrap());
         let first = |x: Tensor<3>| x.narrow(1, 0, 1);
-        assert_near(cos(first(a.clone()) * 7.0, first(b.clone())), 0.0, 0.0, 1e-6, "parallel");
-        assert_near(cos(first(a.clone()).neg(), first(b.clone())), 2.0, 0.0, 1e-6, "opposite");
+        assert_near(
+            cos(first(a.clone()) * 7.0, first(b.clone())),
+            0.0,
+            0.0,
+            1e-6,
+            "parallel",
+        );
+        assert_near(
+            cos(first(a.clone()).neg(), first(b.clone())),
+            2.0,
+            0.0,
+            1e-6,
+            "opposite",
+        );
         assert_near(cos(a, b), 0.5, 0.0, 1e-6, "zero vector");
     }
 
@@ -182,7 +199,13 @@ mod distill {
         }
         let p = tensor(vec![50.0, -50.0, -50.0], [1, 1, 3], &device);
         let q = tensor(vec![-50.0, 50.0, -50.0], [1, 1, 3], &device);
-        assert_near(scalar(total_variation(p, q, None, 1.0).unwrap()), 1.0, 1e-6, 1e-6, "tv");
+        assert_near(
+            scalar(total_variation(p, q, None, 1.0).unwrap()),
+            1.0,
+            1e-6,
+            1e-6,
+            "tv",
+        );
     }
 
     #[test]
@@ -190,9 +213,8 @@ mod distill {
         let device = device(8);
         let b = Batch::random(2, 3, 10, 2.0, 12);
         for tau in [0.5, 2.0, 4.0] {
-            let at_tau = scalar(
-                forward_kl(b.teacher_t(&device), b.student_t(&device), None, tau).unwrap(),
-            );
+            let at_tau =
+                scalar(forward_kl(b.teacher_t(&device), b.student_t(&device), None, tau).unwrap());
             let tempered = scalar(
                 forward_kl(
                     b.teacher_t(&device) / tau,
@@ -226,7 +248,10 @@ mod distill {
         let sf = scalar(skew_forward_kl(t.clone(), s.clone(), Some(&m), 1.5, 1e-6).unwrap());
         assert_near(sf, fkl, 1e-4, 1e-6, "alpha -> 0");
         for f in [skew_forward_kl, skew_reverse_kl] {
-            assert_eq!(scalar(f(t.clone(), s.clone(), Some(&m), 1.5, 1.0).unwrap()), 0.0);
+            assert_eq!(
+                scalar(f(t.clone(), s.clone(), Some(&m), 1.5, 1.0).unwrap()),
+                0.0
+            );
             // Bounded by -ln α·τ².
             let v = scalar(f(t.clone(), s.clone(), Some(&m), 1.0, 0.1).unwrap());
             assert!(v > 0.0 && v <= -(0.1f64.ln()), "{v}");
@@ -266,7 +291,10 @@ mod distill {
                 let v = scalar(top_k_kl(t.clone(), s.clone(), Some(&m), tau, k).unwrap());
                 assert!(v >= 0.0, "k {k}: {v}");
                 let own = scalar(top_k_kl(t.clone(), t.clone(), Some(&m), tau, k).unwrap());
-                assert!(own > 0.0, "k {k}: the teacher's own tail mass counts: {own}");
+                assert!(
+                    own > 0.0,
+                    "k {k}: the teacher's own tail mass counts: {own}"
+                );
             }
         }
         for k in [0, 10] {
@@ -281,7 +309,13 @@ mod distill {
         let b = Batch::random(2, 3, 5, 2.0, 16);
         let none = mask(&[false; 6], [2, 3], &device);
         for kind in kinds(5) {
-            let v = run(kind, b.teacher_t(&device), b.student_t(&device), Some(&none), 2.0);
+            let v = run(
+                kind,
+                b.teacher_t(&device),
+                b.student_t(&device),
+                Some(&none),
+                2.0,
+            );
             assert_eq!(scalar(v.unwrap()), 0.0, "{kind:?}");
         }
         let ce = cross_entropy(
@@ -311,8 +345,10 @@ mod distill {
         let floats: Vec<f32> = b.valid.iter().map(|&v| if v { 1.0 } else { 0.0 }).collect();
         let fm = TokenMask::from(tensor(floats, [3, 4], &device));
         let bm = b.mask(&device);
-        let a = scalar(forward_kl(b.teacher_t(&device), b.student_t(&device), Some(&fm), 1.0).unwrap());
-        let c = scalar(forward_kl(b.teacher_t(&device), b.student_t(&device), Some(&bm), 1.0).unwrap());
+        let a =
+            scalar(forward_kl(b.teacher_t(&device), b.student_t(&device), Some(&fm), 1.0).unwrap());
+        let c =
+            scalar(forward_kl(b.teacher_t(&device), b.student_t(&device), Some(&bm), 1.0).unwrap());
         assert_eq!(a, c);
     }
 
@@ -322,23 +358,47 @@ mod distill {
         let b = Batch::random(2, 3, 5, 1.0, 18);
         let (t, s) = (b.teacher_t(&device), b.student_t(&device));
         let err = forward_kl(t.clone().narrow(2, 0, 4), s.clone(), None, 1.0).unwrap_err();
-        assert!(matches!(err, DistillError::ShapeMismatch { what: "teacher logits", .. }));
+        assert!(matches!(
+            err,
+            DistillError::ShapeMismatch {
+                what: "teacher logits",
+                ..
+            }
+        ));
         let m = mask(&[true; 4], [2, 2], &device);
         let err = reverse_kl(t.clone(), s.clone(), Some(&m), 1.0).unwrap_err();
-        assert!(matches!(err, DistillError::ShapeMismatch { what: "token mask", .. }));
+        assert!(matches!(
+            err,
+            DistillError::ShapeMismatch {
+                what: "token mask",
+                ..
+            }
+        ));
         for tau in [0.0, -1.0, f64::NAN, f64::INFINITY] {
             let err = total_variation(t.clone(), s.clone(), None, tau).unwrap_err();
-            assert!(matches!(err, DistillError::OutOfRange { what: "temperature", .. }));
+            assert!(matches!(
+                err,
+                DistillError::OutOfRange {
+                    what: "temperature",
+                    ..
+                }
+            ));
         }
         for bad in [-0.1, 1.5, f64::NAN] {
             let err = skew_forward_kl(t.clone(), s.clone(), None, 1.0, bad).unwrap_err();
-            assert!(matches!(err, DistillError::OutOfRange { what: "alpha", .. }));
+            assert!(matches!(
+                err,
+                DistillError::OutOfRange { what: "alpha", .. }
+            ));
             let err = generalized_jsd(t.clone(), s.clone(), None, 1.0, bad).unwrap_err();
             assert!(matches!(err, DistillError::OutOfRange { what: "beta", .. }));
         }
         let err = hidden_mse(s.clone(), t.narrow(2, 0, 4), None).unwrap_err();
         assert!(matches!(err, DistillError::ShapeMismatch { .. }));
         let err = cross_entropy(s, ints(vec![0; 3], [1, 3], &device), None, -100).unwrap_err();
-        assert!(matches!(err, DistillError::ShapeMismatch { what: "labels", .. }));
+        assert!(matches!(
+            err,
+            DistillError::ShapeMismatch { what: "labels", .. }
+        ));
     }
 }

@@ -17,7 +17,10 @@ mod distill {
         let loss = (case.loss)(s.clone());
         let value = scalar(loss.clone());
         let grads = loss.backward();
-        (value, values(s.grad(&grads).expect("the student has a gradient")))
+        (
+            value,
+            values(s.grad(&grads).expect("the student has a gradient")),
+        )
     }
 
     /// Central finite differences of the case's f64 reference.
@@ -41,7 +44,11 @@ mod distill {
         assert_near(value, want, 1e-4, 1e-5, &format!("{}: value", case.name));
         let fd = finite_differences(case, h);
         let scale = fd.iter().fold(0f64, |m, g| m.max(g.abs()));
-        assert!(scale > 1e-4, "{}: the gradient is trivially zero", case.name);
+        assert!(
+            scale > 1e-4,
+            "{}: the gradient is trivially zero",
+            case.name
+        );
         for (i, (&g, &f)) in grad.iter().zip(&fd).enumerate() {
             let g = g as f64;
             assert!(
@@ -98,7 +105,11 @@ mod distill {
                 for case in cases(&batch, tau, masked, &device) {
                     let (value, grad) = loss_and_grad(&case, &case.student, &device);
                     assert!(value.is_finite(), "{}: {value}", case.name);
-                    assert!(grad.iter().all(|g| g.is_finite()), "{}: {grad:?}", case.name);
+                    assert!(
+                        grad.iter().all(|g| g.is_finite()),
+                        "{}: {grad:?}",
+                        case.name
+                    );
                     let x: Vec<f64> = case.student.iter().map(|&v| v as f64).collect();
                     let want = (case.reference)(&x);
                     assert_near(value, want, 1e-4, 1e-4, &format!("{}: value", case.name));
@@ -133,7 +144,11 @@ mod distill {
                         2 => -1e30,
                         _ => (rng.normal() * 1e3) as f32,
                     };
-                    garbage.teacher[i] = if k == 3 { f32::NAN } else { -garbage.student[i] };
+                    garbage.teacher[i] = if k == 3 {
+                        f32::NAN
+                    } else {
+                        -garbage.student[i]
+                    };
                 }
             }
         }
@@ -187,7 +202,10 @@ mod distill {
             moekit_distill::hidden_cosine(s.clone() + 1.0, t.clone(), None).unwrap(),
         ] {
             let grads = loss.backward();
-            assert!(t.grad(&grads).is_none_or(|g| values(g).iter().all(|&x| x == 0.0)));
+            assert!(
+                t.grad(&grads)
+                    .is_none_or(|g| values(g).iter().all(|&x| x == 0.0))
+            );
         }
     }
 }

@@ -4,8 +4,8 @@
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use moekit_distill::{
-    DistillError, TokenMask, cross_entropy, forward_kl, generalized_jsd, hidden_cosine,
-    hidden_mse, reverse_kl, skew_forward_kl, skew_reverse_kl, top_k_kl, total_variation,
+    DistillError, TokenMask, cross_entropy, forward_kl, generalized_jsd, hidden_cosine, hidden_mse,
+    reverse_kl, skew_forward_kl, skew_reverse_kl, top_k_kl, total_variation,
 };
 use moekit_testing::tensor;
 
@@ -194,7 +194,13 @@ pub fn reference_row(kind: Kind, teacher: &[f64], student: &[f64], tau: f64) -> 
             let lm = log_mix(&lp, &lq, b);
             b * kl(&lp, &lm) + (1.0 - b) * kl(&lq, &lm)
         }
-        Kind::Tv => 0.5 * lp.iter().zip(&lq).map(|(a, b)| (a.exp() - b.exp()).abs()).sum::<f64>(),
+        Kind::Tv => {
+            0.5 * lp
+                .iter()
+                .zip(&lq)
+                .map(|(a, b)| (a.exp() - b.exp()).abs())
+                .sum::<f64>()
+        }
         Kind::TopK(k) => {
             let mut idx: Vec<usize> = (0..t.len()).collect();
             idx.sort_by(|&i, &j| t[j].total_cmp(&t[i]));
@@ -229,7 +235,12 @@ pub fn reference<F: Copy + Into<f64>>(
 }
 
 /// Cross-entropy reference: mean over valid positions with a label other than `ignore`.
-pub fn reference_ce<F: Copy + Into<f64>>(student: &[F], v: usize, labels: &[i64], valid: Option<&[bool]>) -> f64 {
+pub fn reference_ce<F: Copy + Into<f64>>(
+    student: &[F],
+    v: usize,
+    labels: &[i64],
+    valid: Option<&[bool]>,
+) -> f64 {
     let (mut sum, mut n) = (0.0, 0usize);
     for (r, &y) in labels.iter().enumerate() {
         if y == -100 || valid.is_some_and(|m| !m[r]) {
@@ -312,8 +323,14 @@ pub fn cases(batch: &Batch, tau: f64, masked: bool, device: &Device) -> Vec<Case
             student: batch.student.clone(),
             loss: Box::new(move |s| {
                 let m = valid.as_ref().map(|m| mask(m, [b, t], &device));
-                run(kind, tensor(teacher.clone(), [b, t, v], &device), s, m.as_ref(), tau)
-                    .unwrap()
+                run(
+                    kind,
+                    tensor(teacher.clone(), [b, t, v], &device),
+                    s,
+                    m.as_ref(),
+                    tau,
+                )
+                .unwrap()
             }),
             reference: Box::new(move |s: &[f64]| {
                 reference(kind, &teacher_r, s, v, valid_r.as_deref(), tau)
@@ -323,7 +340,13 @@ pub fn cases(batch: &Batch, tau: f64, masked: bool, device: &Device) -> Vec<Case
     // Cross-entropy, with some ignored labels.
     let mut rng = Rng::new(99);
     let labels: Vec<i64> = (0..b * t)
-        .map(|i| if i % 4 == 1 { -100 } else { rng.below(v) as i64 })
+        .map(|i| {
+            if i % 4 == 1 {
+                -100
+            } else {
+                rng.below(v) as i64
+            }
+        })
         .collect();
     {
         let (labels, valid, device) = (labels.clone(), valid.clone(), device.clone());
@@ -334,8 +357,7 @@ pub fn cases(batch: &Batch, tau: f64, masked: bool, device: &Device) -> Vec<Case
             student: batch.student.clone(),
             loss: Box::new(move |s| {
                 let m = valid.as_ref().map(|m| mask(m, [b, t], &device));
-                cross_entropy(s, ints(labels.clone(), [b, t], &device), m.as_ref(), -100)
-                    .unwrap()
+                cross_entropy(s, ints(labels.clone(), [b, t], &device), m.as_ref(), -100).unwrap()
             }),
             reference: Box::new(move |s: &[f64]| reference_ce(s, v, &labels_r, valid_r.as_deref())),
         });
