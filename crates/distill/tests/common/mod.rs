@@ -188,8 +188,8 @@ pub fn reference_row(kind: Kind, teacher: &[f64], student: &[f64], tau: f64) -> 
         Kind::Rkl => kl(&lq, &lp),
         Kind::SkewF(a) => kl(&lp, &log_mix(&lp, &lq, a)),
         Kind::SkewR(a) => kl(&lq, &log_mix(&lq, &lp, a)),
-        Kind::Jsd(b) if b == 0.0 => kl(&lp, &lq),
-        Kind::Jsd(b) if b == 1.0 => kl(&lq, &lp),
+        Kind::Jsd(0.0) => kl(&lp, &lq),
+        Kind::Jsd(1.0) => kl(&lq, &lp),
         Kind::Jsd(b) => {
             let lm = log_mix(&lp, &lq, b);
             b * kl(&lp, &lm) + (1.0 - b) * kl(&lq, &lm)
@@ -300,14 +300,20 @@ pub fn run(
     }
 }
 
+/// A loss as a function of the student tensor.
+pub type LossFn = Box<dyn Fn(Tensor<3>) -> Tensor<1>>;
+
+/// A reference as a function of the student's host values.
+pub type ReferenceFn = Box<dyn Fn(&[f64]) -> f64>;
+
 /// Every differentiable loss of the crate as a function of the student tensor, with its f64
 /// reference as a function of the student's host values: the pairs the gradient tests check.
 pub struct Case {
     pub name: String,
     pub shape: [usize; 3],
     pub student: Vec<f32>,
-    pub loss: Box<dyn Fn(Tensor<3>) -> Tensor<1>>,
-    pub reference: Box<dyn Fn(&[f64]) -> f64>,
+    pub loss: LossFn,
+    pub reference: ReferenceFn,
 }
 
 pub fn cases(batch: &Batch, tau: f64, masked: bool, device: &Device) -> Vec<Case> {
