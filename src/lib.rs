@@ -3,6 +3,10 @@
 
 /// The burn version moekit is built on, re-exported so that users share its tensor types.
 pub use burn;
+/// Knowledge distillation: KL, reverse KL, skew KL, generalised JSD, TV and top-k losses on
+/// logits, hidden-state losses, weighted combinations (`kl:1,hidden-mse:0.5,ce:0.1`) and the
+/// `Distiller` for custom training loops.
+pub use moekit_distill as distill;
 /// LLaMA-family models: decoder, checkpoints (safetensors, GGUF), tokenizer, generation.
 pub use moekit_llama as llama;
 /// LoRA adapters: factored `x·A·B` layers, merge/unmerge, PEFT adapter names and config.
