@@ -3,8 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use moekit_llama::io::host::HostTensor;
 use moekit_llama::{
@@ -51,10 +50,17 @@ fn patterns_choose_the_projections() {
     let model = tiny().init(&device).unwrap();
     let paths = |m: &Llama| -> Vec<String> { m.adapters().iter().map(|(s, _)| s.path()).collect() };
 
-    let qv = model.clone().with_lora(&targets(&["q_proj|v_proj"])).unwrap();
+    let qv = model
+        .clone()
+        .with_lora(&targets(&["q_proj|v_proj"]))
+        .unwrap();
     assert_eq!(qv.adapters().len(), 6);
     assert!(paths(&qv).contains(&"model.layers.2.self_attn.v_proj".to_string()));
-    assert!(paths(&qv).iter().all(|p| p.ends_with("q_proj") || p.ends_with("v_proj")));
+    assert!(
+        paths(&qv)
+            .iter()
+            .all(|p| p.ends_with("q_proj") || p.ends_with("v_proj"))
+    );
     // r·(in + out) per adapter: q is 32→32, v is 32→16.
     assert_eq!(qv.adapter_params(), 3 * (4 * (32 + 32) + 4 * (32 + 16)));
 
@@ -66,7 +72,10 @@ fn patterns_choose_the_projections() {
         .clone()
         .with_lora(&targets(&["model.layers.1.mlp.down_proj"]))
         .unwrap();
-    assert_eq!(paths(&one), vec!["model.layers.1.mlp.down_proj".to_string()]);
+    assert_eq!(
+        paths(&one),
+        vec!["model.layers.1.mlp.down_proj".to_string()]
+    );
 
     let err = model.clone().with_lora(&targets(&["qproj"])).unwrap_err();
     assert!(err.to_string().contains("match no projection"), "{err}");
@@ -81,7 +90,13 @@ fn patterns_choose_the_projections() {
     (moe.num_local_experts, moe.num_experts_per_tok) = (Some(4), Some(2));
     let moe = moe.init(&device).unwrap();
     assert!(moe.clone().with_lora(&targets(&["mlp.*"])).is_err());
-    assert_eq!(moe.with_lora(&targets(&["o_proj"])).unwrap().adapters().len(), 3);
+    assert_eq!(
+        moe.with_lora(&targets(&["o_proj"]))
+            .unwrap()
+            .adapters()
+            .len(),
+        3
+    );
 }
 
 #[test]
@@ -90,7 +105,9 @@ fn fresh_adapters_keep_the_function_and_merging_keeps_the_trained_one() {
     let model = tiny().init(&device).unwrap();
     let t = tokens(&model, &device);
     let before = model.logits(t.clone()).unwrap();
-    let mut adapted = model.with_lora(&targets(&["self_attn.*", "mlp.*"])).unwrap();
+    let mut adapted = model
+        .with_lora(&targets(&["self_attn.*", "mlp.*"]))
+        .unwrap();
     assert_eq!(
         values(adapted.logits(t.clone()).unwrap()),
         values(before.clone()),
@@ -98,11 +115,18 @@ fn fresh_adapters_keep_the_function_and_merging_keeps_the_trained_one() {
     );
     perturb(&mut adapted, &device);
     let trained = adapted.logits(t.clone()).unwrap();
-    let change = values((trained.clone() - before).abs()).into_iter().fold(0f32, f32::max);
+    let change = values((trained.clone() - before).abs())
+        .into_iter()
+        .fold(0f32, f32::max);
     assert!(change > 1e-3, "the adapters do something ({change})");
     let merged = adapted.merge_lora();
     assert!(merged.adapters().is_empty());
-    assert!(merged.layers.iter().all(|l| matches!(l.ffn, FfnSlot::Dense(_))));
+    assert!(
+        merged
+            .layers
+            .iter()
+            .all(|l| matches!(l.ffn, FfnSlot::Dense(_)))
+    );
     assert_close(merged.logits(t).unwrap(), trained, 1e-4, 1e-4);
 }
 
@@ -110,7 +134,9 @@ fn fresh_adapters_keep_the_function_and_merging_keeps_the_trained_one() {
 fn training_updates_the_adapters_only() {
     let device = device(3).autodiff();
     let model = tiny().init(&device).unwrap();
-    let mut model = model.with_lora(&targets(&["q_proj|v_proj", "down_proj"])).unwrap();
+    let mut model = model
+        .with_lora(&targets(&["q_proj|v_proj", "down_proj"]))
+        .unwrap();
     let t = tokens(&model, &device);
     let frozen = |m: &Llama| {
         let l = &m.layers[0];
@@ -123,7 +149,7 @@ fn training_updates_the_adapters_only() {
             l.attention.q_proj.base().weight.val(),
             l.attention.k_proj.base().weight.val(),
             ffn,
-            m.norm.gamma.val(),
+            m.norm.gamma.val().unsqueeze(),
         ]
     };
     let site = AdapterSite {
@@ -146,7 +172,11 @@ fn training_updates_the_adapters_only() {
     model = optim.step(1e-2, model, grads);
     let after: Vec<Vec<f32>> = frozen(&model).into_iter().map(values).collect();
     assert_eq!(after, frozen_before, "frozen weights moved");
-    assert_ne!(values(model.adapter(site).unwrap().b.val()), b_before, "B did not train");
+    assert_ne!(
+        values(model.adapter(site).unwrap().b.val()),
+        b_before,
+        "B did not train"
+    );
 }
 
 /// The PEFT fixture: a tiny `LlamaForCausalLM` and adapters PEFT wrote (make_peft_fixture.py).
@@ -158,14 +188,25 @@ fn expected(key: &str) -> (Vec<u32>, Vec<f32>) {
     let text = std::fs::read_to_string(fixture().join("expected.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     let floats = |k: &str| -> Vec<f32> {
-        json[k].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+        json[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect()
     };
-    let tokens = json["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32);
+    let tokens = json["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32);
     (tokens.collect(), floats(key))
 }
 
 fn fixture_logits(model: &Llama, tokens: &[u32], device: &Device) -> Tensor<3> {
-    model.logits(model.tokens(&[tokens], device).unwrap()).unwrap()
+    model
+        .logits(model.tokens(&[tokens], device).unwrap())
+        .unwrap()
 }
 
 #[test]
@@ -178,15 +219,27 @@ fn adapters_that_peft_saved_give_peft_s_logits() {
     let (tokens, base_logits) = expected("base");
     let shape = [1, tokens.len(), 64];
     let as_tensor = |v: Vec<f32>| HostTensor::new(shape.to_vec(), v).to_tensor::<3>(&device);
-    assert_close(fixture_logits(&base, &tokens, &device), as_tensor(base_logits.clone()), 1e-4, 1e-5);
+    assert_close(
+        fixture_logits(&base, &tokens, &device),
+        as_tensor(base_logits.clone()),
+        1e-4,
+        1e-5,
+    );
     for (name, count) in [("adapter", 8), ("rslora", 14)] {
         let (model, config) = load_adapter(base.clone(), &fixture().join(name)).unwrap();
         assert_eq!(model.adapters().len(), count, "{name}");
         let (_, want) = expected(name);
         let got = fixture_logits(&model, &tokens, &device);
         assert_close(got.clone(), as_tensor(want.clone()), 1e-4, 1e-5);
-        let moved = want.iter().zip(&base_logits).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(moved > 1e-2, "{name}: the adapter changes the logits ({moved})");
+        let moved = want
+            .iter()
+            .zip(&base_logits)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            moved > 1e-2,
+            "{name}: the adapter changes the logits ({moved})"
+        );
         if name == "adapter" {
             // rank_pattern and alpha_pattern took effect.
             let q1 = model.site_at("model.layers.1.self_attn.q_proj").unwrap();
@@ -196,7 +249,12 @@ fn adapters_that_peft_saved_give_peft_s_logits() {
             assert_eq!(config.r, 4);
         }
         // Merged for inference: same logits.
-        assert_close(fixture_logits(&model.merge_lora(), &tokens, &device), got, 1e-4, 1e-5);
+        assert_close(
+            fixture_logits(&model.merge_lora(), &tokens, &device),
+            got,
+            1e-4,
+            1e-5,
+        );
     }
 }
 
@@ -213,11 +271,18 @@ fn saved_adapters_use_peft_names_and_load_back_identically() {
     let written = save_adapter(&adapted, dir.path(), Some("tiny"), SaveDtype::F32).unwrap();
     assert_eq!(
         written.target_modules,
-        Some(PeftTargets::List(vec!["gate_proj".into(), "q_proj".into(), "v_proj".into()]))
+        Some(PeftTargets::List(vec![
+            "gate_proj".into(),
+            "q_proj".into(),
+            "v_proj".into()
+        ]))
     );
     let text = std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap();
     let config = PeftConfig::from_json(&text).unwrap();
-    assert_eq!((config.r, config.lora_alpha, config.use_rslora), (4, 8.0, false));
+    assert_eq!(
+        (config.r, config.lora_alpha, config.use_rslora),
+        (4, 8.0, false)
+    );
     assert_eq!(config.base_model_name_or_path.as_deref(), Some("tiny"));
 
     let bytes = std::fs::read(dir.path().join("adapter_model.safetensors")).unwrap();
@@ -274,7 +339,13 @@ fn bad_adapter_directories_are_clear_errors() {
     };
     let d = copy(&|d| cfg(d, "\"use_dora\": false", "\"use_dora\": true"));
     assert!(err_of(d.path()).contains("DoRA"));
-    let d = copy(&|d| cfg(d, "\"peft_type\": \"LORA\"", "\"peft_type\": \"PREFIX_TUNING\""));
+    let d = copy(&|d| {
+        cfg(
+            d,
+            "\"peft_type\": \"LORA\"",
+            "\"peft_type\": \"PREFIX_TUNING\"",
+        )
+    });
     assert!(err_of(d.path()).contains("PREFIX_TUNING"));
     let d = copy(&|d| std::fs::write(d.join("adapter_config.json"), "{\"r\": ").unwrap());
     assert!(err_of(d.path()).contains("not a PEFT adapter config"));
@@ -315,7 +386,9 @@ fn lora_survives_the_model_forward_with_kv_cache() {
     let n = t.dims()[1];
     let mut steps = Vec::new();
     for i in 0..n {
-        let out = model.forward(t.clone().narrow(1, i, 1), false, Some(&mut cache)).unwrap();
+        let out = model
+            .forward(t.clone().narrow(1, i, 1), false, Some(&mut cache))
+            .unwrap();
         steps.push(out.logits);
     }
     assert_close(Tensor::cat(steps, 1), full, 1e-4, 1e-4);

@@ -155,7 +155,9 @@ fn reference(model: &Llama, tokens: &[u32]) -> Vec<f64> {
                     let i = f.base.intermediate_size();
                     let w_in = host(f.base.w_in.val());
                     let cols = |c0: usize| -> Vec<f64> {
-                        w_in.chunks(2 * i).flat_map(|r| r[c0..c0 + i].to_vec()).collect()
+                        w_in.chunks(2 * i)
+                            .flat_map(|r| r[c0..c0 + i].to_vec())
+                            .collect()
                     };
                     let gate = with_update(cols(0), f.gate.as_ref());
                     let up = with_update(cols(i), f.up.as_ref());
@@ -226,10 +228,10 @@ fn tiny(model_type: &str, tied: bool) -> LlamaConfig {
 
 fn check(config: LlamaConfig, seed: u64) {
     let device = device(seed);
-    check_model(config.init(&device).unwrap(), seed);
+    check_model(config.init(&device).unwrap());
 }
 
-fn check_model(model: Llama, seed: u64) {
+fn check_model(model: Llama) {
     let device = model.device();
     let config = model.config.clone();
     let tokens: Vec<u32> = (0..11).map(|i| (i * 17 + 3) % 61).collect();
@@ -258,16 +260,29 @@ fn lora_adapted_projections_match_the_naive_reference() {
     // Every attention projection and the gate/down projections of the FFN, with non-zero B so
     // the updates count; the reference folds s·A·B into the weights in f64.
     let device = device(4);
-    let targets = ["self_attn.*", "gate_proj", "down_proj"].map(String::from).to_vec();
-    let config = LoraConfig::new(3).with_alpha(5.0).with_target_modules(targets);
-    let mut model = tiny("qwen2", false).init(&device).unwrap().with_lora(&config).unwrap();
+    let targets = ["self_attn.*", "gate_proj", "down_proj"]
+        .map(String::from)
+        .to_vec();
+    let config = LoraConfig::new(3)
+        .with_alpha(5.0)
+        .with_target_modules(targets);
+    let mut model = tiny("qwen2", false)
+        .init(&device)
+        .unwrap()
+        .with_lora(&config)
+        .unwrap();
     assert_eq!(model.adapters().len(), 2 * 6);
-    for (site, adapter) in model.adapters().into_iter().map(|(s, a)| (s, a.clone())).collect::<Vec<_>>() {
+    for (site, adapter) in model
+        .adapters()
+        .into_iter()
+        .map(|(s, a)| (s, a.clone()))
+        .collect::<Vec<_>>()
+    {
         let b = moekit_testing::normal(adapter.b.dims(), 0.3, &device);
         let adapter = LoraAdapter::from_factors(adapter.a.val(), b, 5.0, site.layer == 1).unwrap();
         model.set_adapter(site, adapter).unwrap();
     }
-    check_model(model, 4);
+    check_model(model);
 }
 
 #[test]

@@ -95,9 +95,6 @@ impl LoraAdapter {
 
     /// The dense update `ΔW = s·A·B`, `[in, out]` (for merging).
     pub fn delta(&self) -> Tensor<2> {
-        self.a
-            .val()
-            .matmul(self.b.val())
-            .mul_scalar(self.scaling())
+        self.a.val().matmul(self.b.val()).mul_scalar(self.scaling())
     }
 }

@@ -63,7 +63,10 @@ impl LoraConfig {
     /// Checks the hyper-parameters that do not depend on a layer.
     pub fn validate(&self) -> Result<()> {
         if !self.alpha.is_finite() {
-            return Err(LoraError::Hyper(format!("alpha = {} is not finite", self.alpha)));
+            return Err(LoraError::Hyper(format!(
+                "alpha = {} is not finite",
+                self.alpha
+            )));
         }
         if !(0.0..1.0).contains(&self.dropout) {
             return Err(LoraError::Hyper(format!(

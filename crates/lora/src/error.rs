@@ -6,7 +6,7 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum LoraError {
     /// A rank of zero, or larger than both sides of the adapted matrix.
-    #[error("LoRA rank {rank} is invalid for a {d_in}x{d_out} weight (use 1..={max})", max = d_in.min(*d_out).max(1))]
+    #[error("LoRA rank {rank} is invalid for a {d_in}x{d_out} weight (use 1..={max})", max = (*d_in).min(*d_out).max(1))]
     Rank {
         /// Requested rank.
         rank: usize,

@@ -21,7 +21,7 @@
 //! let mut layer = LoraLinear::new(base, adapter).unwrap();
 //! let y = layer.forward(Tensor::<2>::ones([4, 64], &device)); // B = 0: same as the base
 //! layer.merge(); // one matmul at inference
-//! ```no_run
+//! ```
 
 #![warn(missing_docs)]
 

@@ -185,7 +185,9 @@ impl PeftConfig {
             return refuse("fan_in_fan_out is set (Conv1D models); not supported".into());
         }
         if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return refuse("modules_to_save is not empty; fully saved modules are not supported".into());
+            return refuse(
+                "modules_to_save is not empty; fully saved modules are not supported".into(),
+            );
         }
         for p in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
             pattern_regex(p)?;
@@ -313,9 +315,20 @@ mod tests {
         assert_eq!(c.rank_for("model.layers.3.self_attn.q_proj"), 4);
         assert_eq!(c.rank_for("model.layers.13.self_attn.q_proj"), 8);
         assert_eq!(c.alpha_for("model.layers.3.self_attn.q_proj"), 16.0);
+        // Numbers compare as f64 (`16` is read as α = 16.0 and written back as `16.0`).
+        fn norm(v: Value) -> Value {
+            match v {
+                Value::Number(n) => serde_json::json!(n.as_f64().unwrap()),
+                Value::Object(m) => {
+                    Value::Object(m.into_iter().map(|(k, v)| (k, norm(v))).collect())
+                }
+                Value::Array(a) => Value::Array(a.into_iter().map(norm).collect()),
+                other => other,
+            }
+        }
         let back: Value = serde_json::from_str(&c.to_json()).unwrap();
         let orig: Value = serde_json::from_str(PEFT_JSON).unwrap();
-        assert_eq!(back, orig, "written back unchanged");
+        assert_eq!(norm(back), norm(orig), "written back unchanged");
     }
 
     #[test]
@@ -324,7 +337,11 @@ mod tests {
             (r#""peft_type": "LORA""#, r#""peft_type": "IA3""#, "IA3"),
             (r#""use_dora": false"#, r#""use_dora": true"#, "DoRA"),
             (r#""bias": "none""#, r#""bias": "all""#, "bias"),
-            (r#""modules_to_save": null"#, r#""modules_to_save": ["lm_head"]"#, "modules_to_save"),
+            (
+                r#""modules_to_save": null"#,
+                r#""modules_to_save": ["lm_head"]"#,
+                "modules_to_save",
+            ),
             (r#""r": 8"#, r#""r": 0"#, "r is 0"),
         ] {
             let err = PeftConfig::from_json(&PEFT_JSON.replace(from, to)).unwrap_err();
@@ -355,9 +372,7 @@ mod tests {
     #[test]
     fn describe_lists_names_or_paths() {
         let paths: Vec<String> = (0..2)
-            .flat_map(|l| {
-                ["q_proj", "v_proj"].map(|n| format!("model.layers.{l}.self_attn.{n}"))
-            })
+            .flat_map(|l| ["q_proj", "v_proj"].map(|n| format!("model.layers.{l}.self_attn.{n}")))
             .collect();
         let module = |p: &String, rank| AdaptedModule {
             path: p.clone(),
@@ -370,7 +385,11 @@ mod tests {
         assert_eq!(c.target_modules, Some(PeftTargets::List(names)));
         assert!(c.rank_pattern.is_empty());
 
-        let some = vec![module(&paths[0], 8), module(&paths[1], 8), module(&paths[2], 4)];
+        let some = vec![
+            module(&paths[0], 8),
+            module(&paths[1], 8),
+            module(&paths[2], 4),
+        ];
         let c = PeftConfig::describe(&some, &paths, false, 0.0);
         let listed: Vec<String> = some.iter().map(|m| m.path.clone()).collect();
         assert_eq!(c.target_modules, Some(PeftTargets::List(listed)));

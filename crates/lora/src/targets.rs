@@ -42,10 +42,8 @@ impl TargetModules {
 
     /// Whether `path` is a target.
     pub fn matches(&self, path: &str) -> bool {
-        let suffixes = std::iter::once(path).chain(
-            path.match_indices('.')
-                .map(|(i, _)| &path[i + 1..]),
-        );
+        let suffixes =
+            std::iter::once(path).chain(path.match_indices('.').map(|(i, _)| &path[i + 1..]));
         suffixes
             .into_iter()
             .any(|s| self.patterns.iter().any(|(_, re)| re.is_match(s)))

@@ -72,7 +72,12 @@ fn forward_matches_the_naive_formula_with_both_scalings() {
         assert!((l.adapter.scaling() - s).abs() < 1e-12);
         let x = normal([5, IN], 1.0, &device);
         let expected = reference(&l, &host(x.clone()), 5);
-        assert_close(l.forward(x), to_tensor(&expected, [5, OUT], &device), 1e-4, 1e-5);
+        assert_close(
+            l.forward(x),
+            to_tensor(&expected, [5, OUT], &device),
+            1e-4,
+            1e-5,
+        );
     }
 }
 
@@ -85,12 +90,19 @@ fn fresh_adapters_leave_the_base_unchanged_and_follow_their_init() {
     let kaiming = LoraConfig::new(r).init(d_in, d_out, &device).unwrap();
     let a = values(kaiming.a.val());
     let bound = 1.0 / (d_in as f32).sqrt();
-    assert!(a.iter().all(|v| v.abs() <= bound), "kaiming-uniform bound 1/sqrt(in)");
+    assert!(
+        a.iter().all(|v| v.abs() <= bound),
+        "kaiming-uniform bound 1/sqrt(in)"
+    );
     let max = a.iter().fold(0f32, |m, v| m.max(v.abs()));
     assert!(max > 0.9 * bound, "uses the whole range: {max} vs {bound}");
     assert!(values(kaiming.b.val()).iter().all(|&v| v == 0.0), "B = 0");
     let l = LoraLinear::new(base.clone(), kaiming).unwrap();
-    assert_eq!(values(l.forward(x.clone())), values(base.forward(x)), "exactly the base");
+    assert_eq!(
+        values(l.forward(x.clone())),
+        values(base.forward(x)),
+        "exactly the base"
+    );
 
     let gauss = LoraConfig::new(r)
         .with_init(LoraInit::Gaussian)
@@ -100,7 +112,10 @@ fn fresh_adapters_leave_the_base_unchanged_and_follow_their_init() {
     let n = a.len() as f32;
     let mean = a.iter().sum::<f32>() / n;
     let std = (a.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / n).sqrt();
-    assert!((std - 1.0 / r as f32).abs() < 0.1 / r as f32, "std {std} vs 1/r");
+    assert!(
+        (std - 1.0 / r as f32).abs() < 0.1 / r as f32,
+        "std {std} vs 1/r"
+    );
 }
 
 #[test]
@@ -130,7 +145,11 @@ fn merge_and_unmerge_are_exact() {
     );
     l.unmerge();
     assert_eq!(values(l.base.weight.val()), w, "base weight bit for bit");
-    assert_eq!(values(l.forward(x.clone())), values(before.clone()), "same as before merging");
+    assert_eq!(
+        values(l.forward(x.clone())),
+        values(before.clone()),
+        "same as before merging"
+    );
     let plain: Linear = l.into_merged();
     assert_close(plain.forward(x), before, 1e-5, 1e-5);
 }
@@ -144,8 +163,14 @@ fn only_the_adapter_gets_gradients_and_they_match_the_closed_form() {
     let x = normal([rows, IN], 1.0, &device).require_grad();
     let g = normal([rows, OUT], 1.0, &device);
     let grads = (l.forward(x.clone()) * g.clone()).sum().backward();
-    assert!(l.base.weight.val().grad(&grads).is_none(), "frozen base weight");
-    assert!(l.base.bias.as_ref().unwrap().val().grad(&grads).is_none(), "frozen bias");
+    assert!(
+        l.base.weight.val().grad(&grads).is_none(),
+        "frozen base weight"
+    );
+    assert!(
+        l.base.bias.as_ref().unwrap().val().grad(&grads).is_none(),
+        "frozen bias"
+    );
 
     let (xh, gh) = (host(x.clone()), host(g));
     let (a, b) = (host(l.adapter.a.val()), host(l.adapter.b.val()));
@@ -163,7 +188,11 @@ fn only_the_adapter_gets_gradients_and_they_match_the_closed_form() {
         .collect();
     let d_x_base = matmul(&gh, &transpose(&w, IN, OUT), rows, OUT, IN);
     let d_x_low = matmul(&gbt, &transpose(&a, IN, R), rows, R, IN);
-    let d_x: Vec<f64> = d_x_base.iter().zip(&d_x_low).map(|(p, q)| p + s * q).collect();
+    let d_x: Vec<f64> = d_x_base
+        .iter()
+        .zip(&d_x_low)
+        .map(|(p, q)| p + s * q)
+        .collect();
 
     let plain = device.inner();
     let check = |got: Option<Tensor<2>>, want: &[f64], shape: [usize; 2]| {
@@ -183,11 +212,15 @@ fn dropout_touches_only_the_adapter_path_and_only_in_training() {
     let dropped = LoraLinear::new(l.base.clone(), adapter).unwrap();
     let x = normal([8, IN], 1.0, &device);
     // Not on an autodiff device: no dropout, identical to the layer without it.
-    assert_eq!(values(dropped.forward(x.clone())), values(l.forward(x.clone())));
+    assert_eq!(
+        values(dropped.forward(x.clone())),
+        values(l.forward(x.clone()))
+    );
     // Training: the adapter's input is dropped, so the output changes...
     let train = device.clone().autodiff();
     let (dropped_t, l_t) = (dropped.clone().fork(&train), l.clone().fork(&train));
-    let x_t = x.clone().to_device(&train);
+    let x_t = Tensor::<2>::from_data(x.to_data(), &train);
+    assert!(x_t.device().is_autodiff());
     let diff = values((dropped_t.forward(x_t.clone()) - l_t.forward(x_t.clone())).abs())
         .into_iter()
         .fold(0f32, f32::max);
@@ -211,7 +244,10 @@ fn slots_attach_and_merge() {
     let l = layer(2.0, false, &device);
     slot.attach(l.adapter.clone()).unwrap();
     let adapted = LoraLinear::new(base.clone(), l.adapter.clone()).unwrap();
-    assert_eq!(values(slot.forward(x.clone())), values(adapted.forward(x.clone())));
+    assert_eq!(
+        values(slot.forward(x.clone())),
+        values(adapted.forward(x.clone()))
+    );
     assert_eq!(slot.dims(), (IN, OUT));
     let expected = slot.forward(x.clone());
     slot.merge_into_plain();
@@ -232,8 +268,12 @@ fn bad_hyper_parameters_and_shapes_are_errors() {
         assert!(err.to_string().contains(needle), "{err}");
     }
     let a = normal([IN, R], 1.0, &device);
-    assert!(LoraAdapter::from_factors(a.clone(), normal([R + 1, OUT], 1.0, &device), 1.0, false).is_err());
-    let wrong = LoraAdapter::from_factors(a, normal([R, OUT + 1], 1.0, &device), 1.0, false).unwrap();
+    assert!(
+        LoraAdapter::from_factors(a.clone(), normal([R + 1, OUT], 1.0, &device), 1.0, false)
+            .is_err()
+    );
+    let wrong =
+        LoraAdapter::from_factors(a, normal([R, OUT + 1], 1.0, &device), 1.0, false).unwrap();
     let err = LoraLinear::new(LinearConfig::new(IN, OUT).init(&device), wrong).unwrap_err();
     assert!(err.to_string().contains("cannot wrap"), "{err}");
 }

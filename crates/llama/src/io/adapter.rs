@@ -96,21 +96,31 @@ pub fn load_adapter(model: Llama, dir: &Path) -> Result<(Llama, PeftConfig)> {
             format!("not a PEFT adapter directory (no {ADAPTER_CONFIG})"),
         ));
     }
-    let text = std::fs::read_to_string(&config_path).map_err(|e| LlamaError::io(&config_path, e))?;
+    let text =
+        std::fs::read_to_string(&config_path).map_err(|e| LlamaError::io(&config_path, e))?;
     let config = PeftConfig::from_json(&text).map_err(|e| fail(&config_path, e.to_string()))?;
     if !weights_path.exists() {
-        return Err(fail(dir, format!("no {ADAPTER_WEIGHTS} (adapter_model.bin is not read; re-save with safe_serialization=True)")));
+        return Err(fail(
+            dir,
+            format!(
+                "no {ADAPTER_WEIGHTS} (adapter_model.bin is not read; re-save with safe_serialization=True)"
+            ),
+        ));
     }
     let file = SafetensorsDir::open_file(&weights_path)?;
 
     let mut factors: BTreeMap<String, [Option<HostTensor>; 2]> = BTreeMap::new();
     for key in file.names() {
-        let (path, factor) = parse_peft_key(&key).map_err(|e| fail(&weights_path, e.to_string()))?;
+        let (path, factor) =
+            parse_peft_key(&key).map_err(|e| fail(&weights_path, e.to_string()))?;
         let tensor = file.read(&key)?.expect("listed names are readable");
         if tensor.shape.len() != 2 {
             return Err(fail(
                 &weights_path,
-                format!("`{key}` has shape {:?}; LoRA factors are matrices", tensor.shape),
+                format!(
+                    "`{key}` has shape {:?}; LoRA factors are matrices",
+                    tensor.shape
+                ),
             ));
         }
         factors.entry(path).or_default()[factor as usize] = Some(tensor);

@@ -319,10 +319,18 @@ impl Reader<'_> {
         Ok(DecoderLayer {
             input_norm: self.norm(Weight::AttnNorm(l))?,
             attention: crate::attention::Attention {
-                q_proj: self.linear(Weight::Q(l), bias(Weight::QBias(l)), q, h)?.into(),
-                k_proj: self.linear(Weight::K(l), bias(Weight::KBias(l)), kv, h)?.into(),
-                v_proj: self.linear(Weight::V(l), bias(Weight::VBias(l)), kv, h)?.into(),
-                o_proj: self.linear(Weight::O(l), c.o_bias().then_some(Weight::OBias(l)), h, q)?.into(),
+                q_proj: self
+                    .linear(Weight::Q(l), bias(Weight::QBias(l)), q, h)?
+                    .into(),
+                k_proj: self
+                    .linear(Weight::K(l), bias(Weight::KBias(l)), kv, h)?
+                    .into(),
+                v_proj: self
+                    .linear(Weight::V(l), bias(Weight::VBias(l)), kv, h)?
+                    .into(),
+                o_proj: self
+                    .linear(Weight::O(l), c.o_bias().then_some(Weight::OBias(l)), h, q)?
+                    .into(),
                 num_heads: c.num_attention_heads,
                 num_kv_heads: c.kv_heads(),
                 head_dim: d,
