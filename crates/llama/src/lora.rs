@@ -6,7 +6,7 @@
 //! every layer and the three projections of every dense FFN.
 
 use burn::module::Module;
-use moekit_lora::{LinearSlot, LoraAdapter, LoraConfig, TargetModules};
+use moekit_lora::{LinearSlot, LoraAdapter, LoraConfig, TargetModules, freeze};
 
 use crate::ffn::FfnSlot;
 use crate::io::names::{Scheme, Weight, name};
@@ -201,7 +201,7 @@ impl Llama {
             )));
         }
         let device = self.device();
-        let mut model = self.no_grad();
+        let mut model = freeze(self);
         for site in sites {
             let (d_in, d_out) = model.site_dims(site)?;
             let adapter = config.init(d_in, d_out, &device)?;

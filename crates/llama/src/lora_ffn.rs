@@ -2,7 +2,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::Tensor;
-use moekit_lora::LoraAdapter;
+use moekit_lora::{LoraAdapter, freeze};
 use moekit_moe::FeedForward;
 
 use crate::{LlamaError, Result};
@@ -46,7 +46,7 @@ impl LoraFfn {
             ));
         }
         Ok(Self {
-            base: base.no_grad(),
+            base: freeze(base),
             gate: None,
             up: None,
             down: None,

@@ -167,6 +167,33 @@ fn training_updates_the_adapters_only() {
     let a = model.adapter(site).unwrap();
     assert!(a.b.val().grad(&grads).is_some() && a.a.val().grad(&grads).is_some());
 
+    // Unadapted projections and dense FFNs are frozen too.
+    let qv = tiny()
+        .init(&device)
+        .unwrap()
+        .with_lora(&targets(&["q_proj"]))
+        .unwrap();
+    let grads_qv = qv
+        .logits(t.clone())
+        .unwrap()
+        .powi_scalar(2)
+        .mean()
+        .backward();
+    let l = &qv.layers[1];
+    let FfnSlot::Dense(ffn) = &l.ffn else {
+        panic!("unadapted FFNs stay dense")
+    };
+    for w in [
+        ffn.w_in.val(),
+        ffn.w_out.val(),
+        l.attention.v_proj.base().weight.val(),
+    ] {
+        assert!(
+            w.grad(&grads_qv).is_none(),
+            "an unadapted weight got a gradient"
+        );
+    }
+
     let grads = GradientsParams::from_grads(grads, &model);
     let mut optim = AdamWConfig::new().init();
     model = optim.step(1e-2, model, grads);

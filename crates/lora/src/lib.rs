@@ -28,6 +28,7 @@
 mod adapter;
 mod config;
 mod error;
+mod freeze;
 mod linear;
 pub mod peft;
 mod slot;
@@ -36,6 +37,7 @@ mod targets;
 pub use adapter::LoraAdapter;
 pub use config::{LoraConfig, LoraInit, lora_scaling};
 pub use error::{LoraError, Result};
+pub use freeze::freeze;
 pub use linear::LoraLinear;
 pub use peft::{AdaptedModule, PeftConfig, PeftTargets};
 pub use slot::LinearSlot;

@@ -6,6 +6,7 @@ use burn::tensor::Tensor;
 
 use crate::adapter::LoraAdapter;
 use crate::error::{LoraError, Result};
+use crate::freeze::freeze;
 
 /// A linear layer adapted by LoRA (Hu et al. 2021). The base weight is frozen: no gradient of it
 /// is computed or stored, and the dense `W + ΔW` is not formed while training. Only
@@ -37,7 +38,7 @@ impl LoraLinear {
             )));
         }
         Ok(Self {
-            base: base.no_grad(),
+            base: freeze(base),
             adapter,
             merged: None,
         })

@@ -130,7 +130,7 @@ pub fn load_adapter(model: Llama, dir: &Path) -> Result<(Llama, PeftConfig)> {
     }
 
     let device = model.device();
-    let mut model = burn::module::Module::no_grad(model);
+    let mut model = moekit_lora::freeze(model);
     for (path, [a, b]) in factors {
         let site: AdapterSite = model.site_at(&path).ok_or_else(|| {
             fail(
