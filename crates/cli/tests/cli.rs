@@ -128,3 +128,38 @@ fn info_describes_a_written_model() {
         "no tokenizer",
     );
 }
+
+#[test]
+fn bad_adapter_directories() {
+    // Needs a model with a tokenizer: the cached SmolLM2 GGUF (scripts/fetch-smollm2.sh).
+    let cache = std::env::var_os("MOEKIT_CACHE").map_or_else(
+        || Path::new(&std::env::var_os("HOME").unwrap_or_default()).join(".cache/moekit"),
+        Into::into,
+    );
+    let gguf = cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.exists() {
+        eprintln!(
+            "SKIPPED: {} is absent; run scripts/fetch-smollm2.sh",
+            gguf.display()
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "The quick brown fox jumps over the lazy dog.").unwrap();
+    let eval = |adapter: &Path| {
+        moekit(&[
+            "eval",
+            &gguf.display().to_string(),
+            "--text",
+            &text.display().to_string(),
+            "--adapter",
+            &adapter.display().to_string(),
+        ])
+    };
+    assert_clean_failure(&eval(dir.path()), "not a PEFT adapter directory");
+    // An adapter PEFT wrote for a different (tiny) base model.
+    let other =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../llama/tests/fixtures/peft_tiny/adapter");
+    assert_clean_failure(&eval(&other), "do not fit");
+}

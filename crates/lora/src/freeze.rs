@@ -27,13 +27,12 @@ pub fn freeze<M: Module>(module: M) -> M {
 #[cfg(test)]
 mod tests {
     use burn::nn::LinearConfig;
-    use burn::tensor::Device;
 
     use super::*;
 
     #[test]
     fn initialises_lazy_weights_and_stops_their_gradients() {
-        let device = Device::default().autodiff();
+        let device = moekit_testing::device(0).autodiff();
         let linear = LinearConfig::new(4, 3).init(&device);
         let frozen = freeze(linear);
         assert!(frozen.weight.is_initialized());
