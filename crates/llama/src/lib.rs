@@ -23,6 +23,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod distill;
 mod error;
 pub mod eval;
 pub mod ffn;

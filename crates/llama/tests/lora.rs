@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{Device, Tensor};
 use moekit_llama::io::host::HostTensor;
@@ -419,4 +420,46 @@ fn lora_survives_the_model_forward_with_kv_cache() {
         steps.push(out.logits);
     }
     assert_close(Tensor::cat(steps, 1), full, 1e-4, 1e-4);
+}
+
+#[test]
+fn distilling_into_a_lora_student_trains_only_its_adapters() {
+    use moekit_distill::{DistillConfig, DistillModel};
+    let device = device(8);
+    let train = device.clone().autodiff();
+    let teacher = tiny().init(&device).unwrap();
+    // The student starts as the teacher plus fresh adapters (B = 0): identical function.
+    let student = teacher
+        .clone()
+        .fork(&train)
+        .with_lora(&targets(&["q_proj|v_proj", "mlp.*"]))
+        .unwrap();
+    let distiller = DistillConfig::new("kl:1,hidden-mse:0.5".parse().unwrap())
+        .with_layers(vec![(3, 3)])
+        .init(&train)
+        .unwrap();
+    let ids = tokens(&teacher, &device);
+    let parts = distiller
+        .step(&teacher, &student, ids.clone(), None, None)
+        .unwrap();
+    assert!(parts.value.abs() < 1e-6, "{parts}");
+    let out = student.distill_forward(ids.clone(), true).unwrap();
+    assert_eq!(out.hidden.len(), 4, "embeddings + one per layer");
+
+    let mut student = student;
+    perturb(&mut student, &train);
+    let parts = distiller.step(&teacher, &student, ids, None, None).unwrap();
+    assert!(parts.get("kl").unwrap() > 1e-4 && parts.get("hidden-mse").unwrap() > 1e-6);
+    let grads = parts.total.backward();
+    let site = student.site_at("model.layers.0.mlp.up_proj").unwrap();
+    assert!(
+        student
+            .adapter(site)
+            .unwrap()
+            .a
+            .val()
+            .grad(&grads)
+            .is_some()
+    );
+    assert!(student.embed_tokens.weight.val().grad(&grads).is_none());
 }
