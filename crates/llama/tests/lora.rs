@@ -431,7 +431,7 @@ fn distilling_into_a_lora_student_trains_only_its_adapters() {
     // The student starts as the teacher plus fresh adapters (B = 0): identical function.
     let student = teacher
         .clone()
-        .fork(&train)
+        .train() // onto the autodiff device
         .with_lora(&targets(&["q_proj|v_proj", "mlp.*"]))
         .unwrap();
     let distiller = DistillConfig::new("kl:1,hidden-mse:0.5".parse().unwrap())
@@ -450,6 +450,7 @@ fn distilling_into_a_lora_student_trains_only_its_adapters() {
     perturb(&mut student, &train);
     let parts = distiller.step(&teacher, &student, ids, None, None).unwrap();
     assert!(parts.get("kl").unwrap() > 1e-4 && parts.get("hidden-mse").unwrap() > 1e-6);
+    assert!(student.device().is_autodiff());
     let grads = parts.total.backward();
     let site = student.site_at("model.layers.0.mlp.up_proj").unwrap();
     assert!(
