@@ -9,7 +9,7 @@ with --prompt, the greedy continuation. --adapter applies a PEFT LoRA directory 
 merged). Needs `torch transformers gguf` (and `peft` for --adapter; see ../shared/anchors).
 """
 import argparse, json, math, os, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from hf_load import load
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model")
@@ -21,13 +21,8 @@ ap.add_argument("--max-new-tokens", type=int, default=32)
 ap.add_argument("--adapter")
 a = ap.parse_args()
 
-if a.model.endswith(".gguf"):
-    d, f = os.path.split(os.path.abspath(a.model))
-    kw = dict(gguf_file=f)
-else:
-    d, kw = a.model, {}
-tok = AutoTokenizer.from_pretrained(d, **kw)
-model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw).eval()
+tok, model = load(a.model)
+model = model.eval()
 if a.adapter:
     from peft import PeftModel
     model = PeftModel.from_pretrained(model, a.adapter).eval()

@@ -10,7 +10,7 @@ measurably, then writes OUT/adapter_config.json and OUT/adapter_model.safetensor
 Needs `torch transformers gguf peft`.
 """
 import argparse, os, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from hf_load import load
 from peft import LoraConfig, get_peft_model
 
 ap = argparse.ArgumentParser()
@@ -24,13 +24,7 @@ ap.add_argument("--targets", default="q_proj,v_proj,down_proj")
 ap.add_argument("--rslora", action="store_true")
 a = ap.parse_args()
 torch.manual_seed(0)
-if a.model.endswith(".gguf"):
-    d, f = os.path.split(os.path.abspath(a.model))
-    kw = dict(gguf_file=f)
-else:
-    d, kw = a.model, {}
-tok = AutoTokenizer.from_pretrained(d, **kw)
-model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, **kw)
+tok, model = load(a.model)
 config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=0.0, use_rslora=a.rslora,
                     target_modules=a.targets.split(","), task_type="CAUSAL_LM")
 model = get_peft_model(model, config)
