@@ -158,8 +158,14 @@ fn bad_adapter_directories() {
         ])
     };
     assert_clean_failure(&eval(dir.path()), "not a PEFT adapter directory");
-    // An adapter PEFT wrote for a different (tiny) base model.
-    let other =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../llama/tests/fixtures/peft_tiny/adapter");
+    // An adapter saved for a different (tiny) base model.
+    use moekit::llama::{LlamaConfig, SaveDtype, save_adapter};
+    let tiny = LlamaConfig::llama(40, 16, 32, 2, 2, 1)
+        .init(&moekit::burn::tensor::Device::flex())
+        .unwrap()
+        .with_lora(&moekit::lora::LoraConfig::new(2))
+        .unwrap();
+    let other = dir.path().join("tiny-adapter");
+    save_adapter(&tiny, &other, None, SaveDtype::F32).unwrap();
     assert_clean_failure(&eval(&other), "do not fit");
 }

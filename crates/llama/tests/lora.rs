@@ -207,9 +207,54 @@ fn training_updates_the_adapters_only() {
     );
 }
 
-/// The PEFT fixture: a tiny `LlamaForCausalLM` and adapters PEFT wrote (make_peft_fixture.py).
+/// The PEFT fixture: a tiny `LlamaForCausalLM` and adapters PEFT wrote (make_peft_fixture.py),
+/// with each safetensors file kept as `tensors.json` (shapes and exact f32 values).
 fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_tiny")
+}
+
+/// Fixture directory `name` as PEFT / transformers wrote it: its JSON files copied, and the
+/// safetensors file rebuilt from `tensors.json` by the reference `safetensors` writer.
+fn fixture_dir(name: &str) -> tempfile::TempDir {
+    let (src, dst) = (fixture().join(name), tempfile::tempdir().unwrap());
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() != "tensors.json" {
+            std::fs::copy(&path, dst.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let text = std::fs::read_to_string(src.join("tensors.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = json["tensors"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, t)| {
+            let shape = t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize);
+            let bytes = t["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|v| (v.as_f64().unwrap() as f32).to_le_bytes())
+                .collect();
+            (name.clone(), shape.collect(), bytes)
+        })
+        .collect();
+    let views: Vec<(&str, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, shape, bytes)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes);
+            (n.as_str(), view.unwrap())
+        })
+        .collect();
+    let file = dst.path().join(json["file"].as_str().unwrap());
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    dst
 }
 
 fn expected(key: &str) -> (Vec<u32>, Vec<f32>) {
@@ -240,7 +285,7 @@ fn fixture_logits(model: &Llama, tokens: &[u32], device: &Device) -> Tensor<3> {
 #[test]
 fn adapters_that_peft_saved_give_peft_s_logits() {
     let device = device(4);
-    let base = Checkpoint::open(&fixture().join("base"))
+    let base = Checkpoint::open(fixture_dir("base").path())
         .unwrap()
         .load(&device, &mut |_, _| {})
         .unwrap();
@@ -254,7 +299,7 @@ fn adapters_that_peft_saved_give_peft_s_logits() {
         1e-5,
     );
     for (name, count) in [("adapter", 8), ("rslora", 14)] {
-        let (model, config) = load_adapter(base.clone(), &fixture().join(name)).unwrap();
+        let (model, config) = load_adapter(base.clone(), fixture_dir(name).path()).unwrap();
         assert_eq!(model.adapters().len(), count, "{name}");
         let (_, want) = expected(name);
         let got = fixture_logits(&model, &tokens, &device);
