@@ -21,11 +21,11 @@ fn assert_clean_failure(out: &Output, mentions: &str) {
     assert!(lines[0].contains(mentions), "`{mentions}` not in: {stderr}");
 }
 
-fn fixture() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../llama/tests/fixtures/quants.gguf")
-        .display()
-        .to_string()
+/// A valid GGUF holding tensors but no model metadata, assembled from the GGUF test vectors of
+/// crates/llama (gguf-py's raw blocks).
+fn fixture_bytes() -> Vec<u8> {
+    let json = Path::new(env!("CARGO_MANIFEST_DIR")).join("../llama/tests/fixtures/quants.json");
+    moekit_testing::gguf_fixture(&std::fs::read_to_string(json).unwrap())
 }
 
 #[test]
@@ -42,7 +42,7 @@ fn missing_and_non_model_paths() {
 #[test]
 fn corrupt_gguf_files() {
     let dir = tempfile::tempdir().unwrap();
-    let good = std::fs::read(fixture()).unwrap();
+    let good = fixture_bytes();
     let cut = dir.path().join("cut.gguf");
     std::fs::write(&cut, &good[..good.len() / 2]).unwrap();
     let cut = cut.display().to_string();
@@ -61,7 +61,10 @@ fn corrupt_gguf_files() {
 #[test]
 fn gguf_without_model_metadata() {
     // A valid GGUF that holds tensors but no llama.* metadata.
-    assert_clean_failure(&moekit(&["info", &fixture()]), "metadata");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("quants.gguf");
+    std::fs::write(&path, fixture_bytes()).unwrap();
+    assert_clean_failure(&moekit(&["info", &path.display().to_string()]), "metadata");
 }
 
 #[test]

@@ -15,9 +15,23 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The quantised-tensor GGUF, assembled from gguf-py's raw blocks in `quants.json`.
+fn quants_bytes() -> Vec<u8> {
+    moekit_testing::gguf_fixture(&std::fs::read_to_string(fixture("quants.json")).unwrap())
+}
+
+/// [`quants_bytes`] as a file (the returned directory holds it).
+fn quants_file() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("quants.gguf");
+    std::fs::write(&path, quants_bytes()).unwrap();
+    (dir, path)
+}
+
 #[test]
 fn every_type_dequantises_like_gguf_py() {
-    let file = GgufFile::open(&fixture("quants.gguf")).unwrap();
+    let (_dir, path) = quants_file();
+    let file = GgufFile::open(&path).unwrap();
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("quants.json")).unwrap()).unwrap();
     let expected = expected.as_object().unwrap();
@@ -84,9 +98,10 @@ fn corrupt_reason(bytes: &[u8]) -> String {
 
 #[test]
 fn truncation_anywhere_is_an_error_never_a_panic() {
-    let good = std::fs::read(fixture("quants.gguf")).unwrap();
+    let (_dir, path) = quants_file();
+    let good = std::fs::read(&path).unwrap();
     // The file may end in padding; cuts before the end of the last tensor must fail.
-    let end = GgufFile::open(&fixture("quants.gguf"))
+    let end = GgufFile::open(&path)
         .unwrap()
         .tensors
         .values()
@@ -107,7 +122,7 @@ fn truncation_anywhere_is_an_error_never_a_panic() {
 
 #[test]
 fn lying_headers_are_rejected_before_allocating() {
-    let good = std::fs::read(fixture("quants.gguf")).unwrap();
+    let good = quants_bytes();
     assert!(corrupt_reason(b"GGML\x03\0\0\0").contains("magic"));
     let mut v1 = good.clone();
     v1[4] = 1;
@@ -129,7 +144,8 @@ fn lying_headers_are_rejected_before_allocating() {
 #[test]
 fn metadata_without_an_architecture_is_an_error() {
     // The fixture has no llama.* keys: asking for a model configuration must fail cleanly.
-    let file = GgufFile::open(&fixture("quants.gguf")).unwrap();
+    let (_dir, path) = quants_file();
+    let file = GgufFile::open(&path).unwrap();
     let err = file.config().unwrap_err();
     assert!(matches!(err, LlamaError::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains("llama."), "{err}");

@@ -93,3 +93,95 @@ pub fn assert_close_msg<const D: usize>(
 pub fn tensor<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
     Tensor::from_data(TensorData::new(values, shape), device)
 }
+
+/// A tensor for [`gguf_bytes`]: its name, GGML type id, shape (outermost first, as PyTorch and
+/// the loaders see it) and raw stored blocks.
+#[derive(Debug, Clone)]
+pub struct GgufTensor {
+    /// Tensor name.
+    pub name: String,
+    /// GGML type id (0 = F32, 1 = F16, 8 = Q8_0, 12 = Q4_K, ...).
+    pub type_id: u32,
+    /// Shape, outermost first.
+    pub shape: Vec<usize>,
+    /// The stored bytes (quantised blocks as written by llama.cpp / gguf-py).
+    pub data: Vec<u8>,
+}
+
+/// A GGUF v3 file holding string metadata `kv` and `tensors`, data aligned to 32 bytes (the
+/// layout llama.cpp and gguf-py write), so tests build GGUF files from test vectors instead of
+/// tracking binary files.
+pub fn gguf_bytes(kv: &[(&str, &str)], tensors: &[GgufTensor]) -> Vec<u8> {
+    const ALIGN: usize = 32;
+    const STRING: u32 = 8;
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((kv.len() as u64).to_le_bytes());
+    for (key, value) in kv {
+        string(&mut out, key);
+        out.extend(STRING.to_le_bytes());
+        string(&mut out, value);
+    }
+    let mut offset = 0usize;
+    for t in tensors {
+        string(&mut out, &t.name);
+        out.extend((t.shape.len() as u32).to_le_bytes());
+        // GGUF lists dimensions innermost first.
+        for &d in t.shape.iter().rev() {
+            out.extend((d as u64).to_le_bytes());
+        }
+        out.extend(t.type_id.to_le_bytes());
+        out.extend((offset as u64).to_le_bytes());
+        offset += t.data.len().div_ceil(ALIGN) * ALIGN;
+    }
+    out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+    for t in tensors {
+        out.extend(&t.data);
+        out.resize(out.len().div_ceil(ALIGN) * ALIGN, 0);
+    }
+    out
+}
+
+/// Bytes from a hex string (test vectors stored as text).
+///
+/// # Panics
+/// On an odd length or a non-hex digit.
+pub fn unhex(hex: &str) -> Vec<u8> {
+    assert!(hex.len() % 2 == 0, "odd-length hex string");
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("a hex digit pair"))
+        .collect()
+}
+
+/// The GGUF file of a tensor fixture: JSON mapping each tensor name to its `type_id`, `shape`
+/// and `raw` (hex) blocks, as `crates/llama/tests/fixtures/make_fixtures.py` writes
+/// `quants.json`; one metadata key, `general.architecture = llama`.
+///
+/// # Panics
+/// On JSON that is not such a map.
+pub fn gguf_fixture(json: &str) -> Vec<u8> {
+    let map: serde_json::Value = serde_json::from_str(json).expect("fixture JSON");
+    let tensors: Vec<GgufTensor> = map
+        .as_object()
+        .expect("a map of tensors")
+        .iter()
+        .map(|(name, t)| GgufTensor {
+            name: name.clone(),
+            type_id: t["type_id"].as_u64().expect("type_id") as u32,
+            shape: t["shape"]
+                .as_array()
+                .expect("shape")
+                .iter()
+                .map(|d| d.as_u64().expect("a dimension") as usize)
+                .collect(),
+            data: unhex(t["raw"].as_str().expect("raw")),
+        })
+        .collect();
+    gguf_bytes(&[("general.architecture", "llama")], &tensors)
+}
