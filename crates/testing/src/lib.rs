@@ -152,7 +152,7 @@ pub fn gguf_bytes(kv: &[(&str, &str)], tensors: &[GgufTensor]) -> Vec<u8> {
 /// # Panics
 /// On an odd length or a non-hex digit.
 pub fn unhex(hex: &str) -> Vec<u8> {
-    assert!(hex.len() % 2 == 0, "odd-length hex string");
+    assert!(hex.len().is_multiple_of(2), "odd-length hex string");
     (0..hex.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("a hex digit pair"))
