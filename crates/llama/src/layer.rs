@@ -44,13 +44,30 @@ impl DecoderLayer {
         rope: &RopeTables,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<(Tensor<3>, Option<MoeOutput>)> {
+        self.forward_observed(h, rope, cache, None)
+    }
+
+    /// [`DecoderLayer::forward`] that also hands the FFN's input and output to `observe`.
+    ///
+    /// # Shapes
+    /// - h: `[B, T, H]`
+    /// - observed: FFN input `[B, T, H]` (after the norm) and output `[B, T, H]`
+    pub fn forward_observed(
+        &self,
+        h: Tensor<3>,
+        rope: &RopeTables,
+        cache: Option<(&mut KvCache, usize)>,
+        observe: Option<&mut dyn FnMut(&Tensor<3>, &Tensor<3>) -> Result<()>>,
+    ) -> Result<(Tensor<3>, Option<MoeOutput>)> {
         let h = h.clone()
             + self
                 .attention
                 .forward(self.input_norm.forward(h), rope, cache);
-        let (y, moe) = self
-            .ffn
-            .forward(self.post_attention_norm.forward(h.clone()))?;
+        let x = self.post_attention_norm.forward(h.clone());
+        let (y, moe) = self.ffn.forward(x.clone())?;
+        if let Some(observe) = observe {
+            observe(&x, &y)?;
+        }
         Ok((h + y, moe))
     }
 }

@@ -110,7 +110,32 @@ impl Llama {
         &self,
         tokens: Tensor<2, Int>,
         hidden_states: bool,
+        cache: Option<&mut KvCache>,
+    ) -> Result<(Tensor<3>, Vec<Tensor<3>>, Vec<(usize, MoeOutput)>)> {
+        self.run(tokens, hidden_states, cache, None)
+    }
+
+    /// The decoder, handing every layer's FFN input (after its norm) and output to
+    /// `observe(layer, input, output)`: what conversion records to calibrate and train MoE
+    /// blocks against. Returns the last layer's output `[B, T, H]`.
+    ///
+    /// # Shapes
+    /// - tokens: `[B, T]`
+    pub fn forward_ffn_io(
+        &self,
+        tokens: Tensor<2, Int>,
+        observe: &mut dyn FnMut(usize, &Tensor<3>, &Tensor<3>) -> Result<()>,
+    ) -> Result<Tensor<3>> {
+        Ok(self.run(tokens, false, None, Some(observe))?.0)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn run(
+        &self,
+        tokens: Tensor<2, Int>,
+        hidden_states: bool,
         mut cache: Option<&mut KvCache>,
+        mut observe: Option<&mut dyn FnMut(usize, &Tensor<3>, &Tensor<3>) -> Result<()>>,
     ) -> Result<(Tensor<3>, Vec<Tensor<3>>, Vec<(usize, MoeOutput)>)> {
         let [_, t] = tokens.dims();
         let device = tokens.device();
@@ -123,7 +148,17 @@ impl Llama {
             if hidden_states {
                 states.push(h.clone());
             }
-            let (next, routing) = layer.forward(h, &rope, cache.as_deref_mut().map(|c| (c, l)))?;
+            let mut at_layer = observe
+                .as_deref_mut()
+                .map(|f| move |x: &Tensor<3>, y: &Tensor<3>| f(l, x, y));
+            let (next, routing) = layer.forward_observed(
+                h,
+                &rope,
+                cache.as_deref_mut().map(|c| (c, l)),
+                at_layer
+                    .as_mut()
+                    .map(|f| f as &mut dyn FnMut(&Tensor<3>, &Tensor<3>) -> Result<()>),
+            )?;
             h = next;
             if let Some(r) = routing {
                 moe.push((l, r));

@@ -180,7 +180,10 @@ fn reference(model: &Llama, tokens: &[u32]) -> Vec<f64> {
                     order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
                     let k = m.router.slots();
                     let kept: f64 = order[..k].iter().map(|&x| probs[x]).sum();
-                    let (w_in, w_out) = (host(m.experts.w_in.val()), host(m.experts.w_out.val()));
+                    let (w_in, w_out) = {
+                        let w = m.experts.weights();
+                        (host(w.w_in), host(w.w_out))
+                    };
                     let mut y = vec![0.0; h];
                     for &x in &order[..k] {
                         let w = probs[x] / kept;

@@ -17,6 +17,8 @@ pub enum Activation {
     Gelu,
     /// `relu(x·W_up)`.
     Relu,
+    /// No non-linearity, `x·W_up`: a linear bottleneck (mergeable PESC adapters).
+    Identity,
 }
 
 impl Activation {
@@ -49,6 +51,7 @@ impl Activation {
             }
             Activation::Gelu => gelu(h),
             Activation::Relu => relu(h),
+            Activation::Identity => h,
         }
     }
 }

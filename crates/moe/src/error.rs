@@ -69,6 +69,9 @@ pub enum MoeError {
         /// Shape of the mask.
         got: [usize; 2],
     },
+    /// Parts of a layer do not fit together.
+    #[error("{0}")]
+    Config(String),
     /// The sort keys of the dispatch would overflow the backend's integer type.
     #[error(
         "{assignments} token-expert assignments are too many for one dispatch: split the batch"

@@ -9,6 +9,7 @@ use burn::tensor::{Device, Tensor};
 use crate::activation::Activation;
 use crate::error::MoeError;
 use crate::ffn::FeedForward;
+use crate::low_rank::LowRankBank;
 
 /// Configuration of an [`ExpertBank`].
 #[derive(Config, Debug)]
@@ -156,13 +157,141 @@ impl ExpertBank {
             .expect("a bank's slices are consistent by construction")
     }
 
+    /// The bank's weights as tensors, what dispatch evaluates.
+    pub fn weights(&self) -> ExpertWeights {
+        ExpertWeights {
+            w_in: self.w_in.val(),
+            w_out: self.w_out.val(),
+            activation: self.activation,
+        }
+    }
+
     /// Runs every expert on every token: the dense reference that dispatch is tested against.
     ///
     /// # Shapes
     /// - x: `[T, H]`
     /// - output: `[E, T, H]`
     pub fn forward_all(&self, x: Tensor<2>) -> Tensor<3> {
-        let h = x.unsqueeze_dim::<3>(0).matmul(self.w_in.val());
-        self.activation.apply(h).matmul(self.w_out.val())
+        self.weights().forward_all(x)
+    }
+}
+
+/// Expert weights as (possibly computed) tensors: what dispatch evaluates. A full bank lends
+/// its parameters; a [`LowRankBank`] multiplies its factors out (differentiably).
+#[derive(Debug, Clone)]
+pub struct ExpertWeights {
+    /// Input projections `[E, H, in_width(I)]`.
+    pub w_in: Tensor<3>,
+    /// Output projections `[E, I, H]`.
+    pub w_out: Tensor<3>,
+    /// Non-linearity.
+    pub activation: Activation,
+}
+
+impl ExpertWeights {
+    /// Runs every expert on every token.
+    ///
+    /// # Shapes
+    /// - x: `[T, H]`
+    /// - output: `[E, T, H]`
+    pub fn forward_all(&self, x: Tensor<2>) -> Tensor<3> {
+        let h = x.unsqueeze_dim::<3>(0).matmul(self.w_in.clone());
+        self.activation.apply(h).matmul(self.w_out.clone())
+    }
+
+    /// Number of experts `E`.
+    pub fn num_experts(&self) -> usize {
+        self.w_in.dims()[0]
+    }
+}
+
+/// The routed experts of a [`crate::MoeLayer`]: full weight banks, or banks whose every
+/// matrix is a trainable low-rank product (MoE-KD's LoRA experts).
+// One per layer: the size difference of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Experts {
+    /// Full `[E, H, W]` / `[E, I, H]` banks.
+    Full(ExpertBank),
+    /// Factored banks, `W = A·B` per matrix.
+    LowRank(LowRankBank),
+}
+
+impl From<ExpertBank> for Experts {
+    fn from(bank: ExpertBank) -> Self {
+        Self::Full(bank)
+    }
+}
+
+impl From<LowRankBank> for Experts {
+    fn from(bank: LowRankBank) -> Self {
+        Self::LowRank(bank)
+    }
+}
+
+impl Experts {
+    /// The weights dispatch evaluates (low-rank factors multiplied out).
+    pub fn weights(&self) -> ExpertWeights {
+        match self {
+            Self::Full(b) => b.weights(),
+            Self::LowRank(b) => b.weights(),
+        }
+    }
+
+    /// The full bank, `None` for low-rank experts.
+    pub fn full(&self) -> Option<&ExpertBank> {
+        match self {
+            Self::Full(b) => Some(b),
+            Self::LowRank(_) => None,
+        }
+    }
+
+    /// A full bank with the same function (a copy; low-rank factors multiplied out).
+    pub fn to_bank(&self) -> ExpertBank {
+        match self {
+            Self::Full(b) => b.clone(),
+            Self::LowRank(b) => {
+                let w = b.weights();
+                ExpertBank::from_weights(w.w_in, w.w_out, w.activation)
+                    .expect("factored shapes are consistent by construction")
+            }
+        }
+    }
+
+    /// Number of experts `E`.
+    pub fn num_experts(&self) -> usize {
+        match self {
+            Self::Full(b) => b.num_experts(),
+            Self::LowRank(b) => b.num_experts(),
+        }
+    }
+
+    /// Model width `H`.
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Self::Full(b) => b.hidden_size(),
+            Self::LowRank(b) => b.hidden_size(),
+        }
+    }
+
+    /// Intermediate width `I` of one expert.
+    pub fn intermediate_size(&self) -> usize {
+        match self {
+            Self::Full(b) => b.intermediate_size(),
+            Self::LowRank(b) => b.intermediate_size(),
+        }
+    }
+
+    /// Trainable parameters of one expert (for activated-parameter counts).
+    pub fn params_per_expert(&self) -> usize {
+        self.num_params() / self.num_experts()
+    }
+
+    /// Non-linearity of every expert.
+    pub fn activation(&self) -> Activation {
+        match self {
+            Self::Full(b) => b.activation,
+            Self::LowRank(b) => b.activation,
+        }
     }
 }

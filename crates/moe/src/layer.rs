@@ -8,7 +8,7 @@ use burn::tensor::{Bool, Device, Tensor};
 use crate::activation::Activation;
 use crate::dispatch::{DispatchMode, DispatchPlan};
 use crate::error::MoeError;
-use crate::experts::{ExpertBank, ExpertBankConfig};
+use crate::experts::{ExpertBank, ExpertBankConfig, Experts};
 use crate::losses::{AuxLossConfig, AuxLosses, aux_losses};
 use crate::router::{Router, RouterConfig, RouterNoise, Routing, Scoring, Selection};
 use crate::shared::{SharedExpert, SharedExpertConfig};
@@ -48,6 +48,9 @@ pub struct MoeLayerConfig {
     /// Auxiliary loss coefficients.
     #[config(default = "AuxLossConfig::new()")]
     pub aux_loss: AuxLossConfig,
+    /// Factor on the routed experts' combined output (e.g. LLaMA-MoE's `E/k`).
+    #[config(default = 1.0)]
+    pub output_scale: f64,
     /// Initialiser of expert and shared-expert weights.
     #[config(
         default = "Initializer::KaimingUniform{gain: 1.0 / num_traits::Float::sqrt(3.0), fan_out_only: false}"
@@ -61,9 +64,16 @@ pub struct MoeLayer {
     /// The router.
     pub router: Router,
     /// Routed experts.
-    pub experts: ExpertBank,
+    pub experts: Experts,
     /// Optional shared expert.
     pub shared: Option<SharedExpert>,
+    /// What the routed experts read.
+    #[module(skip)]
+    pub expert_input: ExpertInput,
+    /// Factor on the routed experts' combined output; export folds it into their down
+    /// projections.
+    #[module(skip)]
+    pub output_scale: f64,
     /// Expert capacity factor (`None`: dropless).
     #[module(skip)]
     pub capacity_factor: Option<f64>,
@@ -73,6 +83,17 @@ pub struct MoeLayer {
     /// Auxiliary loss coefficients.
     #[module(skip)]
     pub aux_loss: AuxLossConfig,
+}
+
+/// What the routed experts of a [`MoeLayer`] read.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum ExpertInput {
+    /// The layer input `x` (every standard MoE).
+    Hidden,
+    /// The shared expert's output `y = S(x)`; the layer computes `y + Σ wᵢ·Eᵢ(y)`, with the
+    /// router still reading `x`. This is PESC (Wu et al. 2024): experts are adapters on the
+    /// output of one shared, frozen FFN.
+    SharedOutput,
 }
 
 /// Everything one call of [`MoeLayer::forward`] produces.
@@ -154,14 +175,14 @@ impl MoeLayerConfig {
             .as_ref()
             .map(|s| s.init(self.hidden_size, self.activation, &self.initializer, device))
             .transpose()?;
-        Ok(MoeLayer {
-            router,
-            experts,
-            shared,
-            capacity_factor: self.capacity_factor,
-            dispatch: self.dispatch,
-            aux_loss: self.aux_loss,
-        })
+        MoeLayer::from_parts(router, experts, shared)?
+            .with_output_scale(self.output_scale)
+            .map(|layer| MoeLayer {
+                capacity_factor: self.capacity_factor,
+                dispatch: self.dispatch,
+                aux_loss: self.aux_loss,
+                ..layer
+            })
     }
 }
 
@@ -169,9 +190,10 @@ impl MoeLayer {
     /// Assembles a layer from parts (conversion methods build their own routers and banks).
     pub fn from_parts(
         router: Router,
-        experts: ExpertBank,
+        experts: impl Into<Experts>,
         shared: Option<SharedExpert>,
     ) -> crate::Result<Self> {
+        let experts = experts.into();
         if router.num_experts() != experts.num_experts() {
             return Err(MoeError::ExpertCountMismatch {
                 router: router.num_experts(),
@@ -182,10 +204,73 @@ impl MoeLayer {
             router,
             experts,
             shared,
+            expert_input: ExpertInput::Hidden,
+            output_scale: 1.0,
             capacity_factor: None,
             dispatch: DispatchMode::Auto,
             aux_loss: AuxLossConfig::new(),
         })
+    }
+
+    /// Scales the routed experts' output by `scale`.
+    pub fn with_output_scale(mut self, scale: f64) -> crate::Result<Self> {
+        if !scale.is_finite() {
+            return Err(MoeError::OutOfRange {
+                what: "output_scale",
+                value: scale,
+                range: "finite",
+            });
+        }
+        self.output_scale = scale;
+        Ok(self)
+    }
+
+    /// Feeds the routed experts the shared expert's output (PESC); needs a shared expert of
+    /// output width `H`.
+    pub fn with_expert_input(mut self, input: ExpertInput) -> crate::Result<Self> {
+        if input == ExpertInput::SharedOutput && self.shared.is_none() {
+            return Err(MoeError::Config(
+                "experts on the shared output need a shared expert".into(),
+            ));
+        }
+        self.expert_input = input;
+        Ok(self)
+    }
+
+    /// The routed experts as a full bank of experts of the layer input `x`, with the output
+    /// scale folded into their output projections: `Σ wᵢ·Pᵢ(x)` equals the layer's routed
+    /// term for every input (what export writes).
+    ///
+    /// LoRA experts are multiplied out. PESC adapters on the shared output must be linear
+    /// (`Activation::Identity`): then `Eᵢ(S(x)) = act(x·S_in)·(S_out·Aᵢ_in·Aᵢ_out)` is a plain
+    /// expert with the shared FFN's input projection. Non-linear adapters have no such form
+    /// and give an error.
+    pub fn plain_experts(&self) -> crate::Result<ExpertBank> {
+        let w = self.experts.weights();
+        let e = w.num_experts();
+        let (w_in, w_out, activation) = match (self.expert_input, &self.shared) {
+            (ExpertInput::SharedOutput, Some(shared)) => {
+                if w.activation != Activation::Identity || shared.gate.is_some() {
+                    return Err(MoeError::Config(format!(
+                        "{:?} adapters on a{} shared output cannot be merged into plain experts \
+                         (only linear adapters on an ungated shared FFN can)",
+                        w.activation,
+                        if shared.gate.is_some() { " gated" } else { "n" }
+                    )));
+                }
+                let s_in = shared.ffn.w_in.val().unsqueeze_dim::<3>(0).repeat_dim(0, e);
+                let s_out = shared.ffn.w_out.val().unsqueeze_dim::<3>(0);
+                let w_out = s_out.matmul(w.w_in).matmul(w.w_out);
+                (s_in, w_out, shared.ffn.activation)
+            }
+            _ => (w.w_in, w.w_out, w.activation),
+        };
+        let w_out = if self.output_scale == 1.0 {
+            w_out
+        } else {
+            w_out * self.output_scale
+        };
+        ExpertBank::from_weights(w_in, w_out, activation)
     }
 
     /// Model width `H`.
@@ -233,9 +318,19 @@ impl MoeLayer {
 
         let routing = self.router.forward(x.clone());
         let plan = DispatchPlan::new(&routing, keep.clone(), self.capacity_factor)?;
-        let mut y = self.dispatch.expert_ffn(x.clone(), &self.experts, &plan);
-        if let Some(shared) = &self.shared {
-            y = y + shared.forward(x);
+        let shared = self.shared.as_ref().map(|s| s.forward(x.clone()));
+        let input = match (self.expert_input, &shared) {
+            (ExpertInput::SharedOutput, Some(y)) => y.clone(),
+            _ => x,
+        };
+        let mut y = self
+            .dispatch
+            .expert_ffn(input, &self.experts.weights(), &plan);
+        if self.output_scale != 1.0 {
+            y = y * self.output_scale;
+        }
+        if let Some(s) = shared {
+            y = y + s;
         }
         let stats = RoutingStats {
             tokens: plan.real_tokens,

@@ -40,8 +40,22 @@ fn run(layer: &MoeLayer, x: &Tensor<3>, r: &Tensor<3>, mode: DispatchMode) -> [T
         out.detach(),
         x.grad(&grads).unwrap(),
         layer.router.gate.val().grad(&grads).unwrap().unsqueeze(),
-        layer.experts.w_in.val().grad(&grads).unwrap(),
-        layer.experts.w_out.val().grad(&grads).unwrap(),
+        layer
+            .experts
+            .full()
+            .unwrap()
+            .w_in
+            .val()
+            .grad(&grads)
+            .unwrap(),
+        layer
+            .experts
+            .full()
+            .unwrap()
+            .w_out
+            .val()
+            .grad(&grads)
+            .unwrap(),
     ]
 }
 
@@ -196,6 +210,11 @@ fn capacity_drops_the_latest_tokens() {
     // The kept ones are the first two tokens; the others output exactly zero.
     let tail = out.output.clone().narrow(1, 2, 6);
     assert_close(tail.clone(), tail.zeros_like(), 0.0, 0.0);
-    let e0 = layer.experts.expert(0).forward(x.narrow(1, 0, 2));
+    let e0 = layer
+        .experts
+        .full()
+        .unwrap()
+        .expert(0)
+        .forward(x.narrow(1, 0, 2));
     assert_close(out.output.narrow(1, 0, 2), e0, 1e-5, 1e-6);
 }

@@ -24,7 +24,7 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Like [`write`], with the content produced by `fill` into a temporary file, which is
 /// synced and renamed to `path` only if `fill` succeeds.
-pub(crate) fn write_with(
+pub fn write_with(
     path: &Path,
     fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {

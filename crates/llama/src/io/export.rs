@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use burn::module::Module;
-use moekit_moe::{FeedForward, MoeLayer, Scoring, Selection};
+use moekit_moe::{Activation, FeedForward, MoeLayer, Scoring, Selection};
 use serde_json::Value;
 
 use super::host::HostTensor;
@@ -73,10 +73,17 @@ fn moe_shape(moe: &MoeLayer, format: ExportFormat) -> Result<MoeShape> {
             "only softmax routers without bias can be exported".into(),
         ));
     }
+    let bank = moe.plain_experts().map_err(|e| fail(e.to_string()))?;
+    if bank.activation != Activation::SwiGlu {
+        return Err(fail(format!(
+            "{:?} experts have no Hugging Face equivalent (SwiGLU only)",
+            bank.activation
+        )));
+    }
     Ok(MoeShape {
-        experts: moe.experts.num_experts(),
+        experts: bank.num_experts(),
         top_k: k,
-        intermediate: moe.experts.intermediate_size(),
+        intermediate: bank.intermediate_size(),
         renormalize,
         shared: moe.shared.as_ref().map(|s| s.ffn.intermediate_size()),
     })
@@ -282,9 +289,12 @@ fn collect(model: &Llama, config: &LlamaConfig, scheme: Scheme) -> Vec<(String, 
                     Weight::Router(l),
                     HostTensor::from_tensor(moe.router.gate.val()).transpose(),
                 );
-                let w_in = HostTensor::from_tensor(moe.experts.w_in.val());
-                let w_out = HostTensor::from_tensor(moe.experts.w_out.val());
-                for e in 0..moe.experts.num_experts() {
+                let bank = moe
+                    .plain_experts()
+                    .expect("export_config checked that the experts merge");
+                let w_in = HostTensor::from_tensor(bank.w_in.val());
+                let w_out = HostTensor::from_tensor(bank.w_out.val());
+                for e in 0..bank.num_experts() {
                     let names = [
                         Weight::ExpertGate(l, e),
                         Weight::ExpertUp(l, e),

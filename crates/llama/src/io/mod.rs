@@ -1,7 +1,7 @@
 //! Checkpoint files: Hugging Face safetensors and GGUF in, Hugging Face safetensors out.
 
 pub mod adapter;
-pub(crate) mod atomic;
+pub mod atomic;
 pub mod export;
 pub mod gguf;
 pub mod host;

@@ -4,21 +4,21 @@
 use burn::tensor::{IndexingUpdateOp, Tensor};
 
 use super::DispatchPlan;
-use crate::experts::ExpertBank;
+use crate::experts::ExpertWeights;
 
 /// `y[t] = Σ_{n: rows[n]=t} weights[n] · FFN_{e(n)}(x[t])`.
 ///
 /// # Shapes
 /// - x: `[T, H]`
 /// - output: `[T, H]`
-pub fn expert_ffn(x: Tensor<2>, bank: &ExpertBank, plan: &DispatchPlan) -> Tensor<2> {
+pub fn expert_ffn(x: Tensor<2>, bank: &ExpertWeights, plan: &DispatchPlan) -> Tensor<2> {
     let [t, h] = x.dims();
     let device = x.device();
     if plan.assignments() == 0 {
         return Tensor::zeros([t, h], &device);
     }
     let xs = x.select(0, plan.rows.clone());
-    let (w_in, w_out) = (bank.w_in.val(), bank.w_out.val());
+    let (w_in, w_out) = (bank.w_in.clone(), bank.w_out.clone());
     let outputs: Vec<Tensor<2>> = plan
         .offsets
         .windows(2)

@@ -16,7 +16,7 @@ use burn::tensor::Tensor;
 
 pub use plan::DispatchPlan;
 
-use crate::experts::ExpertBank;
+use crate::experts::ExpertWeights;
 
 /// Which implementation evaluates the experts.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -46,7 +46,7 @@ impl DispatchMode {
     /// # Shapes
     /// - x: `[T, H]`
     /// - output: `[T, H]`
-    pub fn expert_ffn(self, x: Tensor<2>, bank: &ExpertBank, plan: &DispatchPlan) -> Tensor<2> {
+    pub fn expert_ffn(self, x: Tensor<2>, bank: &ExpertWeights, plan: &DispatchPlan) -> Tensor<2> {
         match self.resolve(&x) {
             #[cfg(feature = "flex")]
             DispatchMode::Fused => crate::kernels::expert_ffn(x, bank, plan),

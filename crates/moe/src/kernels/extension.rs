@@ -6,7 +6,7 @@ use burn::tensor::{DType, Device, Int, Tensor};
 
 use crate::activation::Activation;
 use crate::dispatch::DispatchPlan;
-use crate::experts::ExpertBank;
+use crate::experts::ExpertWeights;
 
 /// Backends with the MoE kernels (Flex, and autodiff over Flex).
 #[backend_extension(Flex, Autodiff)]
@@ -42,11 +42,11 @@ pub fn supported(device: &Device, dtype: DType) -> bool {
 /// # Shapes
 /// - x: `[T, H]`
 /// - output: `[T, H]`
-pub(crate) fn expert_ffn(x: Tensor<2>, bank: &ExpertBank, plan: &DispatchPlan) -> Tensor<2> {
+pub(crate) fn expert_ffn(x: Tensor<2>, bank: &ExpertWeights, plan: &DispatchPlan) -> Tensor<2> {
     let out = <Dispatch as MoeKernels>::grouped_ffn(
         x.into_dispatch(),
-        bank.w_in.val().into_dispatch(),
-        bank.w_out.val().into_dispatch(),
+        bank.w_in.clone().into_dispatch(),
+        bank.w_out.clone().into_dispatch(),
         plan.rows.clone().into_dispatch(),
         plan.weights.clone().into_dispatch(),
         plan.offsets.clone(),

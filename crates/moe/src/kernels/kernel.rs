@@ -208,6 +208,7 @@ fn activate(act: Activation, h: &[f32], a: &mut [f32], inter: usize) {
                     *o = x.max(0.0);
                 }
             }
+            Activation::Identity => ar.copy_from_slice(hr),
         }
     }
 }
@@ -242,6 +243,7 @@ fn activate_backward(act: Activation, h: &[f32], da: &[f32], dh: &mut [f32], int
                     *o = if x > 0.0 { d } else { 0.0 };
                 }
             }
+            Activation::Identity => dhr.copy_from_slice(dar),
         }
     }
 }
@@ -491,7 +493,12 @@ mod tests {
         // 600 > 2 · ROWS_PER_TASK rows for expert 1 exercises task splitting; expert 2 is empty.
         let offsets = [0, 3, 603, 603, 610];
         let rows: Vec<usize> = (0..610).map(|n| (n * 7) % t).collect();
-        for act in [Activation::SwiGlu, Activation::Gelu, Activation::Relu] {
+        for act in [
+            Activation::SwiGlu,
+            Activation::Gelu,
+            Activation::Relu,
+            Activation::Identity,
+        ] {
             let w = act.in_width(i);
             let x: Vec<f32> = (0..t * h).map(|_| lcg(&mut seed)).collect();
             let w_in: Vec<f32> = (0..e * h * w).map(|_| lcg(&mut seed)).collect();

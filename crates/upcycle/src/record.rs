@@ -1,0 +1,308 @@
+//! Recording each FFN's input and output on calibration tokens, in memory or streamed to disk.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use moekit_llama::Llama;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, UpcycleError};
+
+/// How calibration tokens are run through the dense model.
+#[derive(Debug, Clone)]
+pub struct RecordConfig {
+    /// Tokens per sequence (each starts a fresh context).
+    pub seq_len: usize,
+    /// Sequences per forward pass.
+    pub batch: usize,
+    /// Activations kept in memory up to this many bytes; past it they are streamed to files
+    /// in the work directory.
+    pub memory_budget: usize,
+    /// Identifies the model and text; a work directory recorded with another fingerprint is
+    /// recorded again.
+    pub fingerprint: String,
+}
+
+impl Default for RecordConfig {
+    fn default() -> Self {
+        Self {
+            seq_len: 512,
+            batch: 4,
+            memory_budget: 2 << 30,
+            fingerprint: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Manifest {
+    fingerprint: String,
+    tokens: usize,
+    hidden: usize,
+    layers: usize,
+}
+
+const MANIFEST: &str = "activations.json";
+
+#[derive(Debug)]
+enum Backing {
+    Memory(Vec<(Vec<f32>, Vec<f32>)>),
+    Disk(PathBuf),
+}
+
+/// Each layer's FFN inputs `x` and outputs `y = FFN(x)` on the same `N` calibration tokens.
+#[derive(Debug)]
+pub struct ActivationStore {
+    tokens: usize,
+    hidden: usize,
+    layers: usize,
+    backing: Backing,
+}
+
+fn file(dir: &Path, layer: usize, what: &str) -> PathBuf {
+    dir.join(format!("layer{layer:03}.{what}.f32"))
+}
+
+fn to_vec(t: &Tensor<3>) -> Vec<f32> {
+    t.clone()
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data")
+}
+
+fn read_f32(path: &Path, expected: usize) -> Result<Vec<f32>> {
+    let bytes = std::fs::read(path).map_err(|e| UpcycleError::io(path, e))?;
+    if bytes.len() != expected * 4 {
+        return Err(UpcycleError::WorkDir {
+            path: path.into(),
+            reason: format!(
+                "{} bytes, expected {}: the recording is incomplete; delete the work directory",
+                bytes.len(),
+                expected * 4
+            ),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+impl ActivationStore {
+    /// Runs `model` over `tokens` (cut into `config.seq_len` windows; a last window of fewer
+    /// than 2 tokens is dropped) and records every layer's FFN input and output. When they
+    /// exceed `config.memory_budget` they are written to `work_dir` (required then), with a
+    /// manifest; [`ActivationStore::open`] reuses them. `progress(done, total)` reports tokens.
+    pub fn record(
+        model: &Llama,
+        tokens: &[u32],
+        config: &RecordConfig,
+        work_dir: Option<&Path>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        let seq = config.seq_len.max(2);
+        let windows: Vec<&[u32]> = tokens.chunks(seq).filter(|w| w.len() >= 2).collect();
+        let n: usize = windows.iter().map(|w| w.len()).sum();
+        if n == 0 {
+            return Err(UpcycleError::Calibration(
+                "no calibration tokens to record".into(),
+            ));
+        }
+        let (hidden, layers) = (model.config.hidden_size, model.layers.len());
+        let bytes = n * hidden * layers * 2 * 4;
+        let backing = if bytes <= config.memory_budget {
+            Backing::Memory(vec![(Vec::new(), Vec::new()); layers])
+        } else {
+            let dir = work_dir.ok_or_else(|| {
+                UpcycleError::Config(format!(
+                    "{} MiB of activations exceed the memory budget; give a work directory",
+                    bytes >> 20
+                ))
+            })?;
+            std::fs::create_dir_all(dir).map_err(|e| UpcycleError::io(dir, e))?;
+            let _ = std::fs::remove_file(dir.join(MANIFEST));
+            Backing::Disk(dir.to_path_buf())
+        };
+        let mut writers = match &backing {
+            Backing::Disk(dir) => (0..layers)
+                .flat_map(|l| ["x", "y"].map(|w| file(dir, l, w)))
+                .map(|p| {
+                    std::fs::File::create(&p)
+                        .map(std::io::BufWriter::new)
+                        .map_err(|e| UpcycleError::io(&p, e))
+                })
+                .collect::<Result<Vec<_>>>()?,
+            Backing::Memory(_) => Vec::new(),
+        };
+        let mut backing = backing;
+        tracing::info!(
+            tokens = n,
+            layers,
+            mib = bytes >> 20,
+            disk = matches!(backing, Backing::Disk(_)),
+            "recording FFN activations"
+        );
+        let device = model.device();
+        let mut done = 0;
+        // Windows of one length go together; the last, shorter window runs alone.
+        let mut start = 0;
+        while start < windows.len() {
+            let len = windows[start].len();
+            let mut end = start + 1;
+            while end < windows.len() && end - start < config.batch && windows[end].len() == len {
+                end += 1;
+            }
+            let batch = &windows[start..end];
+            let ids: Vec<i64> = batch
+                .iter()
+                .flat_map(|w| w.iter().map(|&t| t as i64))
+                .collect();
+            let toks: Tensor<2, Int> =
+                Tensor::from_data(TensorData::new(ids, [batch.len(), len]), &device);
+            let mut failure = None;
+            model.forward_ffn_io(toks, &mut |l, x, y| {
+                let (xs, ys) = (to_vec(x), to_vec(y));
+                match &mut backing {
+                    Backing::Memory(layers) => {
+                        layers[l].0.extend(xs);
+                        layers[l].1.extend(ys);
+                    }
+                    Backing::Disk(dir) => {
+                        for (k, v) in [(2 * l, xs), (2 * l + 1, ys)] {
+                            let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
+                            if let Err(e) = writers[k].write_all(&bytes) {
+                                failure.get_or_insert(UpcycleError::io(
+                                    file(dir, l, if k % 2 == 0 { "x" } else { "y" }),
+                                    e,
+                                ));
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            done += batch.len() * len;
+            progress(done, n);
+            start = end;
+        }
+        if let Backing::Disk(dir) = &backing {
+            for (k, w) in writers.into_iter().enumerate() {
+                let path = file(dir, k / 2, if k % 2 == 0 { "x" } else { "y" });
+                w.into_inner()
+                    .map_err(|e| UpcycleError::io(&path, e.into_error()))?
+                    .sync_all()
+                    .map_err(|e| UpcycleError::io(&path, e))?;
+            }
+            let manifest = Manifest {
+                fingerprint: config.fingerprint.clone(),
+                tokens: n,
+                hidden,
+                layers,
+            };
+            let json = serde_json::to_vec_pretty(&manifest).expect("serialisable");
+            moekit_llama::io::atomic::write(&dir.join(MANIFEST), &json)?;
+        }
+        Ok(Self {
+            tokens: n,
+            hidden,
+            layers,
+            backing,
+        })
+    }
+
+    /// Reopens activations recorded to `dir` with the same `fingerprint`; `None` when there
+    /// are none or they were recorded for something else.
+    pub fn open(dir: &Path, fingerprint: &str) -> Result<Option<Self>> {
+        let path = dir.join(MANIFEST);
+        let Ok(bytes) = std::fs::read(&path) else {
+            return Ok(None);
+        };
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| UpcycleError::WorkDir {
+            path: path.clone(),
+            reason: format!("unreadable manifest ({e}); delete the work directory"),
+        })?;
+        if m.fingerprint != fingerprint {
+            return Ok(None);
+        }
+        for l in 0..m.layers {
+            for w in ["x", "y"] {
+                let f = file(dir, l, w);
+                let len = std::fs::metadata(&f)
+                    .map_err(|e| UpcycleError::io(&f, e))?
+                    .len();
+                if len != (m.tokens * m.hidden * 4) as u64 {
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(Self {
+            tokens: m.tokens,
+            hidden: m.hidden,
+            layers: m.layers,
+            backing: Backing::Disk(dir.to_path_buf()),
+        }))
+    }
+
+    /// Tokens recorded `N`.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// Layers recorded.
+    pub fn layers(&self) -> usize {
+        self.layers
+    }
+
+    /// Whether the activations live in files rather than memory.
+    pub fn on_disk(&self) -> bool {
+        matches!(self.backing, Backing::Disk(_))
+    }
+
+    fn host(&self, layer: usize, which: usize) -> Result<Vec<f32>> {
+        if layer >= self.layers {
+            return Err(UpcycleError::Config(format!(
+                "layer {layer} was not recorded ({} layers)",
+                self.layers
+            )));
+        }
+        match &self.backing {
+            Backing::Memory(l) => Ok(if which == 0 {
+                l[layer].0.clone()
+            } else {
+                l[layer].1.clone()
+            }),
+            Backing::Disk(dir) => read_f32(
+                &file(dir, layer, if which == 0 { "x" } else { "y" }),
+                self.tokens * self.hidden,
+            ),
+        }
+    }
+
+    /// Layer `layer`'s FFN inputs and outputs, `[N, H]` each, on `device`.
+    pub fn layer(&self, layer: usize, device: &Device) -> Result<(Tensor<2>, Tensor<2>)> {
+        let shape = [self.tokens, self.hidden];
+        let x = Tensor::from_data(TensorData::new(self.host(layer, 0)?, shape), device);
+        let y = Tensor::from_data(TensorData::new(self.host(layer, 1)?, shape), device);
+        Ok((x, y))
+    }
+
+    /// At most `max_tokens` of layer `layer`'s FFN inputs, evenly spaced over the recording,
+    /// `[min(N, max_tokens), H]`.
+    pub fn inputs(&self, layer: usize, max_tokens: usize, device: &Device) -> Result<Tensor<2>> {
+        let x = self.host(layer, 0)?;
+        let h = self.hidden;
+        let m = self.tokens.min(max_tokens.max(1));
+        let rows: Vec<f32> = (0..m)
+            .flat_map(|r| {
+                let t = r * self.tokens / m;
+                x[t * h..(t + 1) * h].iter().copied()
+            })
+            .collect();
+        Ok(Tensor::from_data(TensorData::new(rows, [m, h]), device))
+    }
+}
