@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use moekit::llama::LlamaError;
+use moekit::upcycle::UpcycleError;
 
 /// A failed command.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +19,9 @@ pub enum CliError {
         /// Why.
         source: std::io::Error,
     },
+    /// From conversion.
+    #[error(transparent)]
+    Upcycle(#[from] UpcycleError),
     /// Bad arguments.
     #[error("{0}")]
     Usage(String),
@@ -41,6 +45,12 @@ impl CliError {
             }
             Self::Llama(LlamaError::Adapter { .. } | LlamaError::Lora(_)) => Some(
                 "--adapter takes a PEFT LoRA directory (adapter_config.json + adapter_model.safetensors) made for this base model",
+            ),
+            Self::Upcycle(UpcycleError::NeedsCalibration(_)) => {
+                Some("add --calib with text files or directories")
+            }
+            Self::Upcycle(UpcycleError::WorkDir { .. }) => Some(
+                "delete the work directory (--work-dir, default OUT/.moekit-work) to start over",
             ),
             _ => None,
         }

@@ -33,6 +33,10 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Generate text from a prompt, streaming tokens as they come (greedy by default).
     Generate(commands::generate::GenerateArgs),
+    /// Convert a dense model into a MoE model (upcycling, neuron splitting, PESC, LoRA
+    /// experts), optionally train each MoE block against its dense FFN, and write it as a
+    /// Mixtral or Qwen2-MoE checkpoint.
+    Convert(Box<commands::convert::ConvertArgs>),
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
@@ -40,6 +44,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Info { model, json } => commands::info::run(&model, json),
         Command::Eval(args) => commands::eval::run(&args),
         Command::Generate(args) => commands::generate::run(&args),
+        Command::Convert(args) => commands::convert::run(&args),
     }
 }
 

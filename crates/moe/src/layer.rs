@@ -352,3 +352,101 @@ impl MoeLayer {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use burn::module::Param;
+    use moekit_testing::{assert_close, device, normal, values};
+
+    use super::*;
+    use crate::ffn::FeedForwardConfig;
+
+    fn layer(e: usize, shared: Option<SharedExpert>, device: &Device) -> MoeLayer {
+        let router = RouterConfig::new(8, e)
+            .with_selection(Selection::TopK {
+                k: 2,
+                renormalize: false,
+            })
+            .init(device)
+            .unwrap();
+        let bank = ExpertBankConfig::new(e, 8, 6).init(device).unwrap();
+        MoeLayer::from_parts(router, bank, shared).unwrap()
+    }
+
+    fn shared(gated: bool, device: &Device) -> SharedExpert {
+        SharedExpertConfig::new(12)
+            .with_gated(gated)
+            .init(8, Activation::SwiGlu, &Initializer::Zeros, device)
+            .map(|mut s| {
+                s.ffn = FeedForwardConfig::new(8, 12).init(device).unwrap();
+                s
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn plain_experts_fold_the_output_scale_into_the_down_projections() {
+        let device = device(1);
+        let layer = layer(3, None, &device).with_output_scale(2.5).unwrap();
+        let plain = layer.plain_experts().unwrap();
+        let full = layer.experts.full().unwrap().clone();
+        assert_eq!(values(plain.w_in.val()), values(full.w_in.val()));
+        assert_close(plain.w_out.val(), full.w_out.val() * 2.5, 0.0, 1e-7);
+        // Scale 1: the bank as it is.
+        let unscaled = layer
+            .with_output_scale(1.0)
+            .unwrap()
+            .plain_experts()
+            .unwrap();
+        assert_eq!(values(unscaled.w_out.val()), values(full.w_out.val()));
+    }
+
+    #[test]
+    fn linear_adapters_on_an_ungated_shared_output_fold_into_plain_experts() {
+        let device = device(2);
+        let router = RouterConfig::new(8, 3).init(&device).unwrap();
+        let down = normal([3, 8, 4], 0.5, &device);
+        let up = normal([3, 4, 8], 0.5, &device);
+        let adapters = ExpertBank::from_weights(down, up, Activation::Identity).unwrap();
+        let pesc = MoeLayer::from_parts(router, adapters, Some(shared(false, &device)))
+            .unwrap()
+            .with_output_scale(0.7)
+            .unwrap()
+            .with_expert_input(ExpertInput::SharedOutput)
+            .unwrap();
+        let x = normal([2, 5, 8], 1.0, &device);
+        let want = pesc.forward(x.clone()).unwrap().output;
+        let folded = MoeLayer {
+            experts: Experts::Full(pesc.plain_experts().unwrap()),
+            output_scale: 1.0,
+            expert_input: ExpertInput::Hidden,
+            ..pesc.clone()
+        };
+        assert_eq!(folded.experts.intermediate_size(), 12);
+        assert_close(folded.forward(x).unwrap().output, want, 1e-4, 1e-5);
+
+        // A gated shared expert, or non-linear adapters, have no plain form.
+        let gated = MoeLayer {
+            shared: Some(shared(true, &device)),
+            ..pesc.clone()
+        };
+        assert!(gated.plain_experts().is_err());
+        let mut gelu = pesc;
+        if let Experts::Full(bank) = &mut gelu.experts {
+            bank.activation = Activation::Gelu;
+        }
+        assert!(gelu.plain_experts().is_err());
+    }
+
+    #[test]
+    fn invalid_settings_are_errors() {
+        let device = device(3);
+        let l = layer(2, None, &device);
+        assert!(l.with_output_scale(f64::NAN).is_err());
+        let l = layer(2, None, &device);
+        assert!(l.with_expert_input(ExpertInput::SharedOutput).is_err());
+        let mut l = layer(2, Some(shared(false, &device)), &device);
+        l.router.gate = Param::from_tensor(normal([8, 3], 1.0, &device));
+        assert!(MoeLayer::from_parts(l.router, l.experts, None).is_err());
+    }
+}

@@ -162,9 +162,14 @@ impl ConvertConfig {
             Method::Pesc { bottleneck: 0, .. } => {
                 return bad("the PESC bottleneck must be at least 1".into());
             }
-            Method::LoraExperts { rank, alpha, .. } if *rank == 0 || !alpha.is_finite() => {
+            Method::LoraExperts {
+                rank,
+                alpha,
+                intermediate_size,
+            } if *rank == 0 || !alpha.is_finite() || *intermediate_size == Some(0) => {
                 return bad(format!(
-                    "LoRA experts need rank >= 1 and a finite alpha (got {rank}, {alpha})"
+                    "LoRA experts need rank >= 1, a finite alpha and a non-zero width \
+                     (got rank {rank}, alpha {alpha}, width {intermediate_size:?})"
                 ));
             }
             _ => {}

@@ -50,6 +50,14 @@ pub fn convert_ffn(
     }
     let mut rng = SplitMix64::new(seed);
     let (h, i) = (ffn.hidden_size(), ffn.intermediate_size());
+    if let Some(x) = &inputs
+        && x.dims()[1] != h
+    {
+        return Err(UpcycleError::Config(format!(
+            "calibration inputs of width {} do not fit an FFN of width {h} (recorded for another model?)",
+            x.dims()[1]
+        )));
+    }
     let routed = config.routed_experts();
     let w = ffn.w_in.val();
     let mut groups = None;
@@ -93,9 +101,11 @@ pub fn convert_ffn(
             activation,
         } => {
             let r = *bottleneck;
+            // A gated adapter (SwiGLU) projects to `[gate | up]`, `2r` columns.
+            let width = activation.in_width(r);
             let down = host_tensor(
-                rng.normals(routed * h * r, 1.0 / (h as f64).sqrt()),
-                [routed, h, activation.in_width(r)],
+                rng.normals(routed * h * width, 1.0 / (h as f64).sqrt()),
+                [routed, h, width],
                 &w,
             );
             let up = Tensor::zeros([routed, r, h], &w.device());

@@ -231,10 +231,8 @@ impl ActivationStore {
         }
         for l in 0..m.layers {
             for w in ["x", "y"] {
-                let f = file(dir, l, w);
-                let len = std::fs::metadata(&f)
-                    .map_err(|e| UpcycleError::io(&f, e))?
-                    .len();
+                // A missing or cut file is an incomplete recording: record again.
+                let len = std::fs::metadata(file(dir, l, w)).map_or(0, |m| m.len());
                 if len != (m.tokens * m.hidden * 4) as u64 {
                     return Ok(None);
                 }

@@ -1,0 +1,435 @@
+//! `moekit convert DENSE --method M --experts E --top-k K --out DIR`.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use indicatif::{MultiProgress, ProgressBar};
+use moekit::llama::{ExportFormat, Llama, SaveDtype, save_pretrained};
+use moekit::moe::Activation;
+use moekit::upcycle::{
+    ActivationStore, ConvertConfig, LayerObserver, LayerReport, LayerwiseConfig, Method,
+    RecordConfig, RouterInit, SplitStrategy, calibration, construct, convert,
+};
+use serde_json::json;
+
+use crate::error::CliError;
+use crate::progress;
+
+/// Conversion methods.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MethodArg {
+    /// E copies of each FFN (sparse upcycling).
+    Upcycle,
+    /// Neurons split at random (same as split-random).
+    Split,
+    /// Neurons split at random.
+    SplitRandom,
+    /// Neurons split by balanced k-means of their weights.
+    SplitCluster,
+    /// Neurons that fire together on calibration text share an expert.
+    SplitCoactivation,
+    /// Neurons split in order of mean activation on calibration text.
+    SplitImportance,
+    /// PESC: the frozen FFN plus routed bottleneck adapters on its output.
+    Pesc,
+    /// MoE-KD: the frozen FFN plus routed low-rank SwiGLU experts.
+    LoraExperts,
+}
+
+/// Router initialisations.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouterInitArg {
+    /// N(0, 0.02²).
+    Random,
+    /// Zeros (every expert equally likely).
+    Uniform,
+    /// Mean gate weights of each expert's neurons (split only).
+    Centroids,
+    /// Mean normalised hidden state of the tokens each expert serves (split only).
+    HiddenStates,
+}
+
+/// PESC adapter non-linearities.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdapterActivation {
+    /// Linear adapters: merge exactly into plain experts for export.
+    Identity,
+    /// GELU adapters (the PESC paper's form; cannot be exported to Hugging Face).
+    Gelu,
+    /// ReLU adapters (cannot be exported to Hugging Face).
+    Relu,
+}
+
+/// Output checkpoint layouts.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FormatArg {
+    /// Mixtral when the model fits it (renormalised top-k, no shared expert), else Qwen2-MoE.
+    Auto,
+    /// `MixtralForCausalLM`.
+    Mixtral,
+    /// `Qwen2MoeForCausalLM`.
+    Qwen2Moe,
+}
+
+/// Weight types of the written checkpoint.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DtypeArg {
+    /// 32-bit floats.
+    F32,
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+}
+
+/// Arguments of `moekit convert`.
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// The dense model: a Hugging Face directory or a .gguf file.
+    dense: PathBuf,
+    /// How experts are made.
+    #[arg(long, value_enum)]
+    method: MethodArg,
+    /// Experts per layer (for splits: parts the FFN is cut into, shared ones included).
+    #[arg(long)]
+    experts: usize,
+    /// Experts per token.
+    #[arg(long)]
+    top_k: usize,
+    /// Split only: parts holding the most active neurons that form an always-on shared expert.
+    #[arg(long, default_value_t = 0)]
+    shared_experts: usize,
+    /// Router initialisation.
+    #[arg(long, value_enum, default_value = "random")]
+    router_init: RouterInitArg,
+    /// Upcycle: Gaussian noise on each copy, relative to the weights' standard deviation.
+    #[arg(long, default_value_t = 0.0)]
+    noise: f64,
+    /// PESC: adapter bottleneck width.
+    #[arg(long, default_value_t = 64)]
+    bottleneck: usize,
+    /// PESC: adapter non-linearity.
+    #[arg(long, value_enum, default_value = "identity")]
+    adapter_activation: AdapterActivation,
+    /// LoRA experts: rank of each factored matrix.
+    #[arg(long, default_value_t = 16)]
+    rank: usize,
+    /// LoRA experts: scale α of the experts' sum.
+    #[arg(long, default_value_t = 1.0)]
+    alpha: f64,
+    /// Factor on the routed experts' output (default: the method's, see the docs).
+    #[arg(long)]
+    output_scale: Option<f64>,
+    /// Use the raw top-k probabilities as weights instead of renormalising them.
+    #[arg(long)]
+    no_renormalize: bool,
+    /// Calibration text: files or directories (read recursively, in name order).
+    #[arg(long, num_args = 1.., value_name = "FILE")]
+    calib: Vec<PathBuf>,
+    /// Calibration tokens to record.
+    #[arg(long, default_value_t = 100_000)]
+    calib_tokens: usize,
+    /// Tokens per calibration sequence.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Layer-wise construction: training steps per layer (0: convert only).
+    #[arg(long, default_value_t = 0)]
+    layerwise_steps: usize,
+    /// Layer-wise construction: tokens per step.
+    #[arg(long, default_value_t = 2048)]
+    batch_tokens: usize,
+    /// Layer-wise construction: peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Activations kept in memory up to this many MiB; the rest streams to the work directory.
+    #[arg(long, default_value_t = 2048)]
+    memory_budget_mb: usize,
+    /// Recorded activations and finished layers (default: OUT/.moekit-work). Rerunning the
+    /// same command resumes from it; it is removed after success unless --keep-work.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Keep the work directory after success.
+    #[arg(long)]
+    keep_work: bool,
+    /// Output checkpoint layout.
+    #[arg(long, value_enum, default_value = "auto")]
+    format: FormatArg,
+    /// Weight type of the written checkpoint.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+    /// Seed of every random choice.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON summary instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Output directory (Hugging Face checkpoint).
+    #[arg(long)]
+    out: PathBuf,
+}
+
+impl ConvertArgs {
+    fn config(&self) -> ConvertConfig {
+        let method = match self.method {
+            MethodArg::Upcycle => Method::Upcycle { noise: self.noise },
+            MethodArg::Split | MethodArg::SplitRandom => Method::Split {
+                strategy: SplitStrategy::Random,
+            },
+            MethodArg::SplitCluster => Method::Split {
+                strategy: SplitStrategy::Cluster,
+            },
+            MethodArg::SplitCoactivation => Method::Split {
+                strategy: SplitStrategy::Coactivation,
+            },
+            MethodArg::SplitImportance => Method::Split {
+                strategy: SplitStrategy::Importance,
+            },
+            MethodArg::Pesc => Method::Pesc {
+                bottleneck: self.bottleneck,
+                activation: match self.adapter_activation {
+                    AdapterActivation::Identity => Activation::Identity,
+                    AdapterActivation::Gelu => Activation::Gelu,
+                    AdapterActivation::Relu => Activation::Relu,
+                },
+            },
+            MethodArg::LoraExperts => Method::LoraExperts {
+                rank: self.rank,
+                intermediate_size: None,
+                alpha: self.alpha,
+            },
+        };
+        ConvertConfig::new(method, self.experts, self.top_k)
+            .with_shared_experts(self.shared_experts)
+            .with_renormalize(self.no_renormalize.then_some(false))
+            .with_router_init(match self.router_init {
+                RouterInitArg::Random => RouterInit::Random,
+                RouterInitArg::Uniform => RouterInit::Uniform,
+                RouterInitArg::Centroids => RouterInit::Centroids,
+                RouterInitArg::HiddenStates => RouterInit::HiddenStates,
+            })
+            .with_output_scale(self.output_scale)
+            .with_seed(self.seed)
+    }
+
+    fn format(&self, config: &ConvertConfig) -> ExportFormat {
+        match self.format {
+            FormatArg::Mixtral => ExportFormat::Mixtral,
+            FormatArg::Qwen2Moe => ExportFormat::Qwen2Moe,
+            FormatArg::Auto => {
+                let plain = matches!(config.method, Method::Upcycle { .. } | Method::Split { .. });
+                if plain && config.shared_experts == 0 && config.renormalized() {
+                    ExportFormat::Mixtral
+                } else {
+                    ExportFormat::Qwen2Moe
+                }
+            }
+        }
+    }
+}
+
+/// One bar per layer during layer-wise construction.
+struct Bars {
+    multi: MultiProgress,
+    current: Option<ProgressBar>,
+}
+
+impl LayerObserver for Bars {
+    fn start(&mut self, layer: usize, steps: usize) {
+        let bar = self
+            .multi
+            .add(progress::bar(&format!("layer {layer}"), "steps"));
+        bar.set_length(steps as u64);
+        self.current = Some(bar);
+    }
+
+    fn step(&mut self, _: usize, step: usize, mse: f32) {
+        if let Some(bar) = &self.current {
+            bar.set_position(step as u64);
+            bar.set_message(format!("mse {mse:.3e}"));
+        }
+    }
+
+    fn finish(&mut self, r: &LayerReport) {
+        if let Some(bar) = self.current.take() {
+            bar.finish();
+        }
+        tracing::info!(
+            layer = r.layer,
+            before = r.error_before,
+            after = r.error_after,
+            seconds = r.seconds,
+            resumed = r.resumed,
+            "layer constructed"
+        );
+    }
+}
+
+fn fingerprint(args: &ConvertArgs, files: &[PathBuf]) -> String {
+    let stamp = |p: &Path| {
+        let m = std::fs::metadata(p).ok();
+        let len = m.as_ref().map_or(0, |m| m.len());
+        let mtime = m
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        format!("{}:{len}:{mtime}", p.display())
+    };
+    let mut parts = vec![
+        stamp(&args.dense),
+        format!("tokens={} seq={}", args.calib_tokens, args.seq_len),
+    ];
+    parts.extend(files.iter().map(|f| stamp(f)));
+    parts.join("\n")
+}
+
+/// Records calibration activations (or reuses recorded ones from the work directory).
+fn calibrate(
+    args: &ConvertArgs,
+    model: &Llama,
+    tokenizer: &moekit::llama::Tokenizer,
+    work: &Path,
+) -> Result<ActivationStore, CliError> {
+    let files = calibration::files(&args.calib)?;
+    let record = RecordConfig {
+        seq_len: args.seq_len,
+        batch: 4,
+        memory_budget: args.memory_budget_mb << 20,
+        fingerprint: fingerprint(args, &files),
+    };
+    if let Some(store) = ActivationStore::open(work, &record.fingerprint)? {
+        tracing::info!(tokens = store.tokens(), "reusing recorded activations");
+        return Ok(store);
+    }
+    let ids = calibration::tokens(tokenizer, &files, args.calib_tokens)?;
+    let bar = progress::bar("record", "tokens");
+    let store = ActivationStore::record(
+        model,
+        &ids,
+        &record,
+        Some(work),
+        &mut progress::update(&bar),
+    )?;
+    bar.finish_and_clear();
+    Ok(store)
+}
+
+/// Converts, optionally constructs layer-wise, and writes the checkpoint.
+pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
+    let config = args.config();
+    let needs_calib = config.needs_calibration() || args.layerwise_steps > 0;
+    if needs_calib && args.calib.is_empty() {
+        return Err(CliError::Usage(
+            "this conversion needs calibration text: add --calib FILE_OR_DIR...".into(),
+        ));
+    }
+    let format = args.format(&config);
+    let (_, dense, tokenizer) = super::load(&args.dense, None)?;
+    config.validate(dense.config.intermediate_size)?;
+    let dense_counts = dense.param_counts();
+    let work = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| args.out.join(".moekit-work"));
+    let start = Instant::now();
+    let store = needs_calib
+        .then(|| calibrate(args, &dense, &tokenizer, &work))
+        .transpose()?;
+    let record_seconds = start.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let bar = progress::bar("convert", "layers");
+    let model = convert(dense, &config, store.as_ref(), &mut progress::update(&bar))?;
+    bar.finish_and_clear();
+    let convert_seconds = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    let (model, reports) = match (&store, args.layerwise_steps) {
+        (Some(store), steps) if steps > 0 => {
+            let lw = LayerwiseConfig::new()
+                .with_steps(steps)
+                .with_batch_tokens(args.batch_tokens)
+                .with_lr(args.lr)
+                .with_seed(args.seed);
+            let mut bars = Bars {
+                multi: MultiProgress::new(),
+                current: None,
+            };
+            // Finished layers are kept per configuration, so that one work directory (one
+            // recording) serves several conversions.
+            let mut hasher = std::hash::DefaultHasher::new();
+            format!("{config:?} {lw:?}").hash(&mut hasher);
+            let layers = work.join(format!("layers-{:016x}", hasher.finish()));
+            construct(model, store, &lw, Some(&layers), &mut bars)?
+        }
+        _ => (model, Vec::new()),
+    };
+    let layerwise_seconds = t.elapsed().as_secs_f64();
+
+    let written = save_pretrained(
+        &model,
+        Some(&tokenizer),
+        &args.out,
+        format,
+        dtype(args.dtype),
+    )?;
+    if !args.keep_work && work.exists() {
+        std::fs::remove_dir_all(&work).map_err(|source| CliError::Read {
+            path: work.clone(),
+            source,
+        })?;
+    }
+    let counts = model.param_counts();
+    let summary = json!({
+        "out": args.out,
+        "architecture": written.model_type,
+        "method": format!("{:?}", config.method),
+        "experts": config.num_experts,
+        "top_k": config.top_k,
+        "shared_experts": config.shared_experts,
+        "calibration_tokens": store.as_ref().map(|s| s.tokens()),
+        "dense_params": dense_counts,
+        "params": counts,
+        "active_ratio": counts.active as f64 / dense_counts.active as f64,
+        "seconds": {
+            "record": record_seconds,
+            "convert": convert_seconds,
+            "layerwise": layerwise_seconds,
+        },
+        "layers": reports,
+    });
+    if args.json {
+        println!("{summary}");
+    } else {
+        println!("wrote {} ({})", args.out.display(), written.model_type);
+        println!(
+            "parameters: {} total, {} active per token ({:.1}% of the dense model's {})",
+            counts.total,
+            counts.active,
+            100.0 * counts.active as f64 / dense_counts.active as f64,
+            dense_counts.active
+        );
+        if !reports.is_empty() {
+            let mean = |f: fn(&LayerReport) -> f64| {
+                reports.iter().map(f).sum::<f64>() / reports.len() as f64
+            };
+            println!(
+                "layer-wise: relative FFN error {:.4} -> {:.4} (mean over {} layers, {:.0} s)",
+                mean(|r| r.error_before),
+                mean(|r| r.error_after),
+                reports.len(),
+                layerwise_seconds
+            );
+        }
+    }
+    Ok(())
+}
+
+fn dtype(d: DtypeArg) -> SaveDtype {
+    match d {
+        DtypeArg::F32 => SaveDtype::F32,
+        DtypeArg::Bf16 => SaveDtype::BF16,
+        DtypeArg::F16 => SaveDtype::F16,
+    }
+}

@@ -1,0 +1,458 @@
+//! Recording FFN activations (in memory and on disk) and layer-wise expert construction with
+//! resumption.
+
+mod common;
+
+use std::path::Path;
+
+use burn::module::Module;
+use common::*;
+use moekit_llama::{FfnSlot, Llama, LlamaConfig};
+use moekit_testing::{assert_close_msg, device, values};
+use moekit_upcycle::{
+    ActivationStore, ConvertConfig, LayerObserver, LayerReport, LayerwiseConfig, Method,
+    RecordConfig, SplitStrategy, UpcycleError, construct, convert,
+};
+
+fn on_disk(seq_len: usize, fingerprint: &str) -> RecordConfig {
+    RecordConfig {
+        seq_len,
+        batch: 2,
+        memory_budget: 0,
+        fingerprint: fingerprint.into(),
+    }
+}
+
+fn host(store: &ActivationStore, l: usize, device: &burn::tensor::Device) -> (Vec<f32>, Vec<f32>) {
+    let (x, y) = store.layer(l, device).unwrap();
+    (values(x), values(y))
+}
+
+#[test]
+fn recordings_in_memory_and_on_disk_hold_each_ffns_inputs_and_outputs() {
+    let device = device(31);
+    let model = tiny(&device);
+    let ids = token_ids(40, 3);
+    let mut seen = Vec::new();
+    let mem = ActivationStore::record(&model, &ids, &in_memory(16), None, &mut |d, t| {
+        seen.push((d, t))
+    })
+    .unwrap();
+    // Windows of 16, 16 and 8 tokens; the first two run together.
+    assert_eq!(seen, [(32, 40), (40, 40)]);
+    assert!(!mem.on_disk());
+    assert_eq!((mem.tokens(), mem.layers()), (40, 2));
+
+    let dir = tempfile::tempdir().unwrap();
+    let disk = ActivationStore::record(
+        &model,
+        &ids,
+        &on_disk(16, "fp"),
+        Some(dir.path()),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert!(disk.on_disk());
+    assert_eq!((disk.tokens(), disk.layers()), (40, 2));
+    let reopened = ActivationStore::open(dir.path(), "fp")
+        .unwrap()
+        .expect("reopens");
+    assert!(reopened.on_disk());
+    assert_eq!(reopened.tokens(), 40);
+    for l in 0..2 {
+        let (mx, my) = host(&mem, l, &device);
+        assert_eq!(mx.len(), 40 * HIDDEN);
+        assert_eq!(
+            host(&disk, l, &device),
+            (mx.clone(), my.clone()),
+            "layer {l}"
+        );
+        assert_eq!(host(&reopened, l, &device), (mx, my), "layer {l} reopened");
+        // y is the dense FFN of x.
+        let (x, y) = mem.layer(l, &device).unwrap();
+        assert_close_msg(dense_ffn(&model, l).forward(x), y, 1e-5, 1e-6, "y = FFN(x)");
+    }
+    assert!(mem.layer(2, &device).is_err());
+    // An unreadable manifest is an error naming the work directory's file.
+    let manifest = dir.path().join("activations.json");
+    let good = std::fs::read(&manifest).unwrap();
+    std::fs::write(&manifest, b"{ not json").unwrap();
+    match ActivationStore::open(dir.path(), "fp") {
+        Err(UpcycleError::WorkDir { path, .. }) => assert_eq!(path, manifest),
+        other => panic!("{other:?}"),
+    }
+    std::fs::write(&manifest, good).unwrap();
+    // Another fingerprint, or no recording, reopens nothing.
+    assert!(
+        ActivationStore::open(dir.path(), "other")
+            .unwrap()
+            .is_none()
+    );
+    let empty = tempfile::tempdir().unwrap();
+    assert!(ActivationStore::open(empty.path(), "fp").unwrap().is_none());
+    // A truncated recording is not reused.
+    let x0 = dir.path().join("layer000.x.f32");
+    let bytes = std::fs::read(&x0).unwrap();
+    std::fs::write(&x0, &bytes[..bytes.len() - 4]).unwrap();
+    assert!(ActivationStore::open(dir.path(), "fp").unwrap().is_none());
+    std::fs::write(&x0, &bytes).unwrap();
+    assert!(ActivationStore::open(dir.path(), "fp").unwrap().is_some());
+    // So is one with a missing file.
+    let y1 = dir.path().join("layer001.y.f32");
+    let y1_bytes = std::fs::read(&y1).unwrap();
+    std::fs::remove_file(&y1).unwrap();
+    assert!(ActivationStore::open(dir.path(), "fp").unwrap().is_none());
+    std::fs::write(&y1, y1_bytes).unwrap();
+    std::fs::write(&x0, &bytes[..bytes.len() - 4]).unwrap();
+    // Reading a layer whose file was cut under a store is an error, not a panic.
+    assert!(disk.layer(0, &device).is_err());
+    assert!(disk.layer(1, &device).is_ok());
+}
+
+#[test]
+fn recording_order_does_not_depend_on_batching() {
+    let device = device(32);
+    let model = tiny(&device);
+    let ids = token_ids(33, 4);
+    let mut one = in_memory(8);
+    one.batch = 1;
+    let mut three = in_memory(8);
+    three.batch = 3;
+    let a = ActivationStore::record(&model, &ids, &one, None, &mut |_, _| {}).unwrap();
+    let b = ActivationStore::record(&model, &ids, &three, None, &mut |_, _| {}).unwrap();
+    // The last window of a single token is dropped.
+    assert_eq!((a.tokens(), b.tokens()), (32, 32));
+    // The second window on its own gives rows 8..16.
+    let w = ActivationStore::record(&model, &ids[8..16], &one, None, &mut |_, _| {}).unwrap();
+    for l in 0..2 {
+        let (ax, ay) = host(&a, l, &device);
+        let (bx, by) = host(&b, l, &device);
+        assert_vec_close(&ax, &bx, 1e-5, "x, batch 1 vs 3");
+        assert_vec_close(&ay, &by, 1e-5, "y, batch 1 vs 3");
+        let (wx, _) = host(&w, l, &device);
+        assert_vec_close(&wx, &ax[8 * HIDDEN..16 * HIDDEN], 1e-5, "window 2");
+        // Evenly spaced inputs.
+        let sub = values(a.inputs(l, 5, &device).unwrap());
+        assert_eq!(sub.len(), 5 * HIDDEN);
+        for r in 0..5 {
+            let t = r * 32 / 5;
+            assert_eq!(
+                &sub[r * HIDDEN..(r + 1) * HIDDEN],
+                &ax[t * HIDDEN..(t + 1) * HIDDEN]
+            );
+        }
+        assert_eq!(values(a.inputs(l, 1000, &device).unwrap()), ax);
+    }
+    // No tokens, or activations past the budget without a work directory: errors.
+    let err = ActivationStore::record(&model, &ids[..1], &one, None, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(err, UpcycleError::Calibration(_)), "{err}");
+    let err =
+        ActivationStore::record(&model, &ids, &on_disk(8, ""), None, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(err, UpcycleError::Config(_)), "{err}");
+}
+
+fn split_top1(model: &Llama) -> Llama {
+    let config = ConvertConfig::new(
+        Method::Split {
+            strategy: SplitStrategy::Random,
+        },
+        4,
+        1,
+    )
+    .with_seed(5);
+    convert(model.clone(), &config, None, &mut |_, _| {}).unwrap()
+}
+
+fn layerwise() -> LayerwiseConfig {
+    LayerwiseConfig::new()
+        .with_steps(60)
+        .with_batch_tokens(32)
+        .with_lr(5e-3)
+        .with_holdout(0.25)
+}
+
+#[derive(Default)]
+struct Counter {
+    starts: Vec<(usize, usize)>,
+    steps: usize,
+    finished: Vec<LayerReport>,
+}
+
+impl LayerObserver for Counter {
+    fn start(&mut self, layer: usize, steps: usize) {
+        self.starts.push((layer, steps));
+    }
+    fn step(&mut self, _: usize, _: usize, mse: f32) {
+        assert!(mse.is_finite());
+        self.steps += 1;
+    }
+    fn finish(&mut self, report: &LayerReport) {
+        self.finished.push(*report);
+    }
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn construction_reduces_every_layers_error_and_resumes_from_its_work_dir() {
+    let device = device(33);
+    let model = tiny(&device);
+    let store = record(&model, 8);
+    let config = layerwise();
+    let dir = tempfile::tempdir().unwrap();
+
+    let mut obs = Counter::default();
+    let (first, reports) = construct(
+        split_top1(&model),
+        &store,
+        &config,
+        Some(dir.path()),
+        &mut obs,
+    )
+    .unwrap();
+    assert_eq!(obs.starts, [(0, 60), (1, 60)]);
+    assert_eq!(obs.steps, 120);
+    assert_eq!(obs.finished, reports);
+    assert_eq!(reports.len(), 2);
+    for r in &reports {
+        assert!(!r.resumed);
+        assert!(r.error_before.is_finite() && r.error_before > 0.1, "{r:?}");
+        assert!(r.error_after < r.error_before, "{r:?}");
+    }
+    assert_eq!(files(dir.path()), ["moe_layer000.bpk", "moe_layer001.bpk"]);
+    let want = logits(&first, &device);
+    // Training changed the model.
+    assert!(max_diff(&want, &logits(&split_top1(&model), &device)) > 1e-4);
+
+    // A rerun loads every layer.
+    let mut obs = Counter::default();
+    let (again, resumed) = construct(
+        split_top1(&model),
+        &store,
+        &config,
+        Some(dir.path()),
+        &mut obs,
+    )
+    .unwrap();
+    assert!(obs.starts.is_empty() && obs.steps == 0);
+    for (r, s) in resumed.iter().zip(&reports) {
+        assert!(r.resumed, "{r:?}");
+        assert_eq!(r.error_before, s.error_before);
+        assert!(
+            (r.error_after - s.error_after).abs() <= 1e-9,
+            "{r:?} vs {s:?}"
+        );
+    }
+    assert_vec_close(&logits(&again, &device), &want, 1e-6, "resumed model");
+
+    // An interrupted run resumes at the missing layer; training is deterministic.
+    std::fs::remove_file(dir.path().join("moe_layer001.bpk")).unwrap();
+    let mut obs = Counter::default();
+    let (partial, reports) = construct(
+        split_top1(&model),
+        &store,
+        &config,
+        Some(dir.path()),
+        &mut obs,
+    )
+    .unwrap();
+    assert_eq!(obs.starts, [(1, 60)]);
+    assert_eq!(
+        reports.iter().map(|r| r.resumed).collect::<Vec<_>>(),
+        [true, false]
+    );
+    assert_vec_close(
+        &logits(&partial, &device),
+        &want,
+        1e-4,
+        "half-resumed model",
+    );
+    assert_eq!(files(dir.path()), ["moe_layer000.bpk", "moe_layer001.bpk"]);
+
+    // Without a work directory nothing is written and the result is the same.
+    let (plain, _) = construct(
+        split_top1(&model),
+        &store,
+        &config,
+        None,
+        &mut moekit_upcycle::LogObserver,
+    )
+    .unwrap();
+    assert_vec_close(&logits(&plain, &device), &want, 1e-4, "no work dir");
+}
+
+#[test]
+fn unusable_work_dirs_and_recordings_are_errors_not_panics() {
+    let device = device(34);
+    let model = tiny(&device);
+    let store = record(&model, 4);
+    let config = layerwise().with_steps(3);
+    let moe = split_top1(&model);
+
+    // A corrupt saved layer.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("moe_layer000.bpk"), b"not a burnpack file").unwrap();
+    let err = construct(
+        moe.clone(),
+        &store,
+        &config,
+        Some(dir.path()),
+        &mut Counter::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, UpcycleError::WorkDir { .. }), "{err}");
+
+    // A saved layer of another shape (2 experts instead of 4).
+    let two = ConvertConfig::new(
+        Method::Split {
+            strategy: SplitStrategy::Random,
+        },
+        2,
+        1,
+    );
+    let other = convert(model.clone(), &two, None, &mut |_, _| {}).unwrap();
+    let FfnSlot::Moe(layer) = &other.layers[0].ffn else {
+        unreachable!()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    layer
+        .clone()
+        .save_file(dir.path().join("moe_layer000.bpk"))
+        .unwrap();
+    let err = construct(
+        moe.clone(),
+        &store,
+        &config,
+        Some(dir.path()),
+        &mut Counter::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, UpcycleError::WorkDir { .. }), "{err}");
+
+    // A recording of another model depth.
+    let mut one_layer = LlamaConfig::llama(VOCAB, HIDDEN, INTERMEDIATE, 1, 4, 2);
+    one_layer.tie_word_embeddings = false;
+    let short = record(&one_layer.init(&device).unwrap(), 2);
+    let err = construct(moe.clone(), &short, &config, None, &mut Counter::default()).unwrap_err();
+    assert!(matches!(err, UpcycleError::Config(_)), "{err}");
+
+    // NaN activations: a NonFinite error.
+    let dir = tempfile::tempdir().unwrap();
+    let ids = token_ids(64, 9);
+    ActivationStore::record(
+        &model,
+        &ids,
+        &on_disk(16, "nan"),
+        Some(dir.path()),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let x0 = dir.path().join("layer000.x.f32");
+    let n = std::fs::read(&x0).unwrap().len() / 4;
+    let nan: Vec<u8> = (0..n).flat_map(|_| f32::NAN.to_le_bytes()).collect();
+    std::fs::write(&x0, nan).unwrap();
+    let poisoned = ActivationStore::open(dir.path(), "nan").unwrap().unwrap();
+    let err = construct(moe, &poisoned, &config, None, &mut Counter::default()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UpcycleError::NonFinite {
+                layer: 0,
+                step: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn construction_trains_adapters_and_keeps_the_dense_ffn_frozen() {
+    let device = device(35);
+    let model = tiny(&device);
+    let store = record(&model, 6);
+    for method in [
+        Method::Pesc {
+            bottleneck: 4,
+            activation: moekit_moe::Activation::Identity,
+        },
+        Method::LoraExperts {
+            rank: 2,
+            intermediate_size: Some(16),
+            alpha: 1.0,
+        },
+    ] {
+        let what = format!("{method:?}");
+        let mut moe = convert(
+            model.clone(),
+            &ConvertConfig::new(method, 4, 2),
+            None,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        // Random zero-initialised factors: the block starts off the dense FFN.
+        for layer in &mut moe.layers {
+            let FfnSlot::Moe(m) = &mut layer.ffn else {
+                unreachable!()
+            };
+            match &mut m.experts {
+                moekit_moe::Experts::Full(b) => {
+                    b.w_out = burn::module::Param::from_tensor(moekit_testing::normal(
+                        b.w_out.dims(),
+                        0.3,
+                        &device,
+                    ))
+                }
+                moekit_moe::Experts::LowRank(b) => {
+                    b.out_b = burn::module::Param::from_tensor(moekit_testing::normal(
+                        b.out_b.dims(),
+                        0.3,
+                        &device,
+                    ))
+                }
+            }
+        }
+        let before: Vec<_> = (0..2)
+            .map(|l| {
+                let m = common::moe(&moe, l);
+                let s = &m.shared.as_ref().unwrap().ffn;
+                (
+                    values(s.w_in.val()),
+                    values(s.w_out.val()),
+                    values(m.experts.weights().w_out),
+                )
+            })
+            .collect();
+        let (trained, reports) = construct(
+            moe,
+            &store,
+            &layerwise().with_steps(30),
+            None,
+            &mut Counter::default(),
+        )
+        .unwrap();
+        for (l, (w_in, w_out, experts)) in before.into_iter().enumerate() {
+            let m = common::moe(&trained, l);
+            let s = &m.shared.as_ref().unwrap().ffn;
+            assert_eq!(values(s.w_in.val()), w_in, "{what}: layer {l} shared w_in");
+            assert_eq!(
+                values(s.w_out.val()),
+                w_out,
+                "{what}: layer {l} shared w_out"
+            );
+            assert!(
+                max_diff(&values(m.experts.weights().w_out), &experts) > 1e-4,
+                "{what}: layer {l}'s experts did not train"
+            );
+            let r = reports[l];
+            assert!(r.error_after < r.error_before, "{what}: {r:?}");
+        }
+    }
+}
