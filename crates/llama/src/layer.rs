@@ -11,6 +11,9 @@ use crate::config::LlamaConfig;
 use crate::ffn::FfnSlot;
 use crate::rope::RopeTables;
 
+/// A callback handed a layer's FFN input and output (see [`DecoderLayer::forward_observed`]).
+pub type FfnObserver<'a> = dyn FnMut(&Tensor<3>, &Tensor<3>) -> Result<()> + 'a;
+
 /// A LLaMA decoder layer.
 #[derive(Module, Debug)]
 pub struct DecoderLayer {
@@ -57,7 +60,7 @@ impl DecoderLayer {
         h: Tensor<3>,
         rope: &RopeTables,
         cache: Option<(&mut KvCache, usize)>,
-        observe: Option<&mut dyn FnMut(&Tensor<3>, &Tensor<3>) -> Result<()>>,
+        observe: Option<&mut FfnObserver>,
     ) -> Result<(Tensor<3>, Option<MoeOutput>)> {
         let h = h.clone()
             + self

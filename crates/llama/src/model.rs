@@ -8,7 +8,7 @@ use moekit_moe::MoeOutput;
 use crate::attention::KvCache;
 use crate::config::{LlamaConfig, ParamCounts};
 use crate::ffn::FfnSlot;
-use crate::layer::{DecoderLayer, rms_norm};
+use crate::layer::{DecoderLayer, FfnObserver, rms_norm};
 use crate::rope::Rope;
 use crate::{LlamaError, Result};
 
@@ -155,9 +155,7 @@ impl Llama {
                 h,
                 &rope,
                 cache.as_deref_mut().map(|c| (c, l)),
-                at_layer
-                    .as_mut()
-                    .map(|f| f as &mut dyn FnMut(&Tensor<3>, &Tensor<3>) -> Result<()>),
+                at_layer.as_mut().map(|f| f as &mut FfnObserver),
             )?;
             h = next;
             if let Some(r) = routing {

@@ -73,7 +73,7 @@ fn directories_are_walked_in_name_order_without_hidden_entries() {
     std::fs::create_dir(root.join("empty")).unwrap();
     assert!(files(&[root.join("empty")]).unwrap().is_empty());
     let missing = root.join("missing.txt");
-    match files(&[missing.clone()]) {
+    match files(std::slice::from_ref(&missing)) {
         Err(UpcycleError::Io { path, .. }) => assert_eq!(path, missing),
         other => panic!("{other:?}"),
     }
@@ -113,7 +113,7 @@ fn files_are_tokenised_in_order_into_one_stream() {
     write(&text.join("1.txt"), b"the quick brown fox");
     write(&text.join("2.txt"), b"jumps over the lazy dog");
     write(&text.join("3.txt"), b"the cat");
-    let list = files(&[text.clone()]).unwrap();
+    let list = files(std::slice::from_ref(&text)).unwrap();
     assert_eq!(
         tokens(&tok, &list, 100).unwrap(),
         [1, 2, 3, 4, 5, 6, 1, 7, 8, 1, 0]
@@ -152,7 +152,7 @@ fn too_little_text_or_binary_files_are_errors() {
     );
     let binary = dir.path().join("blob.bin");
     write(&binary, &[0xff, 0xfe, 0x00, 0x80]);
-    match tokens(&tok, &[binary.clone()], 100) {
+    match tokens(&tok, std::slice::from_ref(&binary), 100) {
         Err(UpcycleError::Io { path, .. }) => assert_eq!(path, binary),
         other => panic!("{other:?}"),
     }

@@ -103,12 +103,11 @@ fn hidden_state_columns_are_mean_normalised_inputs_of_the_tokens_each_expert_loa
         let mut used = 0;
         for (k, col) in want.iter().enumerate() {
             used += usize::from(col.iter().any(|&v| v != 0.0));
-            for h in 0..HIDDEN {
+            for (h, &want) in col.iter().enumerate() {
                 assert!(
-                    (g.at(h, k) - col[h]).abs() <= 1e-4,
-                    "{strategy:?} expert {k} row {h}: {} vs {}",
+                    (g.at(h, k) - want).abs() <= 1e-4,
+                    "{strategy:?} expert {k} row {h}: {} vs {want}",
                     g.at(h, k),
-                    col[h]
                 );
             }
         }
