@@ -283,6 +283,7 @@ pub fn convert(
             .dense()
             .ok_or_else(|| UpcycleError::Config(format!("layer {l} is already a MoE layer")))?;
         let inputs = calibration
+            .filter(|_| config.needs_calibration())
             .map(|c| c.inputs(l, PROFILE_TOKENS, &device))
             .transpose()?;
         let moe = convert_ffn(&ffn, config, inputs, layer_seed(config.seed, l))?;

@@ -7,7 +7,7 @@ use std::time::Instant;
 use burn::config::Config;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use moekit_llama::{FfnSlot, Llama};
 use moekit_moe::MoeLayer;
 
@@ -79,26 +79,60 @@ fn checkpoint(dir: &Path, layer: usize) -> PathBuf {
     dir.join(format!("moe_layer{layer:03}.bpk"))
 }
 
-/// Relative squared error of `moe` on `(x, y)`, in slices.
-fn relative_error(moe: &MoeLayer, x: &Tensor<2>, y: &Tensor<2>) -> Result<f64> {
-    let [n, h] = x.dims();
+/// Host rows `[N·H]` of one layer's recording.
+struct Rows<'a> {
+    x: &'a [f32],
+    y: &'a [f32],
+    hidden: usize,
+}
+
+impl Rows<'_> {
+    fn len(&self) -> usize {
+        self.x.len() / self.hidden
+    }
+
+    /// Rows `range` of `x` and `y` as `[rows, H]` tensors on `device`.
+    fn slice(&self, range: std::ops::Range<usize>, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let h = self.hidden;
+        let n = range.len();
+        let take = |v: &[f32]| {
+            Tensor::from_data(
+                TensorData::new(v[range.start * h..range.end * h].to_vec(), [n, h]),
+                device,
+            )
+        };
+        (take(self.x), take(self.y))
+    }
+
+    /// The rows `ids` of `x` and `y` gathered on the host, as `[ids.len(), H]` tensors.
+    fn gather(&self, ids: &[usize], device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let h = self.hidden;
+        let take = |v: &[f32]| {
+            let rows: Vec<f32> = ids
+                .iter()
+                .flat_map(|&i| v[i * h..(i + 1) * h].iter().copied())
+                .collect();
+            Tensor::from_data(TensorData::new(rows, [ids.len(), h]), device)
+        };
+        (take(self.x), take(self.y))
+    }
+}
+
+/// Relative squared error of `moe` on the rows, in slices.
+fn relative_error(moe: &MoeLayer, data: &Rows, device: &Device) -> Result<f64> {
+    let (n, h) = (data.len(), data.hidden);
     let (mut err, mut norm) = (0f64, 0f64);
     for start in (0..n).step_by(4096) {
         let rows = 4096.min(n - start);
-        let xb = x.clone().narrow(0, start, rows).reshape([1, rows, h]);
-        let yb = y.clone().narrow(0, start, rows);
-        let out = moe.forward(xb)?.output.reshape([rows, h]);
+        let (xb, yb) = data.slice(start..start + rows, device);
+        let out = moe
+            .forward(xb.reshape([1, rows, h]))?
+            .output
+            .reshape([rows, h]);
         err += (out - yb.clone()).square().sum().into_scalar::<f32>() as f64;
         norm += yb.square().sum().into_scalar::<f32>() as f64;
     }
     Ok(err / norm.max(f64::MIN_POSITIVE))
-}
-
-fn rows(x: &Tensor<2>, ids: &[usize], device: &Device) -> Tensor<2> {
-    let idx: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-    let idx: Tensor<1, Int> = Tensor::from_data(TensorData::new(idx, [ids.len()]), &x.device());
-    let picked = x.clone().select(0, idx);
-    Tensor::from_data(picked.into_data(), device)
 }
 
 /// Learning rate at `step` of `steps` (0-based).
@@ -111,18 +145,30 @@ fn schedule(peak: f64, step: usize, steps: usize) -> f64 {
     peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
 }
 
-/// Trains one MoE block to reproduce `y = FFN(x)`: MSE plus the block's auxiliary losses, on
-/// an autodiff device. Frozen parameters (PESC's and LoRA experts' shared FFN) stay frozen.
+/// Trains one MoE block to reproduce `y = FFN(x)` (host rows `[N·H]` each): MSE plus the
+/// block's auxiliary losses, on the autodiff version of `device`. Frozen parameters (PESC's
+/// and LoRA experts' shared FFN) stay frozen.
+#[allow(clippy::too_many_arguments)]
 pub fn train_block(
     moe: MoeLayer,
-    x: &Tensor<2>,
-    y: &Tensor<2>,
+    x: &[f32],
+    y: &[f32],
+    hidden: usize,
+    device: &Device,
     config: &LayerwiseConfig,
     layer: usize,
     observer: &mut dyn LayerObserver,
 ) -> Result<MoeLayer> {
-    let [n, h] = x.dims();
-    let train = x.device().autodiff();
+    let data = Rows { x, y, hidden };
+    let (n, h) = (data.len(), hidden);
+    if n == 0 || y.len() != x.len() {
+        return Err(UpcycleError::Config(format!(
+            "layer {layer}: {} input and {} output values do not make rows of width {h}",
+            x.len(),
+            y.len()
+        )));
+    }
+    let train = device.clone().autodiff();
     let mut moe = moe.fork(&train).train();
     let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
     let mut rng = SplitMix64::new(config.seed ^ layer as u64);
@@ -136,9 +182,8 @@ pub fn train_block(
         }
         let ids = &order[cursor..cursor + batch];
         cursor += batch;
-        let xb = rows(x, ids, &train).reshape([1, batch, h]);
-        let yb = rows(y, ids, &train);
-        let out = moe.forward(xb)?;
+        let (xb, yb) = data.gather(ids, &train);
+        let out = moe.forward(xb.reshape([1, batch, h]))?;
         let mse = (out.output.clone().reshape([batch, h]) - yb)
             .square()
             .mean();
@@ -186,19 +231,25 @@ pub fn construct(
             continue;
         };
         let start = Instant::now();
-        let (x, y) = store.layer(l, &device)?;
-        let n = x.dims()[0];
+        let (x, y) = store.layer_host(l)?;
+        let h = store.hidden();
+        let n = x.len() / h;
         let held = ((n as f64 * config.holdout) as usize).min(8192).min(n / 2);
-        let (train_n, hx, hy) = if held > 0 {
-            (
-                n - held,
-                x.clone().narrow(0, n - held, held),
-                y.clone().narrow(0, n - held, held),
-            )
+        let train_n = if held > 0 { n - held } else { n };
+        let holdout = if held > 0 {
+            Rows {
+                x: &x[train_n * h..],
+                y: &y[train_n * h..],
+                hidden: h,
+            }
         } else {
-            (n, x.clone(), y.clone())
+            Rows {
+                x: &x,
+                y: &y,
+                hidden: h,
+            }
         };
-        let error_before = relative_error(moe, &hx, &hy)?;
+        let error_before = relative_error(moe, &holdout, &device)?;
         let saved = work_dir.map(|d| checkpoint(d, l));
         let (trained, resumed) = match &saved {
             Some(path) if path.exists() => {
@@ -215,8 +266,8 @@ pub fn construct(
             }
             _ => {
                 observer.start(l, config.steps);
-                let (tx, ty) = (x.narrow(0, 0, train_n), y.narrow(0, 0, train_n));
-                let trained = train_block(moe.clone(), &tx, &ty, config, l, observer)?;
+                let (tx, ty) = (&x[..train_n * h], &y[..train_n * h]);
+                let trained = train_block(moe.clone(), tx, ty, h, &device, config, l, observer)?;
                 if let Some(path) = &saved {
                     let tmp = path.with_extension("bpk.tmp");
                     trained
@@ -234,7 +285,7 @@ pub fn construct(
         let report = LayerReport {
             layer: l,
             error_before,
-            error_after: relative_error(&trained, &hx, &hy)?,
+            error_after: relative_error(&trained, &holdout, &device)?,
             seconds: start.elapsed().as_secs_f64(),
             resumed,
         };

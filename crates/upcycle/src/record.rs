@@ -261,6 +261,16 @@ impl ActivationStore {
         matches!(self.backing, Backing::Disk(_))
     }
 
+    /// Layer `layer`'s FFN inputs and outputs as host rows, `N·H` values each.
+    pub fn layer_host(&self, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok((self.host(layer, 0)?, self.host(layer, 1)?))
+    }
+
+    /// Model width `H`.
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
     fn host(&self, layer: usize, which: usize) -> Result<Vec<f32>> {
         if layer >= self.layers {
             return Err(UpcycleError::Config(format!(
