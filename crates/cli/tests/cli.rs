@@ -172,3 +172,181 @@ fn bad_adapter_directories() {
     save_adapter(&tiny, &other, None, SaveDtype::F32).unwrap();
     assert_clean_failure(&eval(&other), "do not fit");
 }
+
+/// A tiny dense model with a word-level tokenizer, and a directory of calibration text.
+fn dense_model_and_text(root: &Path) -> (String, String) {
+    use moekit::llama::{ExportFormat, LlamaConfig, SaveDtype, Tokenizer, save_pretrained};
+    let words = ["[UNK]", "a", "b", "c", "d", "e", "f", "g"];
+    let model_dir = root.join("dense");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    let file = model_dir.join("tokenizer.json");
+    std::fs::write(&file, moekit_testing::word_tokenizer_json(&words)).unwrap();
+    let tokenizer = Tokenizer::from_file(&file, &model_dir.join("tokenizer_config.json")).unwrap();
+    let device = moekit::burn::tensor::Device::flex();
+    device.seed(3);
+    let model = LlamaConfig::llama(16, 16, 32, 2, 2, 1)
+        .init(&device)
+        .unwrap();
+    save_pretrained(
+        &model,
+        Some(&tokenizer),
+        &model_dir,
+        ExportFormat::Dense,
+        SaveDtype::F32,
+    )
+    .unwrap();
+    let text = root.join("text");
+    std::fs::create_dir_all(&text).unwrap();
+    let line = |i: usize| words[1 + (i * 7 + i / 3) % 7];
+    for f in 0..3 {
+        let body: Vec<&str> = (0..120).map(|i| line(i + 31 * f)).collect();
+        std::fs::write(text.join(format!("{f}.txt")), body.join(" ")).unwrap();
+    }
+    (model_dir.display().to_string(), text.display().to_string())
+}
+
+fn perplexity(model: &str, text: &str) -> f64 {
+    let out = moekit(&["eval", model, "--text", text, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["perplexity"].as_f64().unwrap()
+}
+
+#[test]
+fn convert_writes_models_that_evaluate_like_the_dense_one() {
+    let root = tempfile::tempdir().unwrap();
+    let (dense, text) = dense_model_and_text(root.path());
+    let eval_text = format!("{text}/0.txt");
+    let want = perplexity(&dense, &eval_text);
+    // Every expert active with weights 1: exactly the dense model.
+    let out_dir = root.path().join("split").display().to_string();
+    let out = moekit(&[
+        "convert",
+        &dense,
+        "--method",
+        "split-coactivation",
+        "--experts",
+        "4",
+        "--top-k",
+        "4",
+        "--router-init",
+        "uniform",
+        "--calib",
+        &text,
+        "--seq-len",
+        "32",
+        "--json",
+        "--out",
+        &out_dir,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["architecture"], "mixtral");
+    assert!(summary["calibration_tokens"].as_u64().unwrap() > 300);
+    let got = perplexity(&out_dir, &eval_text);
+    assert!((got / want - 1.0).abs() < 1e-4, "{got} vs {want}");
+    // Layer-wise construction: one report per layer, the work directory cleaned up.
+    let lw_dir = root.path().join("lw");
+    let out = moekit(&[
+        "convert",
+        &dense,
+        "--method",
+        "lora-experts",
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--rank",
+        "2",
+        "--calib",
+        &text,
+        "--seq-len",
+        "32",
+        "--layerwise-steps",
+        "5",
+        "--batch-tokens",
+        "64",
+        "--json",
+        "--out",
+        &lw_dir.display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["architecture"], "qwen2_moe");
+    assert_eq!(summary["layers"].as_array().unwrap().len(), 2);
+    assert!(!lw_dir.join(".moekit-work").exists());
+    assert!(perplexity(&lw_dir.display().to_string(), &eval_text).is_finite());
+}
+
+#[test]
+fn convert_refuses_bad_settings_in_one_line() {
+    let root = tempfile::tempdir().unwrap();
+    let (dense, text) = dense_model_and_text(root.path());
+    let out = root.path().join("o").display().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["convert", &dense, "--out", &out];
+        args.extend_from_slice(extra);
+        moekit(&args)
+    };
+    assert_clean_failure(
+        &run(&[
+            "--method",
+            "split-importance",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+        ]),
+        "--calib",
+    );
+    assert_clean_failure(
+        &run(&["--method", "split-random", "--experts", "3", "--top-k", "2"]),
+        "do not split",
+    );
+    assert_clean_failure(
+        &run(&["--method", "upcycle", "--experts", "4", "--top-k", "5"]),
+        "top-k",
+    );
+    let empty = root.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_clean_failure(
+        &run(&[
+            "--method",
+            "split-random",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--layerwise-steps",
+            "3",
+            "--calib",
+            &empty.display().to_string(),
+        ]),
+        "calibration",
+    );
+    assert_clean_failure(
+        &run(&[
+            "--method",
+            "pesc",
+            "--adapter-activation",
+            "gelu",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+        ]),
+        "merged",
+    );
+}

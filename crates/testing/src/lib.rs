@@ -185,3 +185,25 @@ pub fn gguf_fixture(json: &str) -> Vec<u8> {
         .collect();
     gguf_bytes(&[("general.architecture", "llama")], &tensors)
 }
+
+/// A `tokenizer.json` for a word-level tokenizer over `words` (ids in order, the first is the
+/// unknown token), splitting on whitespace: a tokenizer for tests without model files.
+pub fn word_tokenizer_json(words: &[&str]) -> String {
+    let vocab: serde_json::Map<String, serde_json::Value> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), serde_json::json!(i)))
+        .collect();
+    serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": words[0]},
+    })
+    .to_string()
+}

@@ -84,24 +84,8 @@ fn tokenizer(dir: &Path) -> Tokenizer {
     let words = [
         "[UNK]", "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog",
     ];
-    let vocab: serde_json::Map<String, serde_json::Value> = words
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (w.to_string(), serde_json::json!(i)))
-        .collect();
-    let spec = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"},
-    });
     let file = dir.join("tokenizer.json");
-    std::fs::write(&file, spec.to_string()).unwrap();
+    std::fs::write(&file, moekit_testing::word_tokenizer_json(&words)).unwrap();
     Tokenizer::from_file(&file, &dir.join("tokenizer_config.json")).unwrap()
 }
 
