@@ -319,6 +319,21 @@ fn convert_refuses_bad_settings_in_one_line() {
         &run(&["--method", "upcycle", "--experts", "4", "--top-k", "5"]),
         "top-k",
     );
+    assert_clean_failure(
+        &run(&[
+            "--method",
+            "upcycle",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--router-init",
+            "hidden-states",
+            "--calib",
+            &text,
+        ]),
+        "split",
+    );
     let empty = root.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     assert_clean_failure(
