@@ -302,15 +302,35 @@ impl ActivationStore {
     /// At most `max_tokens` of layer `layer`'s FFN inputs, evenly spaced over the recording,
     /// `[min(N, max_tokens), H]`.
     pub fn inputs(&self, layer: usize, max_tokens: usize, device: &Device) -> Result<Tensor<2>> {
-        let x = self.host(layer, 0)?;
         let h = self.hidden;
         let m = self.tokens.min(max_tokens.max(1));
-        let rows: Vec<f32> = (0..m)
-            .flat_map(|r| {
-                let t = r * self.tokens / m;
-                x[t * h..(t + 1) * h].iter().copied()
-            })
-            .collect();
+        let picked = (0..m).map(|r| r * self.tokens / m);
+        let rows: Vec<f32> = match &self.backing {
+            // Only the picked rows are read from disk, not the whole layer.
+            Backing::Disk(dir) if layer < self.layers => {
+                use std::io::{Read, Seek, SeekFrom};
+                let path = file(dir, layer, "x");
+                let io = |e| UpcycleError::io(&path, e);
+                let mut f = std::fs::File::open(&path).map_err(io)?;
+                let mut row = vec![0u8; h * 4];
+                let mut rows = Vec::with_capacity(m * h);
+                for t in picked {
+                    f.seek(SeekFrom::Start((t * h * 4) as u64)).map_err(io)?;
+                    f.read_exact(&mut row).map_err(io)?;
+                    rows.extend(
+                        row.chunks_exact(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                    );
+                }
+                rows
+            }
+            _ => {
+                let x = self.host(layer, 0)?;
+                picked
+                    .flat_map(|t| x[t * h..(t + 1) * h].iter().copied())
+                    .collect()
+            }
+        };
         Ok(Tensor::from_data(TensorData::new(rows, [m, h]), device))
     }
 }

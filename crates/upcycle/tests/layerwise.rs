@@ -68,6 +68,14 @@ fn recordings_in_memory_and_on_disk_hold_each_ffns_inputs_and_outputs() {
             "layer {l}"
         );
         assert_eq!(host(&reopened, l, &device), (mx, my), "layer {l} reopened");
+        // Sampled inputs read from disk (row by row) are the in-memory ones.
+        for m in [1, 7, 40, 100] {
+            assert_eq!(
+                values(disk.inputs(l, m, &device).unwrap()),
+                values(mem.inputs(l, m, &device).unwrap()),
+                "layer {l}, {m} rows"
+            );
+        }
         // y is the dense FFN of x.
         let (x, y) = mem.layer(l, &device).unwrap();
         assert_close_msg(dense_ffn(&model, l).forward(x), y, 1e-5, 1e-6, "y = FFN(x)");
