@@ -252,6 +252,16 @@ pub fn construct(
         let error_before = relative_error(moe, &holdout, &device)?;
         let saved = work_dir.map(|d| checkpoint(d, l));
         let (trained, resumed) = match &saved {
+            // A block that already reproduces its FFN exactly (PESC and LoRA experts at
+            // initialisation contain the frozen FFN and add zero) has a zero gradient: there
+            // is nothing to train.
+            _ if error_before == 0.0 => {
+                tracing::info!(
+                    layer = l,
+                    "the block reproduces its FFN exactly; not trained"
+                );
+                (moe.clone(), false)
+            }
             Some(path) if path.exists() => {
                 let loaded =
                     moe.clone()

@@ -382,6 +382,36 @@ fn unusable_work_dirs_and_recordings_are_errors_not_panics() {
 }
 
 #[test]
+fn blocks_that_already_reproduce_their_ffn_are_not_trained() {
+    let device = device(36);
+    let model = tiny(&device);
+    let store = record(&model, 6);
+    let method = Method::Pesc {
+        bottleneck: 4,
+        activation: moekit_moe::Activation::Identity,
+    };
+    let moe = convert(
+        model,
+        &ConvertConfig::new(method, 4, 2),
+        None,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let want = logits(&moe, &device);
+    let mut obs = Counter::default();
+    let (same, reports) = construct(moe, &store, &layerwise(), None, &mut obs).unwrap();
+    assert!(obs.starts.is_empty() && obs.steps == 0);
+    assert_eq!(reports.len(), 2);
+    for r in &reports {
+        assert_eq!(
+            (r.error_before, r.error_after, r.resumed),
+            (0.0, 0.0, false)
+        );
+    }
+    assert_eq!(max_diff(&want, &logits(&same, &device)), 0.0);
+}
+
+#[test]
 fn construction_trains_adapters_and_keeps_the_dense_ffn_frozen() {
     let device = device(35);
     let model = tiny(&device);
