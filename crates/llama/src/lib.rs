@@ -43,7 +43,7 @@ pub use eval::{Perplexity, perplexity};
 pub use ffn::FfnSlot;
 pub use generate::{GenerateConfig, Sampling, generate};
 pub use io::adapter::{load_adapter, save_adapter};
-pub use io::export::{ExportFormat, save_pretrained};
+pub use io::export::{ExportFormat, check_export, save_pretrained};
 pub use io::load::Checkpoint;
 pub use io::safetensors::SaveDtype;
 pub use layer::DecoderLayer;

@@ -255,7 +255,7 @@ impl MoeLayer {
                         "{:?} adapters on a{} shared output cannot be merged into plain experts \
                          (only linear adapters on an ungated shared FFN can)",
                         w.activation,
-                        if shared.gate.is_some() { " gated" } else { "n" }
+                        if shared.gate.is_some() { " gated" } else { "" }
                     )));
                 }
                 let s_in = shared.ffn.w_in.val().unsqueeze_dim::<3>(0).repeat_dim(0, e);

@@ -212,7 +212,8 @@ fn split_neurons(
                 .iter()
                 .flat_map(|&a| rest.iter().map(move |&b| p.coactivation[a * i + b]))
                 .collect();
-            let activity: Vec<f32> = rest.iter().map(|&a| p.coactivation[a * i + a]).collect();
+            let rate = p.firing_rate();
+            let activity: Vec<f32> = rest.iter().map(|&a| rate[a]).collect();
             partition::coactivation(&co, &activity, routed)
         }
         SplitStrategy::Importance => {

@@ -251,11 +251,12 @@ pub fn construct(
         };
         let error_before = relative_error(moe, &holdout, &device)?;
         let saved = work_dir.map(|d| checkpoint(d, l));
+        let untouched = error_before == 0.0;
         let (trained, resumed) = match &saved {
             // A block that already reproduces its FFN exactly (PESC and LoRA experts at
             // initialisation contain the frozen FFN and add zero) has a zero gradient: there
             // is nothing to train.
-            _ if error_before == 0.0 => {
+            _ if untouched => {
                 tracing::info!(
                     layer = l,
                     "the block reproduces its FFN exactly; not trained"
@@ -295,7 +296,11 @@ pub fn construct(
         let report = LayerReport {
             layer: l,
             error_before,
-            error_after: relative_error(&trained, &holdout, &device)?,
+            error_after: if untouched {
+                error_before
+            } else {
+                relative_error(&trained, &holdout, &device)?
+            },
             seconds: start.elapsed().as_secs_f64(),
             resumed,
         };

@@ -84,10 +84,14 @@ fn read_f32(path: &Path, expected: usize) -> Result<Vec<f32>> {
             ),
         });
     }
-    Ok(bytes
+    Ok(decode(&bytes).collect())
+}
+
+/// The little-endian `f32`s of a recording file's bytes.
+fn decode(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
 }
 
 impl ActivationStore {
@@ -317,10 +321,7 @@ impl ActivationStore {
                 for t in picked {
                     f.seek(SeekFrom::Start((t * h * 4) as u64)).map_err(io)?;
                     f.read_exact(&mut row).map_err(io)?;
-                    rows.extend(
-                        row.chunks_exact(4)
-                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                    );
+                    rows.extend(decode(&row));
                 }
                 rows
             }

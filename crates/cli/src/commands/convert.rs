@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar};
-use moekit::llama::{ExportFormat, Llama, SaveDtype, save_pretrained};
+use moekit::llama::{ExportFormat, Llama, SaveDtype, check_export, save_pretrained};
 use moekit::moe::Activation;
 use moekit::upcycle::{
     ActivationStore, ConvertConfig, LayerObserver, LayerReport, LayerwiseConfig, Method,
@@ -213,19 +213,19 @@ impl ConvertArgs {
             .with_seed(self.seed)
     }
 
-    fn format(&self, config: &ConvertConfig) -> ExportFormat {
-        match self.format {
+    /// The layout to write `model` in, checked before any training so that a long run does
+    /// not fail at the end (`auto`: Mixtral where the model fits it, else Qwen2-MoE).
+    fn format(&self, model: &Llama) -> Result<ExportFormat, CliError> {
+        let format = match self.format {
             FormatArg::Mixtral => ExportFormat::Mixtral,
             FormatArg::Qwen2Moe => ExportFormat::Qwen2Moe,
-            FormatArg::Auto => {
-                let plain = matches!(config.method, Method::Upcycle { .. } | Method::Split { .. });
-                if plain && config.shared_experts == 0 && config.renormalized() {
-                    ExportFormat::Mixtral
-                } else {
-                    ExportFormat::Qwen2Moe
-                }
+            FormatArg::Auto if check_export(model, ExportFormat::Mixtral).is_ok() => {
+                ExportFormat::Mixtral
             }
-        }
+            FormatArg::Auto => ExportFormat::Qwen2Moe,
+        };
+        check_export(model, format)?;
+        Ok(format)
     }
 }
 
@@ -324,7 +324,6 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
             "this conversion needs calibration text: add --calib FILE_OR_DIR...".into(),
         ));
     }
-    let format = args.format(&config);
     let (_, dense, tokenizer) = super::load(&args.dense, None)?;
     config.validate(dense.config.intermediate_size)?;
     let dense_counts = dense.param_counts();
@@ -332,17 +331,30 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
         .work_dir
         .clone()
         .unwrap_or_else(|| args.out.join(".moekit-work"));
-    let start = Instant::now();
-    let store = needs_calib
-        .then(|| calibrate(args, &dense, &tokenizer, &work))
+    let mut record_seconds = 0.0;
+    let mut record = |dense: &Llama| {
+        let start = Instant::now();
+        let store = calibrate(args, dense, &tokenizer, &work);
+        record_seconds += start.elapsed().as_secs_f64();
+        store
+    };
+    // Conversion that needs calibration records first; otherwise the export check runs before
+    // the (long) recording, so that an unexportable configuration fails at once.
+    let mut store = config
+        .needs_calibration()
+        .then(|| record(&dense))
         .transpose()?;
-    let record_seconds = start.elapsed().as_secs_f64();
+    let for_layerwise = (needs_calib && store.is_none()).then(|| dense.clone());
 
     let t = Instant::now();
     let bar = progress::bar("convert", "layers");
     let model = convert(dense, &config, store.as_ref(), &mut progress::update(&bar))?;
     bar.finish_and_clear();
     let convert_seconds = t.elapsed().as_secs_f64();
+    let format = args.format(&model)?;
+    if let Some(dense) = for_layerwise {
+        store = Some(record(&dense)?);
+    }
 
     let t = Instant::now();
     let (model, reports) = match (&store, args.layerwise_steps) {

@@ -89,6 +89,13 @@ fn moe_shape(moe: &MoeLayer, format: ExportFormat) -> Result<MoeShape> {
     })
 }
 
+/// Checks that `model` can be written in `format` (every MoE layer of one shape, experts that
+/// merge into plain SwiGLUs, the architecture's constraints), without writing anything: what
+/// a long conversion calls before it trains, so that it does not fail at the end.
+pub fn check_export(model: &Llama, format: ExportFormat) -> Result<()> {
+    export_config(model, format, SaveDtype::F32).map(|_| ())
+}
+
 /// The `config.json` of the exported model.
 fn export_config(model: &Llama, format: ExportFormat, dtype: SaveDtype) -> Result<LlamaConfig> {
     let fail = |reason: String| LlamaError::Export {
