@@ -13,6 +13,9 @@ pub use moekit_llama as llama;
 pub use moekit_lora as lora;
 /// Sparse Mixture-of-Experts layers: routers, expert banks, dispatch, auxiliary losses.
 pub use moekit_moe as moe;
+/// Adaptive routing (LaDiMo, stage 2): routing profiles, per-layer top-k / top-p policies
+/// chosen for an activated-parameter budget, plots.
+pub use moekit_router as router;
 /// Dense-to-MoE conversion (sparse upcycling, neuron splitting, PESC, LoRA experts), router
 /// initialisation, activation recording and layer-wise expert construction (LaDiMo).
 pub use moekit_upcycle as upcycle;

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use moekit::llama::LlamaError;
+use moekit::router::RouterError;
 use moekit::upcycle::UpcycleError;
 
 /// A failed command.
@@ -22,6 +23,9 @@ pub enum CliError {
     /// From conversion.
     #[error(transparent)]
     Upcycle(#[from] UpcycleError),
+    /// From routing profiles and policies.
+    #[error(transparent)]
+    Router(#[from] RouterError),
     /// Bad arguments.
     #[error("{0}")]
     Usage(String),
@@ -48,6 +52,15 @@ impl CliError {
             ),
             Self::Upcycle(UpcycleError::NeedsCalibration(_)) => {
                 Some("add --calib with text files or directories")
+            }
+            Self::Router(RouterError::Policy(_) | RouterError::Parse { .. }) => {
+                Some("a policy file comes from `moekit profile` run on this same model")
+            }
+            Self::Router(RouterError::Target(_)) => {
+                Some("raise --target-active-params, or convert with more experts per token")
+            }
+            Self::Router(RouterError::NoMoeLayers) => {
+                Some("convert the model first (moekit convert), or give a MoE checkpoint")
             }
             Self::Upcycle(UpcycleError::WorkDir { .. }) => Some(
                 "delete the work directory (--work-dir, default OUT/.moekit-work) to start over",

@@ -37,6 +37,9 @@ enum Command {
     /// experts), optionally train each MoE block against its dense FFN, and write it as a
     /// Mixtral or Qwen2-MoE checkpoint.
     Convert(Box<commands::convert::ConvertArgs>),
+    /// Profile a MoE model's routing on calibration text and choose a per-layer routing
+    /// policy (top-k or top-p per layer) for a budget of activated parameters.
+    Profile(commands::profile::ProfileArgs),
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
@@ -45,6 +48,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Eval(args) => commands::eval::run(&args),
         Command::Generate(args) => commands::generate::run(&args),
         Command::Convert(args) => commands::convert::run(&args),
+        Command::Profile(args) => commands::profile::run(&args),
     }
 }
 

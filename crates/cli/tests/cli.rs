@@ -365,3 +365,133 @@ fn convert_refuses_bad_settings_in_one_line() {
         "merged",
     );
 }
+
+fn eval_json(args: &[&str]) -> serde_json::Value {
+    let out = moekit(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn profile_chooses_a_policy_that_eval_applies() {
+    let root = tempfile::tempdir().unwrap();
+    let (dense, text) = dense_model_and_text(root.path());
+    let moe = root.path().join("moe").display().to_string();
+    let out = moekit(&[
+        "convert",
+        &dense,
+        "--method",
+        "split-random",
+        "--experts",
+        "4",
+        "--top-k",
+        "4",
+        "--out",
+        &moe,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let policy = root.path().join("policy.json").display().to_string();
+    let plot = root.path().join("routing.svg");
+    let candidates = root.path().join("candidates.json").display().to_string();
+    let summary = eval_json(&[
+        "profile",
+        &moe,
+        "--calib",
+        &text,
+        "--seq-len",
+        "32",
+        "--target-active-params",
+        "0.9",
+        "--out",
+        &policy,
+        "--plot",
+        &plot.display().to_string(),
+        "--candidates-out",
+        &candidates,
+        "--json",
+    ]);
+    let predicted = summary["predicted_fraction"].as_f64().unwrap();
+    assert!(predicted <= 0.9, "{summary}");
+    assert!(summary["kl"].as_f64().unwrap() >= 0.0);
+    assert_eq!(summary["layers"].as_array().unwrap().len(), 2);
+    assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
+    // Evaluating on the calibration text activates what the policy predicted.
+    let calib = format!("{text}/0.txt");
+    let eval = |extra: &[&str]| {
+        let mut args = vec!["eval", &moe, "--text", &calib, "--window", "32", "--json"];
+        args.extend_from_slice(extra);
+        eval_json(&args)
+    };
+    let full = eval(&[]);
+    assert!((full["activated_fraction"].as_f64().unwrap() - 1.0).abs() < 1e-12);
+    let reduced = eval(&["--policy", &policy]);
+    let f = reduced["activated_fraction"].as_f64().unwrap();
+    assert!(f <= 0.9 && f < 1.0, "{reduced}");
+    let top1 = eval(&["--top-k", "1"]);
+    for layer in top1["experts_per_token"].as_array().unwrap() {
+        assert_eq!(layer["experts_per_token"].as_f64().unwrap(), 1.0);
+    }
+    // Reusing the measured candidates for another target.
+    let summary = eval_json(&[
+        "profile",
+        &moe,
+        "--calib",
+        &text,
+        "--seq-len",
+        "32",
+        "--target-active-params",
+        "0.7",
+        "--candidates-in",
+        &candidates,
+        "--kl-tokens",
+        "0",
+        "--out",
+        &policy,
+        "--json",
+    ]);
+    assert!(summary["predicted_fraction"].as_f64().unwrap() <= 0.7);
+
+    // Bad input: one error line each.
+    let other = root.path().join("other.json");
+    std::fs::write(
+        &other,
+        r#"{"layers": [{"layer": 5, "rule": "top-k", "k": 1}]}"#,
+    )
+    .unwrap();
+    let other = other.display().to_string();
+    assert_clean_failure(
+        &moekit(&["eval", &moe, "--text", &calib, "--policy", &other]),
+        "layer 5",
+    );
+    assert_clean_failure(
+        &moekit(&["eval", &moe, "--text", &calib, "--top-k", "9"]),
+        "does not fit",
+    );
+    assert_clean_failure(
+        &moekit(&["profile", &dense, "--calib", &text, "--out", &policy]),
+        "no MoE layers",
+    );
+    assert_clean_failure(
+        &moekit(&[
+            "profile",
+            &moe,
+            "--calib",
+            &text,
+            "--seq-len",
+            "32",
+            "--target-active-params",
+            "0.01",
+            "--out",
+            &policy,
+        ]),
+        "below the least",
+    );
+}

@@ -13,8 +13,17 @@ use crate::{LlamaError, Result};
 /// do not hold a `[T, V]` logits tensor.
 const HEAD_ROWS: usize = 512;
 
-/// The result of [`perplexity`].
+/// How many experts a MoE layer computed per token during [`perplexity`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ExpertUsage {
+    /// Decoder layer index.
+    pub layer: usize,
+    /// Mean routed experts computed per token.
+    pub experts_per_token: f64,
+}
+
+/// The result of [`perplexity`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Perplexity {
     /// Tokens read.
     pub tokens: usize,
@@ -28,6 +37,8 @@ pub struct Perplexity {
     pub seconds: f64,
     /// `tokens / seconds`.
     pub tokens_per_second: f64,
+    /// Mean experts per token of every MoE layer, in layer order (empty for a dense model).
+    pub experts_per_token: Vec<ExpertUsage>,
 }
 
 /// Perplexity `exp(−(1/N)·Σ log p(xₜ | x<t))` of `ids`, read in consecutive windows of
@@ -54,11 +65,20 @@ pub fn perplexity(
     let (mut nll, mut predictions) = (0.0f64, 0usize);
     let start = Instant::now();
     let mut done = 0;
+    // Per MoE layer: (layer, experts computed, tokens routed).
+    let mut usage: Vec<(usize, usize, usize)> = Vec::new();
     for chunk in ids.chunks(window) {
         if chunk.len() >= 2 {
             let t = chunk.len();
-            let (last, _, _) =
+            let (last, _, moe) =
                 model.forward_hidden(model.tokens(&[chunk], &device)?, false, None)?;
+            if usage.is_empty() {
+                usage = moe.iter().map(|(l, _)| (*l, 0, 0)).collect();
+            }
+            for ((_, computed, routed), (_, out)) in usage.iter_mut().zip(&moe) {
+                *computed += out.stats.tokens_per_expert.iter().sum::<usize>();
+                *routed += out.stats.tokens;
+            }
             // Logits for a few positions at a time: [HEAD_ROWS, V] instead of [T, V].
             for start in (0..t - 1).step_by(HEAD_ROWS) {
                 let rows = HEAD_ROWS.min(t - 1 - start);
@@ -90,5 +110,12 @@ pub fn perplexity(
         perplexity: mean.exp(),
         seconds,
         tokens_per_second: ids.len() as f64 / seconds,
+        experts_per_token: usage
+            .into_iter()
+            .map(|(layer, computed, routed)| ExpertUsage {
+                layer,
+                experts_per_token: computed as f64 / routed.max(1) as f64,
+            })
+            .collect(),
     })
 }

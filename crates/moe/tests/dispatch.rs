@@ -79,8 +79,16 @@ fn selection() -> impl Strategy<Value = (usize, Selection)> {
         prop_oneof![
             (1..=e, any::<bool>())
                 .prop_map(move |(k, renormalize)| (e, Selection::TopK { k, renormalize })),
-            (0.05f64..=1.0, proptest::option::of(1..=e))
-                .prop_map(move |(p, max_k)| (e, Selection::TopP { p, max_k })),
+            (0.05f64..=1.0, proptest::option::of(1..=e), any::<bool>()).prop_map(
+                move |(p, max_k, renormalize)| (
+                    e,
+                    Selection::TopP {
+                        p,
+                        max_k,
+                        renormalize
+                    }
+                )
+            ),
         ]
     })
 }

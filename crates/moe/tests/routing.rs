@@ -28,7 +28,11 @@ fn kept(selection: Selection, p: &[f32]) -> (usize, Vec<f32>) {
 #[test]
 fn top_p_keeps_experts_until_the_mass_reaches_p() {
     let p = [0.05, 0.5, 0.15, 0.3];
-    let top_p = |p_, max_k| Selection::TopP { p: p_, max_k };
+    let top_p = |p_, max_k| Selection::TopP {
+        p: p_,
+        max_k,
+        renormalize: false,
+    };
     assert_eq!(kept(top_p(0.45, None), &p).0, 1); // 0.5 covers 0.45
     assert_eq!(kept(top_p(0.75, None), &p).0, 2); // 0.5 < 0.75 <= 0.8
     assert_eq!(kept(top_p(0.85, None), &p).0, 3); // 0.8 < 0.85 <= 0.95
@@ -41,6 +45,22 @@ fn top_p_keeps_experts_until_the_mass_reaches_p() {
         w.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5),
         "{w:?}"
     );
+    // Renormalised: the kept probabilities over their sum (0.5 + 0.3), also when max_k cuts.
+    let renormalized = |p_, max_k| Selection::TopP {
+        p: p_,
+        max_k,
+        renormalize: true,
+    };
+    let (n, w) = kept(renormalized(0.75, None), &p);
+    let want = [0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0];
+    assert_eq!(n, 2);
+    assert!(
+        w.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-5),
+        "{w:?}"
+    );
+    let (n, w) = kept(renormalized(0.99, Some(1)), &p);
+    assert_eq!((n, w.len()), (1, 1));
+    assert!((w[0] - 1.0).abs() < 1e-6, "{w:?}");
 }
 
 #[test]
@@ -169,7 +189,14 @@ fn bad_configuration_is_a_typed_error() {
     for p in [0.0, -0.1, 1.5, f64::NAN] {
         assert!(
             matches!(
-                layer(4, Selection::TopP { p, max_k: None }),
+                layer(
+                    4,
+                    Selection::TopP {
+                        p,
+                        max_k: None,
+                        renormalize: false
+                    }
+                ),
                 Err(MoeError::InvalidTopP(_))
             ),
             "p = {p}"
@@ -180,7 +207,8 @@ fn bad_configuration_is_a_typed_error() {
             4,
             Selection::TopP {
                 p: 0.5,
-                max_k: Some(9)
+                max_k: Some(9),
+                renormalize: true
             }
         )
         .is_err()

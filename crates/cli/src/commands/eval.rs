@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use moekit::llama::perplexity;
+use moekit::llama::{Llama, perplexity};
+use moekit::router::{ActiveParams, RoutingPolicy, Rule};
 use serde_json::json;
 
 use crate::error::CliError;
@@ -28,9 +29,31 @@ pub struct EvalArgs {
     /// (default: the model's context length).
     #[arg(long)]
     window: Option<usize>,
+    /// A routing policy file (from `moekit profile`): per-layer top-k / top-p rules applied
+    /// to the MoE layers.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["top_k", "top_p"])]
+    policy: Option<PathBuf>,
+    /// Route every MoE layer to its K most probable experts.
+    #[arg(long, value_name = "K", conflicts_with = "top_p")]
+    top_k: Option<usize>,
+    /// Route every MoE layer's tokens to experts until their probability mass reaches P.
+    #[arg(long, value_name = "P")]
+    top_p: Option<f64>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// The model with the routing asked for on the command line.
+fn routed(mut model: Llama, args: &EvalArgs) -> Result<Llama, CliError> {
+    let policy = match (&args.policy, args.top_k, args.top_p) {
+        (Some(path), _, _) => RoutingPolicy::load(path)?,
+        (_, Some(k), _) => RoutingPolicy::uniform(&model, Rule::TopK { k })?,
+        (_, _, Some(p)) => RoutingPolicy::uniform(&model, Rule::TopP { p, max_k: None })?,
+        _ => return Ok(model),
+    };
+    policy.apply(&mut model)?;
+    Ok(model)
 }
 
 /// Loads the model, tokenises the file and prints its perplexity and speed.
@@ -40,6 +63,7 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
         source,
     })?;
     let (_, model, tokenizer) = super::load(&args.model, args.adapter.as_deref())?;
+    let model = routed(model, args)?;
     let mut ids = tokenizer.encode(&text)?;
     if let Some(n) = args.max_tokens {
         ids.truncate(n);
@@ -55,14 +79,36 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
     let bar = progress::bar("eval", "tokens");
     let result = perplexity(&model, &ids, window, &mut progress::update(&bar))?;
     bar.finish_and_clear();
+    let k: Vec<f64> = result
+        .experts_per_token
+        .iter()
+        .map(|u| u.experts_per_token)
+        .collect();
+    let active = ActiveParams::of(&model, Some(&k))?;
     if args.json {
-        println!("{}", json!(result));
+        let mut out = json!(result);
+        out["activated_params"] = json!(active.activated().round());
+        out["activated_fraction"] = json!(active.fraction());
+        println!("{out}");
     } else {
         println!("perplexity: {:.4}", result.perplexity);
         println!(
             "tokens: {} ({} predicted), {:.1} tokens/s",
             result.tokens, result.predictions, result.tokens_per_second
         );
+        if !k.is_empty() {
+            println!(
+                "activated parameters per token: {:.0} ({:.1}% of the model with every expert)",
+                active.activated(),
+                100.0 * active.fraction()
+            );
+            let per_layer: Vec<String> = result
+                .experts_per_token
+                .iter()
+                .map(|u| format!("{}:{:.2}", u.layer, u.experts_per_token))
+                .collect();
+            println!("experts per token (layer:k): {}", per_layer.join(" "));
+        }
     }
     Ok(())
 }

@@ -4,6 +4,7 @@ pub mod convert;
 pub mod eval;
 pub mod generate;
 pub mod info;
+pub mod profile;
 
 use std::path::Path;
 

@@ -32,12 +32,17 @@ pub enum Selection {
     /// Dynamic k (Huang et al. 2024, "Harder Tasks Need More Experts"; LaDiMo's adaptive
     /// router): sort the probabilities in decreasing order and keep experts up to and including
     /// the first one whose cumulative probability reaches `p`, at most `max_k` of them.
-    /// The weights are the kept probabilities, not renormalised.
+    ///
+    /// The weights are the kept probabilities, divided by their sum with `renormalize` (as
+    /// top-k does): a per-layer policy on a model trained with renormalised top-k keeps its
+    /// combine rule.
     TopP {
         /// Probability mass to cover, in (0, 1].
         p: f64,
         /// Upper bound on experts per token (`None`: all `E`).
         max_k: Option<usize>,
+        /// Divide the kept probabilities by their sum.
+        renormalize: bool,
     },
 }
 
@@ -97,27 +102,33 @@ impl Selection {
         match *self {
             Selection::TopK { k, renormalize } => {
                 let (top, ids) = crate::kernels::top_k(scores, k);
-                let weights = if renormalize {
-                    let sum = top.clone().sum_dim(1);
-                    top / sum
-                } else {
-                    top
-                };
                 let active = Tensor::<2, Bool>::full([t, k], true, &ids.device());
-                (ids, weights, active)
+                (ids, renormalized(top, renormalize), active)
             }
-            Selection::TopP { p, .. } => {
+            Selection::TopP { p, renormalize, .. } => {
                 let (sorted, ids) = probs.sort_descending_with_indices(1);
                 let mass_before = sorted.clone().cumsum(1) - sorted.clone();
-                let active = mass_before.lower_elem(p);
-                let weights = sorted.mask_fill(active.clone().bool_not(), 0.0);
+                let active = mass_before.lower_elem(p).narrow(1, 0, slots);
+                let weights = sorted
+                    .narrow(1, 0, slots)
+                    .mask_fill(active.clone().bool_not(), 0.0);
                 (
                     ids.narrow(1, 0, slots),
-                    weights.narrow(1, 0, slots),
-                    active.narrow(1, 0, slots),
+                    renormalized(weights, renormalize),
+                    active,
                 )
             }
         }
+    }
+}
+
+/// `w / Σw` per row when `renormalize` (the first slot is always used, so the sum is positive).
+fn renormalized(w: Tensor<2>, renormalize: bool) -> Tensor<2> {
+    if renormalize {
+        let sum = w.clone().sum_dim(1);
+        w / sum
+    } else {
+        w
     }
 }
 

@@ -1,0 +1,44 @@
+//! Adaptive routing for MoE models (LaDiMo, stage 2): decide, per layer, how many experts each
+//! token needs, so that inference is as cheap as asked for at least quality loss.
+//!
+//! - [`profile()`]: runs calibration text through a MoE model and records, per layer, the mean
+//!   sorted routing probabilities, entropy, how often the top-1 probability passes thresholds,
+//!   and expert load ([`RoutingProfile`], JSON; drawn by [`plot::profile_svg`]).
+//! - [`measure`] then [`choose`]: every layer's candidate rules (top-k for each `k`, top-p
+//!   thresholds) are measured against the unreduced model, and a multiple-choice knapsack
+//!   picks one per layer for a budget of activated parameters ([`ActiveParams`] says exactly
+//!   what counts); [`logit_kl`] measures the whole model's deviation under a policy.
+//! - [`RoutingPolicy`]: a rule per layer, saved as JSON and applied to a model at inference;
+//!   dispatch computes only the chosen experts, so fewer experts run faster.
+//!
+//! ```no_run
+//! # fn main() -> moekit_router::Result<()> {
+//! use moekit_router::{SearchConfig, choose, measure};
+//! # let model: moekit_llama::Llama = unimplemented!();
+//! # let calibration: Vec<u32> = vec![];
+//! let candidates = measure(&model, &calibration, &SearchConfig::default(), &mut |_, _| {})?;
+//! let policy = choose(&candidates, 0.8, 4096)?; // 80% of the parameters of all experts
+//! policy.save("policy.json".as_ref())?;
+//! # let mut model = model;
+//! policy.apply(&mut model)?;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod calib;
+pub mod error;
+pub mod file;
+pub mod kl;
+pub mod params;
+pub mod plot;
+pub mod policy;
+pub mod profile;
+pub mod search;
+
+pub use error::{Result, RouterError};
+pub use kl::logit_kl;
+pub use params::{ActiveParams, LayerExperts};
+pub use plot::{Series, profile_svg, tradeoff_svg};
+pub use policy::{Choice, LayerPolicy, RoutingPolicy, Rule};
+pub use profile::{LayerProfile, RoutingProfile, TOP1_THRESHOLDS, profile};
+pub use search::{Candidate, Candidates, LayerCandidates, SearchConfig, choose, measure};

@@ -1,0 +1,192 @@
+//! Per-layer routing policies: a fixed `k` or a top-p threshold for each MoE layer, saved as
+//! JSON and applied to a model at inference.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::Path;
+
+use moekit_llama::{FfnSlot, Llama};
+use moekit_moe::{MoeLayer, Selection};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, RouterError};
+use crate::file::{load_json, save_json};
+
+/// How many experts a layer gives each token.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rule", rename_all = "kebab-case")]
+pub enum Rule {
+    /// The `k` most probable experts.
+    TopK {
+        /// Experts per token.
+        k: usize,
+    },
+    /// Dynamic k (Huang et al. 2024; LaDiMo's adaptive router): experts in decreasing order of
+    /// probability up to the first whose cumulative probability reaches `p`, at most `max_k`.
+    TopP {
+        /// Probability mass to cover, in (0, 1].
+        p: f64,
+        /// Upper bound on experts per token (`None`: all of them).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_k: Option<usize>,
+    },
+}
+
+impl Rule {
+    /// The selection that applies this rule to a layer currently routing with `current`: the
+    /// layer's combine rule (renormalised or raw weights) is kept.
+    pub fn selection(&self, current: &Selection) -> Selection {
+        let renormalize = match *current {
+            Selection::TopK { renormalize, .. } | Selection::TopP { renormalize, .. } => {
+                renormalize
+            }
+        };
+        match *self {
+            Rule::TopK { k } => Selection::TopK { k, renormalize },
+            Rule::TopP { p, max_k } => Selection::TopP {
+                p,
+                max_k,
+                renormalize,
+            },
+        }
+    }
+
+    /// The rule of a selection.
+    pub fn of(selection: &Selection) -> Self {
+        match *selection {
+            Selection::TopK { k, .. } => Rule::TopK { k },
+            Selection::TopP { p, max_k, .. } => Rule::TopP { p, max_k },
+        }
+    }
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rule::TopK { k } => write!(f, "top-{k}"),
+            Rule::TopP { p, max_k: None } => write!(f, "top-p {p}"),
+            Rule::TopP { p, max_k: Some(k) } => write!(f, "top-p {p} (max {k})"),
+        }
+    }
+}
+
+/// The rule of one MoE layer.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LayerPolicy {
+    /// Decoder layer index.
+    pub layer: usize,
+    /// Its rule.
+    #[serde(flatten)]
+    pub rule: Rule,
+}
+
+/// What a searched policy was chosen for (informational; written by
+/// [`crate::search::choose`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Choice {
+    /// The target fraction of activated parameters (of the model with every expert active).
+    pub target_fraction: f64,
+    /// The fraction the policy activates on the calibration tokens.
+    pub predicted_fraction: f64,
+    /// Sum over layers of the relative output error against the unreduced model.
+    pub error: f64,
+    /// Calibration tokens measured.
+    pub tokens: usize,
+}
+
+/// A rule per MoE layer. Layers the policy does not name keep their routing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoutingPolicy {
+    /// Rules, one per named layer.
+    pub layers: Vec<LayerPolicy>,
+    /// How the policy was chosen, if it was searched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen: Option<Choice>,
+}
+
+/// The MoE layers of a model, with their indices.
+pub(crate) fn moe_layers(model: &Llama) -> Vec<(usize, &MoeLayer)> {
+    model
+        .layers
+        .iter()
+        .enumerate()
+        .filter_map(|(l, layer)| match &layer.ffn {
+            FfnSlot::Moe(m) => Some((l, m)),
+            _ => None,
+        })
+        .collect()
+}
+
+impl RoutingPolicy {
+    /// The same rule in every MoE layer of `model`.
+    pub fn uniform(model: &Llama, rule: Rule) -> Result<Self> {
+        let layers: Vec<_> = moe_layers(model)
+            .into_iter()
+            .map(|(layer, _)| LayerPolicy { layer, rule })
+            .collect();
+        if layers.is_empty() {
+            return Err(RouterError::NoMoeLayers);
+        }
+        Ok(Self {
+            layers,
+            chosen: None,
+        })
+    }
+
+    /// The rules `model` routes with now.
+    pub fn of_model(model: &Llama) -> Self {
+        Self {
+            layers: moe_layers(model)
+                .into_iter()
+                .map(|(layer, m)| LayerPolicy {
+                    layer,
+                    rule: Rule::of(&m.router.selection),
+                })
+                .collect(),
+            chosen: None,
+        }
+    }
+
+    /// Sets every named layer's routing. Fails, changing nothing, if a layer is named twice,
+    /// does not exist, is not a MoE layer, or its rule does not fit its experts.
+    pub fn apply(&self, model: &mut Llama) -> Result<()> {
+        let mut seen = BTreeSet::new();
+        let layers = model.layers.len();
+        let mut selections = Vec::with_capacity(self.layers.len());
+        for p in &self.layers {
+            let bad = |why: String| RouterError::Policy(format!("layer {}: {why}", p.layer));
+            if !seen.insert(p.layer) {
+                return Err(bad("named twice".into()));
+            }
+            let slot = model.layers.get(p.layer).map(|l| &l.ffn).ok_or_else(|| {
+                bad(format!(
+                    "the model has {layers} layers (a policy for another model?)"
+                ))
+            })?;
+            let FfnSlot::Moe(moe) = slot else {
+                return Err(bad("not a MoE layer (a policy for another model?)".into()));
+            };
+            let selection = p.rule.selection(&moe.router.selection);
+            selection
+                .validate(moe.router.num_experts())
+                .map_err(|e| bad(format!("{} does not fit: {e}", p.rule)))?;
+            selections.push((p.layer, selection));
+        }
+        for (l, selection) in selections {
+            if let FfnSlot::Moe(moe) = &mut model.layers[l].ffn {
+                moe.router.selection = selection;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the policy as JSON (atomically).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        save_json(self, path)
+    }
+
+    /// Reads a policy written by [`RoutingPolicy::save`] (or by hand).
+    pub fn load(path: &Path) -> Result<Self> {
+        load_json(path)
+    }
+}

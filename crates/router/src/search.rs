@@ -1,0 +1,313 @@
+//! Choosing per-layer rules for an activated-parameter budget at least quality loss.
+//!
+//! 1. [`measure`]: the calibration tokens run once through the unreduced model (every MoE
+//!    layer routing as it does now), keeping each MoE layer's input `x_l` and output `y_l`.
+//!    Then every candidate rule `c` of every layer is applied to that layer alone on `x_l`,
+//!    giving its relative output error `‖MoE_c(x_l) − y_l‖² / ‖y_l‖²` and its measured mean
+//!    experts per token `k̄_c`. Cost: one forward pass plus, per layer, one MoE-layer pass per
+//!    candidate (`E` top-k rules and the top-p thresholds), a few seconds on SmolLM2.
+//! 2. [`choose`]: a multiple-choice knapsack. Each layer takes exactly one candidate; the sum
+//!    of `k̄_c · P_e` must fit the budget `target · full − always` (see [`crate::params`]);
+//!    the sum of the layers' errors is minimised. Solved exactly by dynamic programming over
+//!    the budget cut into `resolution` steps, each candidate's cost rounded up (so the chosen
+//!    policy never exceeds the budget): `O(L · resolution · candidates)`, milliseconds.
+//!
+//! The errors are measured on inputs from the unreduced model, so they ignore how errors of
+//! earlier layers change later layers' inputs; [`crate::kl::logit_kl`] measures the whole
+//! model's deviation for a chosen policy.
+
+use burn::tensor::Tensor;
+use moekit_llama::Llama;
+use moekit_moe::MoeLayer;
+use serde::{Deserialize, Serialize};
+
+use crate::calib::windows;
+use crate::error::{Result, RouterError};
+use crate::params::{ActiveParams, LayerExperts};
+use crate::policy::{Choice, LayerPolicy, RoutingPolicy, Rule, moe_layers};
+
+/// Settings of [`measure`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchConfig {
+    /// Top-p thresholds tried in every layer, besides top-k for every `k = 1..E`.
+    pub top_p: Vec<f64>,
+    /// Tokens per calibration sequence.
+    pub seq_len: usize,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        Self {
+            top_p: vec![0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
+            seq_len: 512,
+        }
+    }
+}
+
+/// One rule of one layer, measured.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Candidate {
+    /// The rule.
+    pub rule: Rule,
+    /// Mean experts per token it computes on the calibration tokens.
+    pub experts_per_token: f64,
+    /// Relative output error against the unreduced layer.
+    pub error: f64,
+}
+
+/// The measured candidates of one MoE layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerCandidates {
+    /// Decoder layer index.
+    pub layer: usize,
+    /// Routed experts `E`.
+    pub num_experts: usize,
+    /// Parameters of one routed expert.
+    pub params_per_expert: usize,
+    /// The candidates.
+    pub candidates: Vec<Candidate>,
+}
+
+/// Every MoE layer's measured candidates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Candidates {
+    /// Calibration tokens measured.
+    pub tokens: usize,
+    /// Parameters every token uses (see [`ActiveParams::always`]).
+    pub always: usize,
+    /// One entry per MoE layer, in layer order.
+    pub layers: Vec<LayerCandidates>,
+}
+
+impl Candidates {
+    /// Activated parameters when layer `i` takes its candidate `picks[i]`.
+    pub fn active(&self, picks: &[usize]) -> ActiveParams {
+        ActiveParams {
+            always: self.always,
+            layers: self
+                .layers
+                .iter()
+                .zip(picks)
+                .map(|(l, &j)| LayerExperts {
+                    layer: l.layer,
+                    num_experts: l.num_experts,
+                    params_per_expert: l.params_per_expert,
+                    experts_per_token: l.candidates[j].experts_per_token,
+                })
+                .collect(),
+        }
+    }
+
+    /// Checks that these candidates were measured on `model`'s MoE layers (same layers, expert
+    /// counts and sizes, same always-active parameters).
+    pub fn check(&self, model: &Llama) -> Result<()> {
+        let active = ActiveParams::of(model, None)?;
+        let ours: Vec<_> = self
+            .layers
+            .iter()
+            .map(|l| (l.layer, l.num_experts, l.params_per_expert))
+            .collect();
+        let theirs: Vec<_> = active
+            .layers
+            .iter()
+            .map(|l| (l.layer, l.num_experts, l.params_per_expert))
+            .collect();
+        if ours != theirs || self.always != active.always {
+            return Err(RouterError::Policy(
+                "the candidates were measured on another model".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Index in each layer of the candidate with `rule`, if every layer has it.
+    pub fn picks_of(&self, rule: Rule) -> Option<Vec<usize>> {
+        self.layers
+            .iter()
+            .map(|l| l.candidates.iter().position(|c| c.rule == rule))
+            .collect()
+    }
+
+    /// The policy taking candidate `picks[i]` in layer `i`.
+    pub fn policy(&self, picks: &[usize]) -> RoutingPolicy {
+        RoutingPolicy {
+            layers: self
+                .layers
+                .iter()
+                .zip(picks)
+                .map(|(l, &j)| LayerPolicy {
+                    layer: l.layer,
+                    rule: l.candidates[j].rule,
+                })
+                .collect(),
+            chosen: None,
+        }
+    }
+}
+
+/// Each MoE layer's inputs and unreduced outputs on the calibration tokens, `[1, N, H]`.
+fn record(model: &Llama, tokens: &[u32], seq_len: usize) -> Result<Vec<(Tensor<3>, Tensor<3>)>> {
+    let moe: Vec<usize> = moe_layers(model).into_iter().map(|(l, _)| l).collect();
+    if moe.is_empty() {
+        return Err(RouterError::NoMoeLayers);
+    }
+    let device = model.device();
+    let mut io: Vec<(Vec<Tensor<3>>, Vec<Tensor<3>>)> = vec![Default::default(); moe.len()];
+    for w in windows(tokens, seq_len)? {
+        model.forward_ffn_io(model.tokens(&[w], &device)?, &mut |l, x, y| {
+            if let Ok(i) = moe.binary_search(&l) {
+                io[i].0.push(x.clone());
+                io[i].1.push(y.clone());
+            }
+            Ok(())
+        })?;
+    }
+    Ok(io
+        .into_iter()
+        .map(|(x, y)| (Tensor::cat(x, 1), Tensor::cat(y, 1)))
+        .collect())
+}
+
+fn relative_error(layer: usize, got: Tensor<3>, want: &Tensor<3>) -> Result<f64> {
+    let num = (got - want.clone()).square().sum().into_scalar::<f32>() as f64;
+    let den = want.clone().square().sum().into_scalar::<f32>() as f64;
+    let e = num / den.max(f64::MIN_POSITIVE);
+    if !e.is_finite() {
+        return Err(RouterError::NonFinite {
+            layer,
+            what: "the output error",
+        });
+    }
+    Ok(e)
+}
+
+fn candidate_rules(moe: &MoeLayer, top_p: &[f64]) -> Vec<Rule> {
+    let e = moe.router.num_experts();
+    (1..=e)
+        .map(|k| Rule::TopK { k })
+        .chain(top_p.iter().map(|&p| Rule::TopP { p, max_k: None }))
+        .collect()
+}
+
+/// Measures every candidate rule of every MoE layer on `tokens` (see the module docs).
+/// `progress(done, total)` reports layers.
+pub fn measure(
+    model: &Llama,
+    tokens: &[u32],
+    config: &SearchConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Candidates> {
+    if let Some(p) = config.top_p.iter().find(|p| !(**p > 0.0 && **p <= 1.0)) {
+        return Err(RouterError::Policy(format!("top-p {p} must be in (0, 1]")));
+    }
+    let io = record(model, tokens, config.seq_len)?;
+    let counted = io.first().map_or(0, |(x, _)| x.dims()[1]);
+    let active = ActiveParams::of(model, None)?;
+    let moe = moe_layers(model);
+    let mut layers = Vec::with_capacity(moe.len());
+    for (i, ((l, layer), (x, y))) in moe.iter().zip(io).enumerate() {
+        let mut candidates = Vec::new();
+        for rule in candidate_rules(layer, &config.top_p) {
+            let mut reduced = (*layer).clone();
+            reduced.router.selection = rule.selection(&layer.router.selection);
+            let out = reduced.forward(x.clone())?;
+            candidates.push(Candidate {
+                rule,
+                experts_per_token: out.stats.mean_experts_per_token(),
+                error: relative_error(*l, out.output, &y)?,
+            });
+        }
+        layers.push(LayerCandidates {
+            layer: *l,
+            num_experts: layer.router.num_experts(),
+            params_per_expert: active.layers[i].params_per_expert,
+            candidates,
+        });
+        progress(i + 1, moe.len());
+    }
+    Ok(Candidates {
+        tokens: counted,
+        always: active.always,
+        layers,
+    })
+}
+
+/// The policy that activates at most `target` of the parameters of the model with every
+/// expert active (a fraction in (0, 1]) and has the least total output error (see the module
+/// docs). `resolution` is the number of budget steps of the dynamic programme.
+pub fn choose(candidates: &Candidates, target: f64, resolution: usize) -> Result<RoutingPolicy> {
+    if !(target > 0.0 && target <= 1.0) {
+        return Err(RouterError::Target(format!(
+            "the activated-parameter fraction {target} must be in (0, 1]"
+        )));
+    }
+    if candidates.layers.iter().any(|l| l.candidates.is_empty()) || resolution == 0 {
+        return Err(RouterError::Target("nothing to choose from".into()));
+    }
+    let full = candidates.active(&vec![0; candidates.layers.len()]).full() as f64;
+    let budget = target * full - candidates.always as f64;
+    let cost =
+        |l: &LayerCandidates, c: &Candidate| c.experts_per_token * l.params_per_expert as f64;
+    let least: f64 = candidates
+        .layers
+        .iter()
+        .map(|l| {
+            l.candidates
+                .iter()
+                .map(|c| cost(l, c))
+                .fold(f64::INFINITY, f64::min)
+        })
+        .sum();
+    if budget < least {
+        return Err(RouterError::Target(format!(
+            "{:.1}% activated parameters is below the least any policy activates here ({:.1}%)",
+            100.0 * target,
+            100.0 * (candidates.always as f64 + least) / full
+        )));
+    }
+    // best[u]: least error of the layers so far using at most u budget steps.
+    let step = budget / resolution as f64;
+    let mut best = vec![0.0f64; resolution + 1];
+    let mut pick: Vec<Vec<u16>> = Vec::with_capacity(candidates.layers.len());
+    for l in &candidates.layers {
+        let units: Vec<usize> = l
+            .candidates
+            .iter()
+            .map(|c| ((cost(l, c) / step) * (1.0 - 1e-12)).ceil() as usize)
+            .collect();
+        let mut next = vec![f64::INFINITY; resolution + 1];
+        let mut choice = vec![u16::MAX; resolution + 1];
+        for u in 0..=resolution {
+            for (j, (c, &w)) in l.candidates.iter().zip(&units).enumerate() {
+                if w <= u && best[u - w] + c.error < next[u] {
+                    next[u] = best[u - w] + c.error;
+                    choice[u] = j as u16;
+                }
+            }
+        }
+        best = next;
+        pick.push(choice);
+    }
+    if !best[resolution].is_finite() {
+        return Err(RouterError::Target(format!(
+            "no policy fits {:.1}% at this resolution; raise the target or the resolution",
+            100.0 * target
+        )));
+    }
+    // Walk back from the full budget.
+    let mut picks = vec![0usize; candidates.layers.len()];
+    let mut u = resolution;
+    for (i, l) in candidates.layers.iter().enumerate().rev() {
+        let j = pick[i][u] as usize;
+        picks[i] = j;
+        u -= ((cost(l, &l.candidates[j]) / step) * (1.0 - 1e-12)).ceil() as usize;
+    }
+    let mut policy = candidates.policy(&picks);
+    policy.chosen = Some(Choice {
+        target_fraction: target,
+        predicted_fraction: candidates.active(&picks).fraction(),
+        error: best[resolution],
+        tokens: candidates.tokens,
+    });
+    Ok(policy)
+}

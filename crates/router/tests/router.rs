@@ -1,0 +1,540 @@
+//! Routing profiles, policy search and policies on small random MoE models, against closed
+//! forms, brute force and independent whole-model computations.
+
+use burn::module::Param;
+use burn::tensor::{Device, Tensor};
+use moekit_llama::{FfnSlot, Llama, LlamaConfig, perplexity};
+use moekit_moe::Selection;
+use moekit_router::{
+    ActiveParams, Candidate, Candidates, LayerCandidates, RouterError, RoutingPolicy, Rule,
+    SearchConfig, Series, TOP1_THRESHOLDS, choose, logit_kl, measure, profile, profile_svg,
+    tradeoff_svg,
+};
+use moekit_testing::{device, normal};
+
+const E: usize = 4;
+
+fn mixtral(layers: usize, renormalize: bool, device: &Device) -> Llama {
+    let mut c = LlamaConfig::llama(40, 16, 24, layers, 4, 2);
+    c.model_type = "mixtral".into();
+    c.num_local_experts = Some(E);
+    c.num_experts_per_tok = Some(2);
+    let mut model = c.init(device).unwrap();
+    for layer in &mut model.layers {
+        let FfnSlot::Moe(m) = &mut layer.ffn else {
+            panic!("mixtral layers are MoE")
+        };
+        // Sharper routing than the default init, so rules differ.
+        m.router.gate = Param::from_tensor(normal([16, E], 0.8, device));
+        m.router.selection = Selection::TopK { k: 2, renormalize };
+    }
+    model
+}
+
+fn tokens(n: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7 + i / 5) % 40) as u32).collect()
+}
+
+fn selections(model: &Llama) -> Vec<Selection> {
+    model
+        .layers
+        .iter()
+        .filter_map(|l| match &l.ffn {
+            FfnSlot::Moe(m) => Some(m.router.selection),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_uniform_router_profiles_as_the_closed_form() {
+    let device = device(1);
+    let mut model = mixtral(2, true, &device);
+    for layer in &mut model.layers {
+        if let FfnSlot::Moe(m) = &mut layer.ffn {
+            m.router.gate = Param::from_tensor(Tensor::zeros([16, E], &device));
+        }
+    }
+    let p = profile(&model, &tokens(50), 16, &TOP1_THRESHOLDS, &mut |_, _| {}).unwrap();
+    assert_eq!(p.tokens, 50);
+    assert_eq!(p.layers.len(), 2);
+    for l in &p.layers {
+        for m in &l.sorted_mass {
+            assert!((m - 0.25).abs() < 1e-6, "{:?}", l.sorted_mass);
+        }
+        assert!((l.entropy - (E as f64).ln()).abs() < 1e-5);
+        assert!(l.top1_above.iter().all(|t| t.fraction == 0.0));
+        assert_eq!(l.experts_per_token, 2.0);
+        assert!((l.mean_prob.iter().sum::<f64>() - 1.0).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn profiles_are_sorted_distributions_with_consistent_loads() {
+    let device = device(2);
+    let model = mixtral(2, true, &device);
+    let p = profile(&model, &tokens(64), 32, &TOP1_THRESHOLDS, &mut |_, _| {}).unwrap();
+    for l in &p.layers {
+        assert!((l.sorted_mass.iter().sum::<f64>() - 1.0).abs() < 1e-5);
+        assert!(l.sorted_mass.windows(2).all(|w| w[0] >= w[1]));
+        assert!(l.entropy > 0.0 && l.entropy < (E as f64).ln());
+        assert!((l.load.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        // The top-1 fractions fall as the threshold rises.
+        assert!(
+            l.top1_above
+                .windows(2)
+                .all(|w| w[0].fraction >= w[1].fraction)
+        );
+        // The first sorted entry is the mean top-1 probability: at least 1/E.
+        assert!(l.sorted_mass[0] >= 1.0 / E as f64);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("profile.json");
+    p.save(&path).unwrap();
+    assert_eq!(moekit_router::RoutingProfile::load(&path).unwrap(), p);
+    let svg = dir.path().join("profile.svg");
+    profile_svg(&p, None, &svg).unwrap();
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.starts_with("<svg") && text.contains("L0 ") && text.contains("L1 "));
+}
+
+#[test]
+fn a_dense_model_has_nothing_to_profile() {
+    let device = device(3);
+    let model = LlamaConfig::llama(40, 16, 24, 1, 4, 2)
+        .init(&device)
+        .unwrap();
+    assert!(matches!(
+        profile(&model, &tokens(20), 8, &TOP1_THRESHOLDS, &mut |_, _| {}),
+        Err(RouterError::NoMoeLayers)
+    ));
+    assert!(matches!(
+        measure(
+            &model,
+            &tokens(20),
+            &SearchConfig::default(),
+            &mut |_, _| {}
+        ),
+        Err(RouterError::NoMoeLayers)
+    ));
+    assert!(matches!(
+        profile(
+            &mixtral(1, true, &device),
+            &tokens(1),
+            8,
+            &TOP1_THRESHOLDS,
+            &mut |_, _| {}
+        ),
+        Err(RouterError::Calibration(_))
+    ));
+    assert!(matches!(
+        profile(
+            &mixtral(1, true, &device),
+            &tokens(20),
+            8,
+            &[1.5],
+            &mut |_, _| {}
+        ),
+        Err(RouterError::Calibration(_))
+    ));
+}
+
+/// The relative FFN error of `rule` in layer 0, computed through the whole model with the rule
+/// applied there only (layer 0's input does not depend on routing).
+fn first_layer_error(model: &Llama, rule: Rule, ids: &[u32]) -> f64 {
+    let mut reduced = model.clone();
+    RoutingPolicy {
+        layers: vec![moekit_router::LayerPolicy { layer: 0, rule }],
+        chosen: None,
+    }
+    .apply(&mut reduced)
+    .unwrap();
+    let device = model.device();
+    let first_output = |m: &Llama| {
+        let mut y = Vec::new();
+        for w in ids.chunks(16) {
+            m.forward_ffn_io(m.tokens(&[w], &device).unwrap(), &mut |l, _, out| {
+                if l == 0 {
+                    y.extend(moekit_testing::values(out.clone()));
+                }
+                Ok(())
+            })
+            .unwrap();
+        }
+        y
+    };
+    let (want, got) = (first_output(model), first_output(&reduced));
+    let num: f64 = want
+        .iter()
+        .zip(&got)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|a| (*a as f64).powi(2)).sum();
+    num / den
+}
+
+#[test]
+fn measured_candidates_match_whole_model_runs() {
+    let device = device(4);
+    for renormalize in [true, false] {
+        let model = mixtral(2, renormalize, &device);
+        let ids = tokens(48);
+        let config = SearchConfig {
+            top_p: vec![0.5, 0.9],
+            seq_len: 16,
+        };
+        let c = measure(&model, &ids, &config, &mut |_, _| {}).unwrap();
+        assert_eq!(c.tokens, 48);
+        assert_eq!(c.layers.len(), 2);
+        let layer0 = &c.layers[0];
+        assert_eq!(layer0.candidates.len(), E + 2);
+        assert_eq!(layer0.params_per_expert, 3 * 16 * 24);
+        for cand in &layer0.candidates {
+            if let Rule::TopK { k } = cand.rule {
+                assert_eq!(cand.experts_per_token, k as f64);
+            } else {
+                assert!((1.0..=E as f64).contains(&cand.experts_per_token));
+            }
+            let want = first_layer_error(&model, cand.rule, &ids);
+            assert!(
+                (cand.error - want).abs() <= 1e-4 * want.max(1e-3),
+                "{}: {} vs {want}",
+                cand.rule,
+                cand.error
+            );
+        }
+        // The model's own rule reproduces it exactly.
+        let own = layer0
+            .candidates
+            .iter()
+            .find(|c| c.rule == Rule::TopK { k: 2 })
+            .unwrap();
+        assert_eq!(own.error, 0.0);
+        // A higher threshold never keeps fewer experts.
+        let p = |q: f64| {
+            layer0
+                .candidates
+                .iter()
+                .find(|c| c.rule == Rule::TopP { p: q, max_k: None })
+                .unwrap()
+                .experts_per_token
+        };
+        assert!(p(0.9) >= p(0.5));
+    }
+}
+
+fn synthetic(layers: usize, options: usize, seed: u64) -> Candidates {
+    let mut state = seed;
+    let mut next = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    Candidates {
+        tokens: 1,
+        always: 1000,
+        layers: (0..layers)
+            .map(|l| LayerCandidates {
+                layer: l,
+                num_experts: options,
+                params_per_expert: 100,
+                candidates: (0..options)
+                    .map(|j| Candidate {
+                        rule: Rule::TopK { k: j + 1 },
+                        experts_per_token: (j + 1) as f64 * (0.5 + next()),
+                        error: next(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Every combination of picks, with its activated fraction and total error.
+fn brute_force(c: &Candidates) -> Vec<(f64, f64)> {
+    let n = c.layers.len();
+    let m = c.layers[0].candidates.len();
+    (0..m.pow(n as u32))
+        .map(|mut code| {
+            let picks: Vec<usize> = (0..n)
+                .map(|_| {
+                    let j = code % m;
+                    code /= m;
+                    j
+                })
+                .collect();
+            let err = c
+                .layers
+                .iter()
+                .zip(&picks)
+                .map(|(l, &j)| l.candidates[j].error)
+                .sum();
+            (c.active(&picks).fraction(), err)
+        })
+        .collect()
+}
+
+#[test]
+fn the_knapsack_finds_the_brute_force_optimum_within_its_resolution() {
+    for seed in 0..6 {
+        let c = synthetic(4, 5, seed);
+        let all = brute_force(&c);
+        let full = c.active(&[0; 4]).full() as f64;
+        for target in [0.3, 0.45, 0.6, 0.8, 1.0] {
+            let resolution = 2000;
+            match choose(&c, target, resolution) {
+                Ok(policy) => {
+                    let chosen = policy.chosen.unwrap();
+                    assert!(chosen.predicted_fraction <= target + 1e-12);
+                    // No feasible combination is better; every combination with room for
+                    // the rounding (one step per layer) is at best equal.
+                    let slack = 4.0 * (target * full - c.always as f64) / resolution as f64 / full;
+                    let best_feasible = all
+                        .iter()
+                        .filter(|(f, _)| *f <= target)
+                        .map(|(_, e)| *e)
+                        .fold(f64::INFINITY, f64::min);
+                    let best_with_room = all
+                        .iter()
+                        .filter(|(f, _)| *f <= target - slack)
+                        .map(|(_, e)| *e)
+                        .fold(f64::INFINITY, f64::min);
+                    assert!(
+                        chosen.error >= best_feasible - 1e-12,
+                        "seed {seed} target {target}"
+                    );
+                    assert!(
+                        chosen.error <= best_with_room + 1e-12,
+                        "seed {seed} target {target}"
+                    );
+                    // The recorded error is the policy's.
+                    let picks: Vec<usize> = policy
+                        .layers
+                        .iter()
+                        .zip(&c.layers)
+                        .map(|(p, l)| l.candidates.iter().position(|x| x.rule == p.rule).unwrap())
+                        .collect();
+                    let err: f64 = picks
+                        .iter()
+                        .zip(&c.layers)
+                        .map(|(&j, l)| l.candidates[j].error)
+                        .sum();
+                    assert!((err - chosen.error).abs() < 1e-9);
+                }
+                Err(RouterError::Target(_)) => {
+                    assert!(
+                        all.iter().all(|(f, _)| *f > target),
+                        "seed {seed} target {target}"
+                    );
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_targets_are_errors() {
+    let c = synthetic(2, 3, 9);
+    for t in [0.0, -0.5, 1.5, f64::NAN] {
+        assert!(
+            matches!(choose(&c, t, 100), Err(RouterError::Target(_))),
+            "{t}"
+        );
+    }
+    assert!(matches!(choose(&c, 0.9, 0), Err(RouterError::Target(_))));
+}
+
+#[test]
+fn policies_apply_keep_the_combine_rule_and_refuse_what_does_not_fit() {
+    let device = device(5);
+    let mut model = mixtral(3, true, &device);
+    RoutingPolicy::uniform(
+        &model,
+        Rule::TopP {
+            p: 0.7,
+            max_k: Some(3),
+        },
+    )
+    .unwrap()
+    .apply(&mut model)
+    .unwrap();
+    assert!(selections(&model).iter().all(|s| *s
+        == Selection::TopP {
+            p: 0.7,
+            max_k: Some(3),
+            renormalize: true
+        }));
+    assert_eq!(
+        RoutingPolicy::of_model(&model),
+        RoutingPolicy::uniform(
+            &model,
+            Rule::TopP {
+                p: 0.7,
+                max_k: Some(3)
+            }
+        )
+        .unwrap()
+    );
+    let before = selections(&model);
+    let bad = |layers: Vec<(usize, Rule)>| RoutingPolicy {
+        layers: layers
+            .into_iter()
+            .map(|(layer, rule)| moekit_router::LayerPolicy { layer, rule })
+            .collect(),
+        chosen: None,
+    };
+    let k = |k| Rule::TopK { k };
+    for (policy, says) in [
+        (bad(vec![(0, k(1)), (7, k(1))]), "3 layers"),
+        (bad(vec![(1, k(1)), (1, k(2))]), "twice"),
+        (bad(vec![(0, k(1)), (2, k(E + 1))]), "does not fit"),
+        (
+            bad(vec![(
+                0,
+                Rule::TopP {
+                    p: 1.5,
+                    max_k: None,
+                },
+            )]),
+            "does not fit",
+        ),
+    ] {
+        let e = policy.apply(&mut model).unwrap_err();
+        assert!(e.to_string().contains(says), "{e}");
+        assert_eq!(selections(&model), before, "an error changed the model");
+    }
+    let mut dense = LlamaConfig::llama(40, 16, 24, 1, 4, 2)
+        .init(&device)
+        .unwrap();
+    let e = bad(vec![(0, k(1))]).apply(&mut dense).unwrap_err();
+    assert!(e.to_string().contains("not a MoE layer"), "{e}");
+}
+
+#[test]
+fn policy_files_round_trip_and_bad_files_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = mixtral(2, false, &device(6));
+    let c = measure(
+        &model,
+        &tokens(40),
+        &SearchConfig {
+            top_p: vec![0.8],
+            seq_len: 20,
+        },
+        &mut |_, _| {},
+    )
+    .unwrap();
+    c.check(&model).unwrap();
+    assert!(c.check(&mixtral(3, false, &device(6))).is_err());
+    let policy = choose(&c, 0.9, 512).unwrap();
+    let path = dir.path().join("policy.json");
+    policy.save(&path).unwrap();
+    assert_eq!(RoutingPolicy::load(&path).unwrap(), policy);
+    // The documented hand-written form.
+    std::fs::write(
+        &path,
+        r#"{"layers": [{"layer": 0, "rule": "top-k", "k": 1},
+                       {"layer": 1, "rule": "top-p", "p": 0.9}]}"#,
+    )
+    .unwrap();
+    let hand = RoutingPolicy::load(&path).unwrap();
+    assert_eq!(
+        hand.layers[1].rule,
+        Rule::TopP {
+            p: 0.9,
+            max_k: None
+        }
+    );
+    for broken in [
+        &b"{\"layers\": [{\"layer\": 0, \"rule\": \"top-q\"}]}"[..],
+        b"{",
+        b"",
+    ] {
+        std::fs::write(&path, broken).unwrap();
+        assert!(matches!(
+            RoutingPolicy::load(&path),
+            Err(RouterError::Parse { .. })
+        ));
+    }
+    assert!(matches!(
+        RoutingPolicy::load(&dir.path().join("missing.json")),
+        Err(RouterError::Io { .. })
+    ));
+    // No temporary files are left behind.
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(names.len(), 1);
+}
+
+#[test]
+fn a_policy_costs_what_it_predicts_and_the_kl_grows_as_experts_go() {
+    let device = device(7);
+    let model = mixtral(2, true, &device);
+    let ids = tokens(64);
+    let c = measure(
+        &model,
+        &ids,
+        &SearchConfig {
+            top_p: vec![0.6, 0.9],
+            seq_len: 32,
+        },
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let policy = choose(&c, 0.75, 1024).unwrap();
+    let mut reduced = model.clone();
+    policy.apply(&mut reduced).unwrap();
+    // Evaluating the reduced model on the calibration tokens computes the predicted experts.
+    let ppl = perplexity(&reduced, &ids, 32, &mut |_, _| {}).unwrap();
+    let k: Vec<f64> = ppl
+        .experts_per_token
+        .iter()
+        .map(|u| u.experts_per_token)
+        .collect();
+    let active = ActiveParams::of(&reduced, Some(&k)).unwrap();
+    let predicted = policy.chosen.as_ref().unwrap().predicted_fraction;
+    assert!(
+        (active.fraction() - predicted).abs() < 1e-9,
+        "{} vs {predicted}",
+        active.fraction()
+    );
+    assert!(active.fraction() <= 0.75);
+
+    assert_eq!(
+        logit_kl(&model, &model, &ids, 32, &mut |_, _| {}).unwrap(),
+        0.0
+    );
+    let mut top1 = model.clone();
+    RoutingPolicy::uniform(&model, Rule::TopK { k: 1 })
+        .unwrap()
+        .apply(&mut top1)
+        .unwrap();
+    let kl1 = logit_kl(&model, &top1, &ids, 32, &mut |_, _| {}).unwrap();
+    assert!(kl1 > 0.0);
+}
+
+#[test]
+fn tradeoff_plots_draw_every_series_and_refuse_bad_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.svg");
+    let series = [
+        Series {
+            name: "uniform top-k".into(),
+            points: vec![(0.5, 40.0), (0.7, 20.0), (1.0, 12.0)],
+        },
+        Series {
+            name: "profiled".into(),
+            points: vec![(0.5, 30.0), (0.7, 18.0)],
+        },
+    ];
+    tradeoff_svg(&series, "t", "activated", "perplexity", &path).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("uniform top-k") && text.contains("profiled"));
+    let bad = [Series {
+        name: "x".into(),
+        points: vec![(0.5, f64::NAN)],
+    }];
+    assert!(tradeoff_svg(&bad, "t", "x", "y", &path).is_err());
+    assert!(tradeoff_svg(&[], "t", "x", "y", &path).is_err());
+}
