@@ -10,7 +10,7 @@
 # sources; evaluation: the first EVAL_TOKENS tokens of tutorial/ (files concatenated in name
 # order), in windows of 1024. For each k < E the uniform top-k model's activated fraction is
 # the budget given to `moekit profile --target-active-params`. Environment knobs: EXPERTS (8),
-# CALIB_TOKENS (8192), EVAL_TOKENS (8192).
+# CALIB_TOKENS (8192), EVAL_TOKENS (8192), REUSE_UNIFORM (0).
 set -euo pipefail
 MODEL=$1
 OUT=${2:-$HOME/.cache/moekit/router-results}
@@ -21,7 +21,6 @@ EVAL_TOKENS=${EVAL_TOKENS:-8192}
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/moekit}
 mkdir -p "$OUT"
 cat "$DOC"/tutorial/*.rst.txt > "$OUT/tutorial.txt"
-: > "$OUT/uniform.jsonl"
 : > "$OUT/profiled.jsonl"
 
 evaluate() { # name args... -> one JSON line
@@ -30,9 +29,13 @@ evaluate() { # name args... -> one JSON line
 }
 fraction() { python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["activated_fraction"])'; }
 
-for k in $(seq 1 "$EXPERTS"); do
-    evaluate "top-$k" --top-k "$k" | tee -a "$OUT/uniform.jsonl" > "$OUT/top-$k.json"
-done
+# REUSE_UNIFORM=1 keeps the uniform top-k results of an earlier run.
+if [ "${REUSE_UNIFORM:-0}" != 1 ]; then
+    : > "$OUT/uniform.jsonl"
+    for k in $(seq 1 "$EXPERTS"); do
+        evaluate "top-$k" --top-k "$k" | tee -a "$OUT/uniform.jsonl" > "$OUT/top-$k.json"
+    done
+fi
 # The first run profiles, draws and measures every layer's candidates; later runs reuse them.
 for k in $(seq 1 $((EXPERTS - 1))); do
     target=$(fraction < "$OUT/top-$k.json")

@@ -5,7 +5,8 @@
 //!   sorted routing probabilities, entropy, how often the top-1 probability passes thresholds,
 //!   and expert load ([`RoutingProfile`], JSON; drawn by [`plot::profile_svg`]).
 //! - [`measure`] then [`choose`]: every layer's candidate rules (top-k for each `k`, top-p
-//!   thresholds) are measured against the unreduced model, and a multiple-choice knapsack
+//!   thresholds) are measured against the model's own routing (the reference, e.g. the top-k
+//!   it was trained with), and a multiple-choice knapsack
 //!   picks one per layer for a budget of activated parameters ([`ActiveParams`] says exactly
 //!   what counts); [`logit_kl`] measures the whole model's deviation under a policy.
 //! - [`RoutingPolicy`]: a rule per layer, saved as JSON and applied to a model at inference;
@@ -17,7 +18,8 @@
 //! # let model: moekit_llama::Llama = unimplemented!();
 //! # let calibration: Vec<u32> = vec![];
 //! let candidates = measure(&model, &calibration, &SearchConfig::default(), &mut |_, _| {})?;
-//! let policy = choose(&candidates, 0.8, 4096)?; // 80% of the parameters of all experts
+//! // At most 80% of the activated parameters of the model with every expert active.
+//! let policy = choose(&candidates, 0.8, 16_384)?;
 //! policy.save("policy.json".as_ref())?;
 //! # let mut model = model;
 //! policy.apply(&mut model)?;

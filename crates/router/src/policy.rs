@@ -86,9 +86,10 @@ pub struct LayerPolicy {
 pub struct Choice {
     /// The target fraction of activated parameters (of the model with every expert active).
     pub target_fraction: f64,
-    /// The fraction the policy activates on the calibration tokens.
+    /// The fraction the policy activates on the calibration tokens, predicted layer by layer
+    /// on the reference model's inputs (exact for top-k rules).
     pub predicted_fraction: f64,
-    /// Sum over layers of the relative output error against the unreduced model.
+    /// Sum over layers of the relative output error against the reference routing.
     pub error: f64,
     /// Calibration tokens measured.
     pub tokens: usize,

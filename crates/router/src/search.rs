@@ -1,20 +1,28 @@
 //! Choosing per-layer rules for an activated-parameter budget at least quality loss.
 //!
-//! 1. [`measure`]: the calibration tokens run once through the unreduced model (every MoE
-//!    layer routing as it does now), keeping each MoE layer's input `x_l` and output `y_l`.
-//!    Then every candidate rule `c` of every layer is applied to that layer alone on `x_l`,
-//!    giving its relative output error `‖MoE_c(x_l) − y_l‖² / ‖y_l‖²` and its measured mean
-//!    experts per token `k̄_c`. Cost: one forward pass plus, per layer, one MoE-layer pass per
-//!    candidate (`E` top-k rules and the top-p thresholds), a few seconds on SmolLM2.
+//! The reference ("unreduced model") is the model as it is given: every MoE layer routing with
+//! the rule it was converted or trained with. A policy trades deviation from it for cost.
+//!
+//! 1. [`measure`]: the calibration tokens run once through the reference model, keeping each
+//!    MoE layer's input `x_l` and output `y_l` (`2·L·N·H` floats in memory). Then every
+//!    candidate rule `c` of every layer is applied to that layer alone on `x_l`, giving its
+//!    relative output error `‖MoE_c(x_l) − y_l‖² / ‖y_l‖²` and its measured mean experts per
+//!    token `k̄_c`. Cost: one forward pass plus, per layer, one MoE-layer pass per candidate
+//!    (`E` top-k rules and the top-p thresholds); about 3 minutes for SmolLM2 split into 8
+//!    experts on 8,192 tokens, 2 cores.
 //! 2. [`choose`]: a multiple-choice knapsack. Each layer takes exactly one candidate; the sum
 //!    of `k̄_c · P_e` must fit the budget `target · full − always` (see [`crate::params`]);
-//!    the sum of the layers' errors is minimised. Solved exactly by dynamic programming over
-//!    the budget cut into `resolution` steps, each candidate's cost rounded up (so the chosen
-//!    policy never exceeds the budget): `O(L · resolution · candidates)`, milliseconds.
+//!    the sum of the layers' errors is minimised. Solved by dynamic programming over the
+//!    budget cut into `resolution` steps, each candidate's cost rounded up to whole steps
+//!    (the table runs `L` steps past the budget, and the best entry whose real cost fits is
+//!    taken): the chosen policy never exceeds the budget, and no policy whose cost is at least
+//!    `L` steps within the budget has a smaller error. `O(L · resolution · candidates)`:
+//!    milliseconds at the default 16,384 steps.
 //!
-//! The errors are measured on inputs from the unreduced model, so they ignore how errors of
-//! earlier layers change later layers' inputs; [`crate::kl::logit_kl`] measures the whole
-//! model's deviation for a chosen policy.
+//! The errors and the top-p costs are measured on inputs from the reference model, so they
+//! ignore how earlier layers' changes move later layers' inputs: a top-p rule's real cost can
+//! differ a little from the prediction (`moekit eval --policy` measures it), and
+//! [`crate::kl::logit_kl`] measures the whole model's deviation for a chosen policy.
 
 use burn::tensor::Tensor;
 use moekit_llama::Llama;
@@ -241,7 +249,13 @@ pub fn choose(candidates: &Candidates, target: f64, resolution: usize) -> Result
             "the activated-parameter fraction {target} must be in (0, 1]"
         )));
     }
-    if candidates.layers.iter().any(|l| l.candidates.is_empty()) || resolution == 0 {
+    if candidates.layers.iter().any(|l| l.candidates.is_empty())
+        || candidates
+            .layers
+            .iter()
+            .any(|l| l.candidates.len() > u32::MAX as usize)
+        || resolution == 0
+    {
         return Err(RouterError::Target("nothing to choose from".into()));
     }
     let full = candidates.active(&vec![0; candidates.layers.len()]).full() as f64;
@@ -258,55 +272,84 @@ pub fn choose(candidates: &Candidates, target: f64, resolution: usize) -> Result
                 .fold(f64::INFINITY, f64::min)
         })
         .sum();
-    if budget < least {
+    if budget + 1e-9 * full < least {
         return Err(RouterError::Target(format!(
             "{:.1}% activated parameters is below the least any policy activates here ({:.1}%)",
             100.0 * target,
             100.0 * (candidates.always as f64 + least) / full
         )));
     }
-    // best[u]: least error of the layers so far using at most u budget steps.
+    // Each candidate's cost in budget steps, rounded up. The table runs to `resolution + L`
+    // steps: rounding costs at most one step per layer, so a policy whose real cost is the
+    // budget exactly (e.g. uniform top-1 when the target is its fraction) is still found.
     let step = budget / resolution as f64;
-    let mut best = vec![0.0f64; resolution + 1];
-    let mut pick: Vec<Vec<u16>> = Vec::with_capacity(candidates.layers.len());
-    for l in &candidates.layers {
-        let units: Vec<usize> = l
-            .candidates
-            .iter()
-            .map(|c| ((cost(l, c) / step) * (1.0 - 1e-12)).ceil() as usize)
-            .collect();
-        let mut next = vec![f64::INFINITY; resolution + 1];
-        let mut choice = vec![u16::MAX; resolution + 1];
-        for u in 0..=resolution {
-            for (j, (c, &w)) in l.candidates.iter().zip(&units).enumerate() {
+    let layers = candidates.layers.len();
+    let capacity = resolution + layers;
+    let units: Vec<Vec<usize>> = candidates
+        .layers
+        .iter()
+        .map(|l| {
+            l.candidates
+                .iter()
+                .map(|c| (cost(l, c) / step).ceil() as usize)
+                .collect()
+        })
+        .collect();
+    // best[u]: least error of the layers so far using at most u steps; pick[i][u]: layer i's
+    // candidate in that optimum.
+    let mut best = vec![0.0f64; capacity + 1];
+    let mut pick: Vec<Vec<u32>> = Vec::with_capacity(layers);
+    for (l, units) in candidates.layers.iter().zip(&units) {
+        let mut next = vec![f64::INFINITY; capacity + 1];
+        let mut choice = vec![u32::MAX; capacity + 1];
+        for u in 0..=capacity {
+            for (j, (c, &w)) in l.candidates.iter().zip(units).enumerate() {
                 if w <= u && best[u - w] + c.error < next[u] {
                     next[u] = best[u - w] + c.error;
-                    choice[u] = j as u16;
+                    choice[u] = j as u32;
                 }
             }
         }
         best = next;
         pick.push(choice);
     }
-    if !best[resolution].is_finite() {
-        return Err(RouterError::Target(format!(
-            "no policy fits {:.1}% at this resolution; raise the target or the resolution",
-            100.0 * target
-        )));
-    }
-    // Walk back from the full budget.
-    let mut picks = vec![0usize; candidates.layers.len()];
-    let mut u = resolution;
-    for (i, l) in candidates.layers.iter().enumerate().rev() {
-        let j = pick[i][u] as usize;
-        picks[i] = j;
-        u -= ((cost(l, &l.candidates[j]) / step) * (1.0 - 1e-12)).ceil() as usize;
-    }
+    let walk_back = |mut u: usize| {
+        let mut picks = vec![0usize; layers];
+        for i in (0..layers).rev() {
+            let j = pick[i][u] as usize;
+            picks[i] = j;
+            u -= units[i][j];
+        }
+        picks
+    };
+    // The best table entry whose policy really fits (u = resolution always does when it
+    // exists, since costs were rounded up).
+    let tolerance = 1e-9 * full;
+    let fits = |picks: &[usize]| {
+        let spent: f64 = candidates
+            .layers
+            .iter()
+            .zip(picks)
+            .map(|(l, &j)| cost(l, &l.candidates[j]))
+            .sum();
+        spent <= budget + tolerance
+    };
+    let (error, picks) = (0..=capacity)
+        .rev()
+        .filter(|&u| best[u].is_finite())
+        .map(|u| (best[u], walk_back(u)))
+        .find(|(_, picks)| fits(picks))
+        .ok_or_else(|| {
+            RouterError::Target(format!(
+                "no policy fits {:.1}% at this resolution; raise the target or the resolution",
+                100.0 * target
+            ))
+        })?;
     let mut policy = candidates.policy(&picks);
     policy.chosen = Some(Choice {
         target_fraction: target,
         predicted_fraction: candidates.active(&picks).fraction(),
-        error: best[resolution],
+        error,
         tokens: candidates.tokens,
     });
     Ok(policy)

@@ -41,9 +41,10 @@ pub struct ProfileArgs {
     #[arg(long, value_delimiter = ',', default_values_t = TOP1_THRESHOLDS)]
     top1_thresholds: Vec<f64>,
     /// Budget steps of the knapsack's dynamic programme.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 16_384)]
     resolution: usize,
-    /// Tokens on which the final-logit KL against the unreduced model is measured (0: skip).
+    /// Tokens on which the final-logit KL against the model's own routing is measured (0:
+    /// skip).
     #[arg(long, default_value_t = 2048)]
     kl_tokens: usize,
     /// Draw the routing profile (one panel per layer) to this SVG file.
@@ -147,10 +148,14 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
     if let Some(path) = &args.candidates_out {
         save_json(&candidates, path)?;
     }
-    let mut policy = choose(&candidates, args.target_active_params, args.resolution)?;
+    let policy = choose(&candidates, args.target_active_params, args.resolution)?;
     let chosen = policy.chosen.clone().expect("choose records its choice");
     let uniform = uniform_within(&candidates, chosen.predicted_fraction);
 
+    policy.save(&args.out)?;
+    if let (Some(path), Some(routing)) = (&args.plot, &routing) {
+        profile_svg(routing, Some(&policy), path)?;
+    }
     let (policy_kl, uniform_kl) = if args.kl_tokens > 0 {
         let p = kl(&model, &policy, &ids, args)?;
         let u = uniform
@@ -160,11 +165,6 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
     } else {
         (None, None)
     };
-    policy.chosen = Some(chosen.clone());
-    policy.save(&args.out)?;
-    if let (Some(path), Some(routing)) = (&args.plot, &routing) {
-        profile_svg(routing, Some(&policy), path)?;
-    }
     let seconds = start.elapsed().as_secs_f64();
     tracing::info!(seconds, "profiled and chose a policy");
 
@@ -206,7 +206,7 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
         .collect();
     println!("rules (layer:rule): {}", rules.join(", "));
     if let Some(kl) = policy_kl {
-        println!("final-logit KL against the unreduced model: {kl:.4} nats/token");
+        println!("final-logit KL against the model's own routing: {kl:.4} nats/token");
     }
     if let Some((rule, f)) = uniform {
         let kl = uniform_kl.map_or(String::new(), |kl| format!(", KL {kl:.4}"));
