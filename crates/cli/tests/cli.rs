@@ -421,6 +421,9 @@ fn profile_chooses_a_policy_that_eval_applies() {
     let predicted = summary["predicted_fraction"].as_f64().unwrap();
     assert!(predicted <= 0.9, "{summary}");
     assert!(summary["kl"].as_f64().unwrap() >= 0.0);
+    let proposals = summary["proposals"].as_array().unwrap();
+    let nll = summary["nll"].as_f64().unwrap();
+    assert!(proposals.iter().all(|p| p["nll"].as_f64().unwrap() >= nll));
     assert_eq!(summary["layers"].as_array().unwrap().len(), 2);
     assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
     // Evaluating on the calibration text activates what the policy predicted.
@@ -451,8 +454,8 @@ fn profile_chooses_a_policy_that_eval_applies() {
         "0.7",
         "--candidates-in",
         &candidates,
-        "--kl-tokens",
-        "0",
+        "--select-tokens",
+        "64",
         "--out",
         &policy,
         "--json",

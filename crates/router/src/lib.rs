@@ -8,18 +8,22 @@
 //!   thresholds) are measured against the model's own routing (the reference, e.g. the top-k
 //!   it was trained with), and a multiple-choice knapsack
 //!   picks one per layer for a budget of activated parameters ([`ActiveParams`] says exactly
-//!   what counts); [`logit_kl`] measures the whole model's deviation under a policy.
+//!   what counts). The knapsack adds per-layer errors, a proxy; [`select`] runs its proposals
+//!   (several error exponents) and every uniform rule within the budget through the whole
+//!   model on calibration tokens and keeps the one of least NLL, reporting its KL from the
+//!   reference routing too.
 //! - [`RoutingPolicy`]: a rule per layer, saved as JSON and applied to a model at inference;
 //!   dispatch computes only the chosen experts, so fewer experts run faster.
 //!
 //! ```no_run
 //! # fn main() -> moekit_router::Result<()> {
-//! use moekit_router::{SearchConfig, choose, measure};
+//! use moekit_router::{SearchConfig, measure, proposals, select};
 //! # let model: moekit_llama::Llama = unimplemented!();
 //! # let calibration: Vec<u32> = vec![];
 //! let candidates = measure(&model, &calibration, &SearchConfig::default(), &mut |_, _| {})?;
 //! // At most 80% of the activated parameters of the model with every expert active.
-//! let policy = choose(&candidates, 0.8, 16_384)?;
+//! let offered = proposals(&candidates, 0.8, 16_384)?;
+//! let (policy, _scores) = select(&model, offered, &calibration, 512, &mut |_, _| {})?;
 //! policy.save("policy.json".as_ref())?;
 //! # let mut model = model;
 //! policy.apply(&mut model)?;
@@ -30,17 +34,19 @@
 pub mod calib;
 pub mod error;
 pub mod file;
-pub mod kl;
 pub mod params;
 pub mod plot;
 pub mod policy;
 pub mod profile;
 pub mod search;
+pub mod select;
 
 pub use error::{Result, RouterError};
-pub use kl::logit_kl;
 pub use params::{ActiveParams, LayerExperts};
 pub use plot::{Series, profile_svg, tradeoff_svg};
 pub use policy::{Choice, LayerPolicy, RoutingPolicy, Rule};
 pub use profile::{LayerProfile, RoutingProfile, TOP1_THRESHOLDS, profile};
-pub use search::{Candidate, Candidates, LayerCandidates, SearchConfig, choose, measure};
+pub use search::{
+    Candidate, Candidates, LayerCandidates, SearchConfig, choose, choose_weighted, measure,
+};
+pub use select::{ERROR_EXPONENTS, PolicyScore, Proposal, proposals, score, select};

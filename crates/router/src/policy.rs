@@ -93,6 +93,18 @@ pub struct Choice {
     pub error: f64,
     /// Calibration tokens measured.
     pub tokens: usize,
+    /// How the policy won among the proposals for its budget ([`crate::select`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selection: Option<Selected>,
+}
+
+/// Why a policy was selected: its proposal and its calibration scores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Selected {
+    /// Which proposal it was (e.g. `knapsack γ=2`, `uniform top-3`).
+    pub proposal: String,
+    /// Its scores on the selection tokens.
+    pub score: crate::select::PolicyScore,
 }
 
 /// A rule per MoE layer. Layers the policy does not name keep their routing.

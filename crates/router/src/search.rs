@@ -22,7 +22,7 @@
 //! The errors and the top-p costs are measured on inputs from the reference model, so they
 //! ignore how earlier layers' changes move later layers' inputs: a top-p rule's real cost can
 //! differ a little from the prediction (`moekit eval --policy` measures it), and
-//! [`crate::kl::logit_kl`] measures the whole model's deviation for a chosen policy.
+//! [`crate::select`] measures the whole model under the proposed policies.
 
 use burn::tensor::Tensor;
 use moekit_llama::Llama;
@@ -136,6 +136,24 @@ impl Candidates {
             .collect()
     }
 
+    /// [`Candidates::policy`] with its [`Choice`] for `target` recorded.
+    pub fn chosen_policy(&self, picks: &[usize], target: f64) -> RoutingPolicy {
+        let mut policy = self.policy(picks);
+        policy.chosen = Some(Choice {
+            target_fraction: target,
+            predicted_fraction: self.active(picks).fraction(),
+            error: self
+                .layers
+                .iter()
+                .zip(picks)
+                .map(|(l, &j)| l.candidates[j].error)
+                .sum(),
+            tokens: self.tokens,
+            selection: None,
+        });
+        policy
+    }
+
     /// The policy taking candidate `picks[i]` in layer `i`.
     pub fn policy(&self, picks: &[usize]) -> RoutingPolicy {
         RoutingPolicy {
@@ -244,6 +262,23 @@ pub fn measure(
 /// expert active (a fraction in (0, 1]) and has the least total output error (see the module
 /// docs). `resolution` is the number of budget steps of the dynamic programme.
 pub fn choose(candidates: &Candidates, target: f64, resolution: usize) -> Result<RoutingPolicy> {
+    choose_weighted(candidates, target, resolution, 1.0)
+}
+
+/// [`choose`] minimising `Σ_l error_l^γ` with `γ = exponent`: `γ > 1` penalises one large
+/// error more than several small ones (errors compound through the layers after them), `γ < 1`
+/// the opposite. The recorded [`Choice::error`] is the plain sum `Σ_l error_l`.
+pub fn choose_weighted(
+    candidates: &Candidates,
+    target: f64,
+    resolution: usize,
+    exponent: f64,
+) -> Result<RoutingPolicy> {
+    if !(exponent.is_finite() && exponent > 0.0) {
+        return Err(RouterError::Target(format!(
+            "the error exponent {exponent} must be positive"
+        )));
+    }
     if !(target > 0.0 && target <= 1.0) {
         return Err(RouterError::Target(format!(
             "the activated-parameter fraction {target} must be in (0, 1]"
@@ -304,8 +339,9 @@ pub fn choose(candidates: &Candidates, target: f64, resolution: usize) -> Result
         let mut choice = vec![u32::MAX; capacity + 1];
         for u in 0..=capacity {
             for (j, (c, &w)) in l.candidates.iter().zip(units).enumerate() {
-                if w <= u && best[u - w] + c.error < next[u] {
-                    next[u] = best[u - w] + c.error;
+                let e = c.error.powf(exponent);
+                if w <= u && best[u - w] + e < next[u] {
+                    next[u] = best[u - w] + e;
                     choice[u] = j as u32;
                 }
             }
@@ -334,23 +370,16 @@ pub fn choose(candidates: &Candidates, target: f64, resolution: usize) -> Result
             .sum();
         spent <= budget + tolerance
     };
-    let (error, picks) = (0..=capacity)
+    let picks = (0..=capacity)
         .rev()
         .filter(|&u| best[u].is_finite())
-        .map(|u| (best[u], walk_back(u)))
-        .find(|(_, picks)| fits(picks))
+        .map(walk_back)
+        .find(|picks| fits(picks))
         .ok_or_else(|| {
             RouterError::Target(format!(
                 "no policy fits {:.1}% at this resolution; raise the target or the resolution",
                 100.0 * target
             ))
         })?;
-    let mut policy = candidates.policy(&picks);
-    policy.chosen = Some(Choice {
-        target_fraction: target,
-        predicted_fraction: candidates.active(&picks).fraction(),
-        error,
-        tokens: candidates.tokens,
-    });
-    Ok(policy)
+    Ok(candidates.chosen_policy(&picks, target))
 }

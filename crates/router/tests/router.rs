@@ -6,9 +6,9 @@ use burn::tensor::{Device, Tensor};
 use moekit_llama::{FfnSlot, Llama, LlamaConfig, perplexity};
 use moekit_moe::Selection;
 use moekit_router::{
-    ActiveParams, Candidate, Candidates, LayerCandidates, RouterError, RoutingPolicy, Rule,
-    SearchConfig, Series, TOP1_THRESHOLDS, choose, logit_kl, measure, profile, profile_svg,
-    tradeoff_svg,
+    ActiveParams, Candidate, Candidates, LayerCandidates, Rule, RouterError, RoutingPolicy,
+    SearchConfig, Series, TOP1_THRESHOLDS, choose, measure, profile, profile_svg, proposals,
+    score, select, tradeoff_svg,
 };
 use moekit_testing::{device, normal};
 
@@ -522,17 +522,45 @@ fn a_policy_costs_what_it_predicts_and_the_kl_grows_as_experts_go() {
     );
     assert!(active.fraction() <= target);
 
-    assert_eq!(
-        logit_kl(&model, &model, &ids, 32, &mut |_, _| {}).unwrap(),
-        0.0
+    // Whole-model scores: the reference routing has KL 0; top-1 everywhere deviates.
+    let own = RoutingPolicy::of_model(&model);
+    let top1 = RoutingPolicy::uniform(&model, Rule::TopK { k: 1 }).unwrap();
+    let scores = score(&model, &[&own, &top1], &ids, 32, &mut |_, _| {}).unwrap();
+    assert_eq!(scores[0].kl, 0.0);
+    assert!(scores[1].kl > 0.0);
+    // The reference's NLL is the perplexity evaluation's.
+    let ppl = perplexity(&model, &ids, 32, &mut |_, _| {}).unwrap();
+    assert!(
+        (scores[0].nll - ppl.nll).abs() < 1e-4,
+        "{} vs {}",
+        scores[0].nll,
+        ppl.nll
     );
-    let mut top1 = model.clone();
-    RoutingPolicy::uniform(&model, Rule::TopK { k: 1 })
-        .unwrap()
-        .apply(&mut top1)
+
+    // Selection: the proposals hold the knapsack's optima and every uniform rule that fits;
+    // the one of least NLL wins, and no uniform rule within the budget beats it.
+    let offered = proposals(&c, target, 1024).unwrap();
+    assert!(offered.iter().any(|p| p.name == "uniform top-1"));
+    assert!(!offered.iter().any(|p| p.name == "uniform top-2")); // over the budget
+    assert!(offered.iter().any(|p| p.name.starts_with("knapsack")));
+    let names: Vec<String> = offered.iter().map(|p| p.name.clone()).collect();
+    let (best, scored) = select(&model, offered, &ids, 32, &mut |_, _| {}).unwrap();
+    assert_eq!(scored.len(), names.len());
+    let selected = best.chosen.as_ref().unwrap().selection.clone().unwrap();
+    for (p, s) in &scored {
+        assert!(
+            selected.score.nll <= s.nll,
+            "{} beats {}",
+            p.name,
+            selected.proposal
+        );
+        assert!(p.policy.chosen.as_ref().unwrap().predicted_fraction <= target + 1e-9);
+    }
+    let winner = scored
+        .iter()
+        .find(|(p, _)| p.name == selected.proposal)
         .unwrap();
-    let kl1 = logit_kl(&model, &top1, &ids, 32, &mut |_, _| {}).unwrap();
-    assert!(kl1 > 0.0);
+    assert_eq!(winner.0.policy.layers, best.layers);
 }
 
 #[test]

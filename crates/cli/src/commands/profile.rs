@@ -4,11 +4,10 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use moekit::llama::Llama;
 use moekit::router::file::{load_json, save_json};
 use moekit::router::{
-    Candidates, RoutingPolicy, Rule, SearchConfig, TOP1_THRESHOLDS, choose, logit_kl, measure,
-    profile, profile_svg,
+    Candidates, RoutingPolicy, SearchConfig, TOP1_THRESHOLDS, measure, profile, profile_svg,
+    proposals, select,
 };
 use moekit::upcycle::calibration;
 use serde_json::json;
@@ -43,10 +42,10 @@ pub struct ProfileArgs {
     /// Budget steps of the knapsack's dynamic programme.
     #[arg(long, default_value_t = 16_384)]
     resolution: usize,
-    /// Tokens on which the final-logit KL against the model's own routing is measured (0:
-    /// skip).
+    /// Calibration tokens on which every proposed policy runs through the whole model
+    /// (negative log-likelihood, KL from the model's own routing) to select one.
     #[arg(long, default_value_t = 2048)]
-    kl_tokens: usize,
+    select_tokens: usize,
     /// Draw the routing profile (one panel per layer) to this SVG file.
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
@@ -66,40 +65,6 @@ pub struct ProfileArgs {
     /// Where to write the policy (JSON).
     #[arg(long)]
     out: PathBuf,
-}
-
-/// The uniform top-k rule that activates the most parameters within the chosen fraction.
-fn uniform_within(candidates: &Candidates, fraction: f64) -> Option<(Rule, f64)> {
-    let e = candidates.layers.iter().map(|l| l.num_experts).min()?;
-    (1..=e)
-        .filter_map(|k| {
-            let rule = Rule::TopK { k };
-            let f = candidates.active(&candidates.picks_of(rule)?).fraction();
-            (f <= fraction + 1e-9).then_some((rule, f))
-        })
-        .last()
-}
-
-/// KL of `policy` against the unreduced `model` on the first `n` calibration tokens.
-fn kl(
-    model: &Llama,
-    policy: &RoutingPolicy,
-    ids: &[u32],
-    args: &ProfileArgs,
-) -> Result<f64, CliError> {
-    let mut reduced = model.clone();
-    policy.apply(&mut reduced)?;
-    let ids = &ids[..args.kl_tokens.min(ids.len())];
-    let bar = progress::bar("kl", "tokens");
-    let kl = logit_kl(
-        model,
-        &reduced,
-        ids,
-        args.seq_len,
-        &mut progress::update(&bar),
-    )?;
-    bar.finish_and_clear();
-    Ok(kl)
 }
 
 /// Profiles the routing, measures every candidate rule, chooses the policy and writes it.
@@ -148,26 +113,26 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
     if let Some(path) = &args.candidates_out {
         save_json(&candidates, path)?;
     }
-    let policy = choose(&candidates, args.target_active_params, args.resolution)?;
+    let offered = proposals(&candidates, args.target_active_params, args.resolution)?;
+    let bar = progress::bar("select", "tokens");
+    let (policy, scored) = select(
+        &model,
+        offered,
+        &ids[..args.select_tokens.min(ids.len())],
+        args.seq_len,
+        &mut progress::update(&bar),
+    )?;
+    bar.finish_and_clear();
     let chosen = policy.chosen.clone().expect("choose records its choice");
-    let uniform = uniform_within(&candidates, chosen.predicted_fraction);
-
+    let selected = chosen.selection.clone().expect("select records its choice");
     policy.save(&args.out)?;
     if let (Some(path), Some(routing)) = (&args.plot, &routing) {
         profile_svg(routing, Some(&policy), path)?;
     }
-    let (policy_kl, uniform_kl) = if args.kl_tokens > 0 {
-        let p = kl(&model, &policy, &ids, args)?;
-        let u = uniform
-            .map(|(rule, _)| kl(&model, &RoutingPolicy::uniform(&model, rule)?, &ids, args))
-            .transpose()?;
-        (Some(p), u)
-    } else {
-        (None, None)
-    };
     let seconds = start.elapsed().as_secs_f64();
     tracing::info!(seconds, "profiled and chose a policy");
 
+    let fraction = |p: &RoutingPolicy| p.chosen.as_ref().map_or(f64::NAN, |c| c.predicted_fraction);
     if args.json {
         println!(
             "{}",
@@ -177,10 +142,12 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
                 "target_fraction": chosen.target_fraction,
                 "predicted_fraction": chosen.predicted_fraction,
                 "error": chosen.error,
-                "kl": policy_kl,
-                "uniform": uniform.map(|(rule, f)| json!({
-                    "rule": rule.to_string(), "fraction": f, "kl": uniform_kl,
-                })),
+                "selected": selected.proposal,
+                "nll": selected.score.nll,
+                "kl": selected.score.kl,
+                "proposals": scored.iter().map(|(p, s)| json!({
+                    "name": p.name, "fraction": fraction(&p.policy), "nll": s.nll, "kl": s.kl,
+                })).collect::<Vec<_>>(),
                 "layers": policy.layers.iter().map(|l| json!({
                     "layer": l.layer, "rule": l.rule.to_string(),
                 })).collect::<Vec<_>>(),
@@ -190,9 +157,10 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
         return Ok(());
     }
     println!(
-        "policy: {} ({} layers)",
+        "policy: {} ({} layers), selected: {}",
         args.out.display(),
-        policy.layers.len()
+        policy.layers.len(),
+        selected.proposal
     );
     println!(
         "activated parameters: {:.1}% of the model with every expert (target {:.1}%)",
@@ -205,14 +173,14 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
         .map(|l| format!("{}:{}", l.layer, l.rule))
         .collect();
     println!("rules (layer:rule): {}", rules.join(", "));
-    if let Some(kl) = policy_kl {
-        println!("final-logit KL against the model's own routing: {kl:.4} nats/token");
-    }
-    if let Some((rule, f)) = uniform {
-        let kl = uniform_kl.map_or(String::new(), |kl| format!(", KL {kl:.4}"));
+    println!("proposals on {} tokens:", args.select_tokens.min(ids.len()));
+    for (p, s) in &scored {
         println!(
-            "uniform {rule} in every layer: {:.1}% activated{kl}",
-            100.0 * f
+            "  {:<20} {:5.1}% activated, perplexity {:9.3}, KL {:.4}",
+            p.name,
+            100.0 * fraction(&p.policy),
+            s.nll.exp(),
+            s.kl
         );
     }
     println!("{} calibration tokens, {seconds:.1} s", candidates.tokens);
