@@ -5,7 +5,9 @@
 //! ```text
 //! cargo run --release --example router_tradeoff -- OUT_PREFIX NAME=FILE.jsonl [NAME=FILE.jsonl ...]
 //! ```
-//! writes `OUT_PREFIX-perplexity.svg` and `OUT_PREFIX-speed.svg`.
+//! writes `OUT_PREFIX-perplexity.svg` and `OUT_PREFIX-speed.svg`. A NAME ending in `(steps)`
+//! is drawn as a staircase in the perplexity plot (the best uniform top-k within a budget
+//! rounds k down between its points).
 
 use moekit::router::{Series, tradeoff_svg};
 
@@ -45,13 +47,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         q.sort_by(|a, b| a.0.total_cmp(&b.0));
         s.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let steps = name.ends_with("(steps)");
+        let name = name.trim_end_matches("(steps)").trim().to_string();
         quality.push(Series {
-            name: name.to_string(),
+            name: name.clone(),
             points: q,
+            steps,
         });
         speed.push(Series {
-            name: name.to_string(),
+            name,
             points: s,
+            steps: false,
         });
     }
     let x = "activated parameters (fraction of the model with every expert)";

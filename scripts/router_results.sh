@@ -8,9 +8,11 @@
 # MOE_MODEL is a converted model (e.g. `moekit convert ... --method split-coactivation
 # --experts 8 --top-k 4 --layerwise-steps 100`). Calibration: python3.11-doc's library/
 # sources; evaluation: the first EVAL_TOKENS tokens of tutorial/ (files concatenated in name
-# order), in windows of 1024. For each k < E the uniform top-k model's activated fraction is
-# the budget given to `moekit profile --target-active-params`. Environment knobs: EXPERTS (8),
-# CALIB_TOKENS (8192), EVAL_TOKENS (8192), REUSE_UNIFORM (0).
+# order), in windows of 1024. The budgets given to `moekit profile --target-active-params` are
+# the uniform top-k models' activated fractions (k < E) and the midpoints between them.
+# Environment knobs: EXPERTS (8),
+# CALIB_TOKENS (8192), EVAL_TOKENS (8192), REUSE_UNIFORM (0), MAX_K (E − 1: budgets up to
+# uniform top-MAX_K).
 set -euo pipefail
 MODEL=$1
 OUT=${2:-$HOME/.cache/moekit/router-results}
@@ -36,17 +38,30 @@ if [ "${REUSE_UNIFORM:-0}" != 1 ]; then
         evaluate "top-$k" --top-k "$k" | tee -a "$OUT/uniform.jsonl" > "$OUT/top-$k.json"
     done
 fi
+# Budgets: each uniform top-k's activated fraction (k < E), and the midpoint between
+# consecutive ones (where no uniform top-k exists: uniform top-k must round down).
+budgets() {
+    python3 - "$OUT" "$EXPERTS" "${MAX_K:-$((EXPERTS - 1))}" <<'PY'
+import json, sys
+out, e, top = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+f = [json.loads(open(f"{out}/top-{k}.json").readline())["activated_fraction"] for k in range(1, e + 1)]
+for k in range(1, min(top, e - 1) + 1):
+    print(f"{k} {f[k - 1]}")
+    print(f"{k}.5 {(f[k - 1] + f[k]) / 2}")
+PY
+}
 # The first run profiles, draws and measures every layer's candidates; later runs reuse them.
-for k in $(seq 1 $((EXPERTS - 1))); do
-    target=$(fraction < "$OUT/top-$k.json")
-    if [ "$k" = 1 ]; then
+first=1
+budgets | while read -r label target; do
+    if [ "$first" = 1 ]; then
         extra=(--plot "$OUT/routing.svg" --profile-out "$OUT/profile.json"
                --candidates-out "$OUT/candidates.json")
+        first=0
     else
         extra=(--candidates-in "$OUT/candidates.json")
     fi
-    /usr/bin/time -f "%e" -o "$OUT/profile-$k.wall" "$BIN" profile "$MODEL" --calib "$DOC/library" \
-        --calib-tokens "$CALIB_TOKENS" --target-active-params "$target" \
-        --out "$OUT/policy-$k.json" "${extra[@]}" --json > "$OUT/profile-$k.json"
-    evaluate "profiled-$k" --policy "$OUT/policy-$k.json" >> "$OUT/profiled.jsonl"
+    /usr/bin/time -f "%e" -o "$OUT/profile-$label.wall" "$BIN" profile "$MODEL" \
+        --calib "$DOC/library" --calib-tokens "$CALIB_TOKENS" --target-active-params "$target" \
+        --out "$OUT/policy-$label.json" "${extra[@]}" --json > "$OUT/profile-$label.json" < /dev/null
+    evaluate "profiled-$label" --policy "$OUT/policy-$label.json" >> "$OUT/profiled.jsonl" < /dev/null
 done

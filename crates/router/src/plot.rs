@@ -106,6 +106,26 @@ pub struct Series {
     pub name: String,
     /// Points, drawn in the order given.
     pub points: Vec<(f64, f64)>,
+    /// Draw a staircase: each point's `y` holds until the next point's `x` (e.g. the best
+    /// uniform top-k within a budget, which must round `k` down between its points).
+    pub steps: bool,
+}
+
+impl Series {
+    /// The polyline drawn for the series.
+    fn path(&self) -> Vec<(f64, f64)> {
+        if !self.steps {
+            return self.points.clone();
+        }
+        let mut path = Vec::with_capacity(2 * self.points.len());
+        for (i, &(x, y)) in self.points.iter().enumerate() {
+            if i > 0 {
+                path.push((x, self.points[i - 1].1));
+            }
+            path.push((x, y));
+        }
+        path
+    }
 }
 
 /// Draws curves of a quality measure (log scale, e.g. perplexity) against a cost (e.g. the
@@ -173,4 +193,24 @@ pub fn tradeoff_svg(
         .map_err(|e| fail(e.to_string()))?;
     root.present().map_err(|e| fail(e.to_string()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_staircase_holds_each_value_until_the_next_point() {
+        let mut s = Series {
+            name: "s".into(),
+            points: vec![(1.0, 5.0), (2.0, 3.0), (4.0, 1.0)],
+            steps: true,
+        };
+        assert_eq!(
+            s.path(),
+            [(1.0, 5.0), (2.0, 5.0), (2.0, 3.0), (4.0, 3.0), (4.0, 1.0)]
+        );
+        s.steps = false;
+        assert_eq!(s.path(), s.points);
+    }
 }

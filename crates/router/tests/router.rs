@@ -6,9 +6,9 @@ use burn::tensor::{Device, Tensor};
 use moekit_llama::{FfnSlot, Llama, LlamaConfig, perplexity};
 use moekit_moe::Selection;
 use moekit_router::{
-    ActiveParams, Candidate, Candidates, LayerCandidates, Rule, RouterError, RoutingPolicy,
-    SearchConfig, Series, TOP1_THRESHOLDS, choose, measure, profile, profile_svg, proposals,
-    score, select, tradeoff_svg,
+    ActiveParams, Candidate, Candidates, LayerCandidates, RouterError, RoutingPolicy, Rule,
+    SearchConfig, Series, TOP1_THRESHOLDS, choose, measure, profile, profile_svg, proposals, score,
+    select, tradeoff_svg,
 };
 use moekit_testing::{device, normal};
 
@@ -571,10 +571,12 @@ fn tradeoff_plots_draw_every_series_and_refuse_bad_points() {
         Series {
             name: "uniform top-k".into(),
             points: vec![(0.5, 40.0), (0.7, 20.0), (1.0, 12.0)],
+            steps: true,
         },
         Series {
             name: "profiled".into(),
             points: vec![(0.5, 30.0), (0.7, 18.0)],
+            steps: false,
         },
     ];
     tradeoff_svg(&series, "t", "activated", "perplexity", &path).unwrap();
@@ -583,6 +585,7 @@ fn tradeoff_plots_draw_every_series_and_refuse_bad_points() {
     let bad = [Series {
         name: "x".into(),
         points: vec![(0.5, f64::NAN)],
+        steps: false,
     }];
     assert!(tradeoff_svg(&bad, "t", "x", "y", &path).is_err());
     assert!(tradeoff_svg(&[], "t", "x", "y", &path).is_err());
