@@ -488,6 +488,19 @@ fn profile_chooses_a_policy_that_eval_applies() {
             &moe,
             "--calib",
             &text,
+            "--out",
+            &policy,
+            "--plot",
+            "routing.png",
+        ]),
+        "name the file .svg",
+    );
+    assert_clean_failure(
+        &moekit(&[
+            "profile",
+            &moe,
+            "--calib",
+            &text,
             "--seq-len",
             "32",
             "--target-active-params",

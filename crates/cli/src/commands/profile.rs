@@ -46,7 +46,7 @@ pub struct ProfileArgs {
     /// (negative log-likelihood, KL from the model's own routing) to select one.
     #[arg(long, default_value_t = 2048)]
     select_tokens: usize,
-    /// Draw the routing profile (one panel per layer) to this SVG file.
+    /// Draw the routing profile (one panel per layer) to this SVG file (`.svg`).
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
     /// Write the routing profile as JSON to this file.
