@@ -142,7 +142,7 @@ pub fn tradeoff_svg(
     if all().next().is_none() {
         return Err(fail("nothing to plot".into()));
     }
-    if all().any(|(x, y)| !x.is_finite() || !(*y > 0.0 && y.is_finite())) {
+    if all().any(|(x, y)| !(x.is_finite() && *y > 0.0 && y.is_finite())) {
         return Err(fail(
             "points must be finite, with positive y (log scale)".into(),
         ));
@@ -173,10 +173,7 @@ pub fn tradeoff_svg(
     for (i, s) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
-            .draw_series(LineSeries::new(
-                s.points.iter().copied(),
-                color.stroke_width(2),
-            ))
+            .draw_series(LineSeries::new(s.path(), color.stroke_width(2)))
             .map_err(|e| fail(e.to_string()))?
             .label(s.name.as_str())
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2)));
