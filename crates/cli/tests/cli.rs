@@ -501,6 +501,19 @@ fn profile_chooses_a_policy_that_eval_applies() {
             &moe,
             "--calib",
             &text,
+            "--out",
+            &policy,
+            "--select-tokens",
+            "1",
+        ]),
+        "at least 2",
+    );
+    assert_clean_failure(
+        &moekit(&[
+            "profile",
+            &moe,
+            "--calib",
+            &text,
             "--seq-len",
             "32",
             "--target-active-params",

@@ -70,28 +70,41 @@ pub struct ProfileArgs {
 /// Profiles the routing, measures every candidate rule, chooses the policy and writes it.
 pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
     let start = Instant::now();
+    if let Some(plot) = &args.plot
+        && plot
+            .extension()
+            .is_none_or(|e| !e.eq_ignore_ascii_case("svg"))
+    {
+        return Err(CliError::Usage(format!(
+            "--plot {}: plots are written as SVG; name the file .svg",
+            plot.display()
+        )));
+    }
+    if args.select_tokens < 2 {
+        return Err(CliError::Usage("--select-tokens must be at least 2".into()));
+    }
     let (_, model, tokenizer) = super::load(&args.model, None)?;
     let files = calibration::files(&args.calib)?;
     let ids = calibration::tokens(&tokenizer, &files, args.calib_tokens)?;
 
-    let routing =
-        if args.candidates_in.is_none() || args.plot.is_some() || args.profile_out.is_some() {
-            let bar = progress::bar("profile", "tokens");
-            let routing = profile(
-                &model,
-                &ids,
-                args.seq_len,
-                &args.top1_thresholds,
-                &mut progress::update(&bar),
-            )?;
-            bar.finish_and_clear();
-            if let Some(path) = &args.profile_out {
-                routing.save(path)?;
-            }
-            Some(routing)
-        } else {
-            None
-        };
+    // The profile itself is only drawn or saved; the policy search does not need it.
+    let routing = if args.plot.is_some() || args.profile_out.is_some() {
+        let bar = progress::bar("profile", "tokens");
+        let routing = profile(
+            &model,
+            &ids,
+            args.seq_len,
+            &args.top1_thresholds,
+            &mut progress::update(&bar),
+        )?;
+        bar.finish_and_clear();
+        if let Some(path) = &args.profile_out {
+            routing.save(path)?;
+        }
+        Some(routing)
+    } else {
+        None
+    };
 
     let candidates: Candidates = match &args.candidates_in {
         Some(path) => {
