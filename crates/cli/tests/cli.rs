@@ -206,14 +206,9 @@ fn dense_model_and_text(root: &Path) -> (String, String) {
 }
 
 fn perplexity(model: &str, text: &str) -> f64 {
-    let out = moekit(&["eval", model, "--text", text, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["perplexity"].as_f64().unwrap()
+    success_json(moekit(&["eval", model, "--text", text, "--json"]))["perplexity"]
+        .as_f64()
+        .unwrap()
 }
 
 #[test]
@@ -366,8 +361,8 @@ fn convert_refuses_bad_settings_in_one_line() {
     );
 }
 
-fn eval_json(args: &[&str]) -> serde_json::Value {
-    let out = moekit(args);
+/// The JSON a successful command printed.
+fn success_json(out: Output) -> serde_json::Value {
     assert!(
         out.status.success(),
         "{}",
@@ -401,23 +396,30 @@ fn profile_chooses_a_policy_that_eval_applies() {
     let policy = root.path().join("policy.json").display().to_string();
     let plot = root.path().join("routing.svg");
     let candidates = root.path().join("candidates.json").display().to_string();
-    let summary = eval_json(&[
-        "profile",
-        &moe,
-        "--calib",
-        &text,
-        "--seq-len",
-        "32",
+    // `moekit profile` on the MoE model with its calibration text and `extra` arguments.
+    let profile = |extra: &[&str]| {
+        let mut args = vec![
+            "profile",
+            &moe,
+            "--calib",
+            &text,
+            "--seq-len",
+            "32",
+            "--out",
+            &policy,
+        ];
+        args.extend_from_slice(extra);
+        moekit(&args)
+    };
+    let summary = success_json(profile(&[
         "--target-active-params",
         "0.9",
-        "--out",
-        &policy,
         "--plot",
         &plot.display().to_string(),
         "--candidates-out",
         &candidates,
         "--json",
-    ]);
+    ]));
     let predicted = summary["predicted_fraction"].as_f64().unwrap();
     assert!(predicted <= 0.9, "{summary}");
     assert!(summary["kl"].as_f64().unwrap() >= 0.0);
@@ -431,7 +433,7 @@ fn profile_chooses_a_policy_that_eval_applies() {
     let eval = |extra: &[&str]| {
         let mut args = vec!["eval", &moe, "--text", &calib, "--window", "32", "--json"];
         args.extend_from_slice(extra);
-        eval_json(&args)
+        success_json(moekit(&args))
     };
     let full = eval(&[]);
     assert!((full["activated_fraction"].as_f64().unwrap() - 1.0).abs() < 1e-12);
@@ -443,23 +445,15 @@ fn profile_chooses_a_policy_that_eval_applies() {
         assert_eq!(layer["experts_per_token"].as_f64().unwrap(), 1.0);
     }
     // Reusing the measured candidates for another target.
-    let summary = eval_json(&[
-        "profile",
-        &moe,
-        "--calib",
-        &text,
-        "--seq-len",
-        "32",
+    let summary = success_json(profile(&[
         "--target-active-params",
         "0.7",
         "--candidates-in",
         &candidates,
         "--select-tokens",
         "64",
-        "--out",
-        &policy,
         "--json",
-    ]);
+    ]));
     assert!(summary["predicted_fraction"].as_f64().unwrap() <= 0.7);
 
     // Bad input: one error line each.
@@ -482,45 +476,10 @@ fn profile_chooses_a_policy_that_eval_applies() {
         &moekit(&["profile", &dense, "--calib", &text, "--out", &policy]),
         "no MoE layers",
     );
+    assert_clean_failure(&profile(&["--plot", "routing.png"]), "name the file .svg");
+    assert_clean_failure(&profile(&["--select-tokens", "1"]), "at least 2");
     assert_clean_failure(
-        &moekit(&[
-            "profile",
-            &moe,
-            "--calib",
-            &text,
-            "--out",
-            &policy,
-            "--plot",
-            "routing.png",
-        ]),
-        "name the file .svg",
-    );
-    assert_clean_failure(
-        &moekit(&[
-            "profile",
-            &moe,
-            "--calib",
-            &text,
-            "--out",
-            &policy,
-            "--select-tokens",
-            "1",
-        ]),
-        "at least 2",
-    );
-    assert_clean_failure(
-        &moekit(&[
-            "profile",
-            &moe,
-            "--calib",
-            &text,
-            "--seq-len",
-            "32",
-            "--target-active-params",
-            "0.01",
-            "--out",
-            &policy,
-        ]),
+        &profile(&["--target-active-params", "0.01"]),
         "below the least",
     );
 }

@@ -16,18 +16,18 @@
 //!   dispatch computes only the chosen experts, so fewer experts run faster.
 //!
 //! ```no_run
-//! # fn main() -> moekit_router::Result<()> {
+//! use moekit_llama::Llama;
 //! use moekit_router::{SearchConfig, measure, proposals, select};
-//! # let model: moekit_llama::Llama = unimplemented!();
-//! # let calibration: Vec<u32> = vec![];
-//! let candidates = measure(&model, &calibration, &SearchConfig::default(), &mut |_, _| {})?;
-//! // At most 80% of the activated parameters of the model with every expert active.
-//! let offered = proposals(&candidates, 0.8, 16_384)?;
-//! let (policy, _scores) = select(&model, offered, &calibration, 512, &mut |_, _| {})?;
-//! policy.save("policy.json".as_ref())?;
-//! # let mut model = model;
-//! policy.apply(&mut model)?;
-//! # Ok(()) }
+//!
+//! /// Routes `model` within 80% of the activated parameters of the model with every expert
+//! /// active, choosing per-layer rules on `calibration` tokens.
+//! fn adapt(model: &mut Llama, calibration: &[u32]) -> moekit_router::Result<()> {
+//!     let candidates = measure(model, calibration, &SearchConfig::default(), &mut |_, _| {})?;
+//!     let offered = proposals(&candidates, 0.8, 16_384)?;
+//!     let (policy, _scores) = select(model, offered, calibration, 512, &mut |_, _| {})?;
+//!     policy.save("policy.json".as_ref())?;
+//!     policy.apply(model)
+//! }
 //! ```
 #![warn(missing_docs)]
 
