@@ -178,6 +178,11 @@ impl DistillLoss {
     pub fn wants_hidden(&self) -> bool {
         self.terms.iter().any(|t| t.kind.is_hidden())
     }
+
+    /// Whether any term needs the teacher (all but `ce`, which uses the labels only).
+    pub fn needs_teacher(&self) -> bool {
+        self.terms.iter().any(|t| t.kind != LossKind::CrossEntropy)
+    }
 }
 
 impl FromStr for DistillLoss {
@@ -289,6 +294,8 @@ mod tests {
             ]
         );
         assert!(l.wants_hidden());
+        assert!(l.needs_teacher());
+        assert!(!"ce".parse::<DistillLoss>().unwrap().needs_teacher());
         assert_eq!(l.to_string().parse::<DistillLoss>().unwrap(), l);
     }
 }

@@ -14,6 +14,7 @@ use moekit_moe::MoeLayer;
 use crate::error::{Result, UpcycleError};
 use crate::partition::SplitMix64;
 use crate::record::ActivationStore;
+use crate::schedule::WarmupCosine;
 
 /// Configuration of [`construct`].
 #[derive(Config, Debug)]
@@ -135,16 +136,6 @@ fn relative_error(moe: &MoeLayer, data: &Rows, device: &Device) -> Result<f64> {
     Ok(err / norm.max(f64::MIN_POSITIVE))
 }
 
-/// Learning rate at `step` of `steps` (0-based).
-fn schedule(peak: f64, step: usize, steps: usize) -> f64 {
-    let warm = (steps / 20).max(1);
-    if step < warm {
-        return peak * (step + 1) as f64 / warm as f64;
-    }
-    let t = (step - warm) as f64 / (steps - warm).max(1) as f64;
-    peak * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * t).cos()))
-}
-
 /// Trains one MoE block to reproduce `y = FFN(x)` (host rows `[N·H]` each): MSE plus the
 /// block's auxiliary losses, on the autodiff version of `device`. Frozen parameters (PESC's
 /// and LoRA experts' shared FFN) stay frozen.
@@ -175,6 +166,7 @@ pub fn train_block(
     let mut order: Vec<usize> = (0..n).collect();
     let mut cursor = n;
     let batch = config.batch_tokens.clamp(1, n);
+    let schedule = WarmupCosine::new(config.lr, config.steps / 20, config.steps, 0.1);
     for step in 0..config.steps {
         if cursor + batch > n {
             rng.shuffle(&mut order);
@@ -189,7 +181,7 @@ pub fn train_block(
             .mean();
         let loss = mse.clone() + out.aux_loss() * config.aux_weight;
         let grads = GradientsParams::from_grads(loss.backward(), &moe);
-        moe = optim.step(schedule(config.lr, step, config.steps), moe, grads);
+        moe = optim.step(schedule.lr(step), moe, grads);
         let mse = mse.into_scalar::<f32>();
         if !mse.is_finite() {
             return Err(UpcycleError::NonFinite {

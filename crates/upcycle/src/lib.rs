@@ -23,6 +23,7 @@ pub mod partition;
 pub mod profile;
 pub mod record;
 pub mod router_init;
+pub mod schedule;
 pub mod split;
 
 pub use config::{ConvertConfig, Method, RouterInit, SplitStrategy};
@@ -31,3 +32,4 @@ pub use error::{Result, UpcycleError};
 pub use layerwise::{LayerObserver, LayerReport, LayerwiseConfig, LogObserver, construct};
 pub use profile::{NeuronProfile, profile};
 pub use record::{ActivationStore, RecordConfig};
+pub use schedule::WarmupCosine;

@@ -1,0 +1,209 @@
+//! Atomic training checkpoints.
+//!
+//! A checkpoint is a directory `step-NNNNNN/` holding the trainable parameters
+//! (`student.bpk`, burnpack, only the trainable set: the rest of the student is the model the
+//! run started from), the distiller's projection (`projection.bpk`, when there is one), the
+//! optimiser state (`optimizer.bpk`) and the run state (`state.json`: step, data order,
+//! evaluations). It is written under a temporary name, synced and renamed into place; then the
+//! `latest` file (itself written to a temporary file and renamed) points at it. A run killed at
+//! any moment leaves either the previous checkpoint or the new one as `latest`, never a
+//! half-written one.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ParamGroup};
+use burn::optim::OptimizerRecord;
+use burn::store::ModuleRecord;
+use serde::{Deserialize, Serialize};
+
+use crate::data::DataOrder;
+use crate::error::{Result, TrainError};
+use crate::eval::EvalReport;
+
+/// The run state saved with each checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimiser steps done.
+    pub step: usize,
+    /// Where the run is in its data.
+    pub order: DataOrder,
+    /// Tokens trained on so far.
+    pub tokens: u64,
+    /// Every evaluation so far.
+    pub evals: Vec<EvalReport>,
+    /// What must match for a resume: the trainable set, the loss, the batch shape and the
+    /// number of training windows.
+    pub identity: RunIdentity,
+}
+
+/// What identifies a run: a checkpoint resumes only a run with the same identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunIdentity {
+    /// The trainable set, e.g. `router,adapters`.
+    pub trainable: String,
+    /// The loss, e.g. `kl:1,ce:0.1`.
+    pub loss: String,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Micro-batches per step.
+    pub grad_accum: usize,
+    /// Training windows.
+    pub windows: usize,
+    /// Trainable scalar parameters.
+    pub params: usize,
+}
+
+/// The parts of a checkpoint read back.
+pub struct Loaded {
+    /// The run state.
+    pub state: TrainState,
+    /// The trainable parameters.
+    pub student: ModuleRecord,
+    /// The projection's parameters, if the run had one.
+    pub projection: Option<ModuleRecord>,
+    /// The optimiser state.
+    pub optimizer: OptimizerRecord,
+}
+
+const LATEST: &str = "latest";
+
+fn step_name(step: usize) -> String {
+    format!("step-{step:06}")
+}
+
+/// Syncs a written file to disk.
+fn sync(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| TrainError::io(path, e))
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, sync, rename).
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| TrainError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
+}
+
+/// Saves a checkpoint of step `state.step` in `dir`, points `latest` at it and removes all
+/// but the newest `keep` checkpoints. Returns the checkpoint's directory.
+#[allow(clippy::too_many_arguments)]
+pub fn save<M: Module, P: Module>(
+    dir: &Path,
+    state: &TrainState,
+    student: &M,
+    trainable: ParamGroup,
+    projection: Option<&P>,
+    optimizer: OptimizerRecord,
+    keep: usize,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, e))?;
+    let name = step_name(state.step);
+    let tmp = dir.join(format!(".tmp-{name}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    let fail = |path: &Path, e: burn::store::RecordError| TrainError::checkpoint(path, e);
+    let p = tmp.join("student.bpk");
+    student
+        .clone()
+        .into_record_group(trainable)
+        .save(&p)
+        .map_err(|e| fail(&p, e))?;
+    sync(&p)?;
+    if let Some(projection) = projection {
+        let p = tmp.join("projection.bpk");
+        projection.clone().save_file(&p).map_err(|e| fail(&p, e))?;
+        sync(&p)?;
+    }
+    let p = tmp.join("optimizer.bpk");
+    optimizer.save(&p).map_err(|e| fail(&p, e))?;
+    sync(&p)?;
+    let json = serde_json::to_vec_pretty(state).expect("the state serialises");
+    write_atomic(&tmp.join("state.json"), &json)?;
+    let target = dir.join(&name);
+    if target.exists() {
+        std::fs::remove_dir_all(&target).map_err(|e| TrainError::io(&target, e))?;
+    }
+    std::fs::rename(&tmp, &target).map_err(|e| TrainError::io(&target, e))?;
+    write_atomic(&dir.join(LATEST), name.as_bytes())?;
+    prune(dir, keep)?;
+    tracing::info!(step = state.step, path = %target.display(), "checkpoint saved");
+    Ok(target)
+}
+
+/// Removes all but the newest `keep` checkpoints, and stale temporary directories.
+fn prune(dir: &Path, keep: usize) -> Result<()> {
+    let mut steps: Vec<PathBuf> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| TrainError::io(dir, e))? {
+        let path = entry.map_err(|e| TrainError::io(dir, e))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with(".tmp-step-") {
+            std::fs::remove_dir_all(&path).map_err(|e| TrainError::io(&path, e))?;
+        } else if name.starts_with("step-") {
+            steps.push(path);
+        }
+    }
+    steps.sort();
+    let excess = steps.len().saturating_sub(keep);
+    for old in &steps[..excess] {
+        std::fs::remove_dir_all(old).map_err(|e| TrainError::io(old, e))?;
+    }
+    Ok(())
+}
+
+/// The checkpoint `latest` points at in `dir`, if any.
+///
+/// # Errors
+/// [`TrainError::Checkpoint`] when `latest` names a checkpoint that is not there.
+pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
+    let pointer = dir.join(LATEST);
+    if !pointer.exists() {
+        return Ok(None);
+    }
+    let name = std::fs::read_to_string(&pointer).map_err(|e| TrainError::io(&pointer, e))?;
+    let path = dir.join(name.trim());
+    if !path.join("state.json").exists() {
+        return Err(TrainError::checkpoint(
+            &path,
+            "`latest` points at a missing checkpoint; delete the directory to start over",
+        ));
+    }
+    Ok(Some(path))
+}
+
+/// Reads the checkpoint in `path`.
+///
+/// # Errors
+/// [`TrainError::Checkpoint`] for a missing or unreadable part.
+pub fn load(path: &Path) -> Result<Loaded> {
+    let read = |name: &str| -> Result<ModuleRecord> {
+        let p = path.join(name);
+        ModuleRecord::load(&p).map_err(|e| TrainError::checkpoint(&p, e))
+    };
+    let p = path.join("state.json");
+    let text = std::fs::read_to_string(&p).map_err(|e| TrainError::io(&p, e))?;
+    let state: TrainState = serde_json::from_str(&text)
+        .map_err(|e| TrainError::checkpoint(&p, format!("not a training state: {e}")))?;
+    let projection = if path.join("projection.bpk").exists() {
+        Some(read("projection.bpk")?)
+    } else {
+        None
+    };
+    let p = path.join("optimizer.bpk");
+    let optimizer = OptimizerRecord::load(&p).map_err(|e| TrainError::checkpoint(&p, e))?;
+    Ok(Loaded {
+        state,
+        student: read("student.bpk")?,
+        projection,
+        optimizer,
+    })
+}

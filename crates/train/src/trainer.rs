@@ -1,0 +1,363 @@
+//! A distillation run: data order, learning-rate schedule, periodic evaluation, checkpoints
+//! and resume around [`DistillStep`].
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use moekit_distill::Distiller;
+use moekit_llama::Llama;
+use moekit_upcycle::WarmupCosine;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, RunIdentity, TrainState};
+use crate::config::TrainConfig;
+use crate::data::{DataOrder, TokenWindows};
+use crate::error::{Result, TrainError};
+use crate::eval::{EvalReport, evaluate};
+use crate::step::{DistillStep, StepReport};
+use crate::trainable::TrainableSet;
+
+/// Follows a [`Trainer::run`].
+pub trait TrainObserver {
+    /// The run starts at step `first` (1-based; later than 1 when resumed) of `steps`.
+    fn start(&mut self, _first: usize, _steps: usize) {}
+    /// A step finished.
+    fn step(&mut self, _report: &StepReport) {}
+    /// An evaluation finished.
+    fn eval(&mut self, _report: &EvalReport) {}
+    /// A checkpoint was written.
+    fn checkpoint(&mut self, _step: usize, _path: &Path) {}
+}
+
+/// An observer that logs through `tracing`.
+pub struct LogObserver;
+
+impl TrainObserver for LogObserver {
+    fn step(&mut self, r: &StepReport) {
+        tracing::info!(step = r.step, loss = r.loss, aux = r.aux, lr = r.lr, "step");
+    }
+    fn eval(&mut self, r: &EvalReport) {
+        tracing::info!(step = r.step, perplexity = r.perplexity, kl = r.kl, "eval");
+    }
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// Steps done in total (including before a resume).
+    pub steps: usize,
+    /// The step this process started at (1 unless resumed).
+    pub first_step: usize,
+    /// Tokens trained on in total.
+    pub tokens: u64,
+    /// Wall time of this process's steps and evaluations, seconds.
+    pub seconds: f64,
+    /// Every evaluation, the last one at the end of training.
+    pub evals: Vec<EvalReport>,
+    /// The last step's report.
+    pub last: Option<StepReport>,
+}
+
+/// Distils a LLaMA / MoE student from a teacher.
+///
+/// The student trains on an autodiff version of its device, with only `trainable` requiring
+/// gradients; the teacher stays on its own plain device. Each step takes `grad_accum`
+/// micro-batches of `batch_size` windows in a seeded order ([`DataOrder`]); the learning rate
+/// follows linear warm-up and cosine decay ([`WarmupCosine`]). With a checkpoint directory,
+/// the run saves every `checkpoint_every` steps and at the end, and [`Trainer::resume`]
+/// continues exactly where the last checkpoint left off (same parameters, optimiser moments,
+/// data order and evaluation history).
+pub struct Trainer {
+    step: DistillStep,
+    student: Llama,
+    trainable: TrainableSet,
+    config: TrainConfig,
+    data: TokenWindows,
+    eval_data: Option<TokenWindows>,
+    order: DataOrder,
+    done: usize,
+    tokens: u64,
+    evals: Vec<EvalReport>,
+    checkpoints: Option<PathBuf>,
+}
+
+impl Trainer {
+    /// A run of `config.steps` steps over `data` (windows of `config.seq_len`), evaluated on
+    /// `eval_data` if given.
+    ///
+    /// # Errors
+    /// [`TrainError::Config`] for a bad configuration, a trainable set that selects nothing
+    /// or data windows of another length; [`TrainError::Data`] for data with fewer windows
+    /// than a micro-batch.
+    pub fn new(
+        teacher: Llama,
+        student: Llama,
+        distiller: Distiller,
+        trainable: TrainableSet,
+        config: TrainConfig,
+        data: TokenWindows,
+        eval_data: Option<TokenWindows>,
+    ) -> Result<Self> {
+        config.validate()?;
+        for (what, w) in [
+            ("training", Some(&data)),
+            ("evaluation", eval_data.as_ref()),
+        ] {
+            if let Some(w) = w
+                && w.seq_len() != config.seq_len
+            {
+                return Err(TrainError::Config(format!(
+                    "{what} windows have {} tokens, the configuration {}",
+                    w.seq_len(),
+                    config.seq_len
+                )));
+            }
+        }
+        if data.len() < config.batch_size {
+            return Err(TrainError::Data(format!(
+                "{} training windows of {} tokens, fewer than a batch of {}; give more text",
+                data.len(),
+                config.seq_len,
+                config.batch_size
+            )));
+        }
+        if teacher.config.vocab_size != student.config.vocab_size {
+            return Err(TrainError::Config(format!(
+                "the teacher has {} tokens in its vocabulary, the student {}: they must share a tokenizer",
+                teacher.config.vocab_size, student.config.vocab_size
+            )));
+        }
+        let device = student.device().autodiff();
+        let student = trainable.apply(student.fork(&device).train())?;
+        let distiller = distiller.fork(&device).train();
+        Ok(Self {
+            step: DistillStep::new(teacher, distiller, &config),
+            student,
+            trainable,
+            order: DataOrder::new(config.seed),
+            config,
+            data,
+            eval_data,
+            done: 0,
+            tokens: 0,
+            evals: Vec::new(),
+            checkpoints: None,
+        })
+    }
+
+    /// Saves checkpoints in `dir` (created if needed).
+    pub fn with_checkpoints(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.checkpoints = Some(dir.into());
+        self
+    }
+
+    /// Trainable scalar parameters.
+    pub fn trainable_params(&self) -> usize {
+        self.trainable.count(&self.student)
+    }
+
+    /// Steps done.
+    pub fn steps_done(&self) -> usize {
+        self.done
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The student as it is now, for inference (no autodiff).
+    pub fn student(&self) -> Llama {
+        self.student.valid()
+    }
+
+    /// The teacher.
+    pub fn teacher(&self) -> &Llama {
+        &self.step.teacher
+    }
+
+    /// Mutable access to the training student (autodiff), e.g. to change routing between
+    /// steps.
+    pub fn student_mut(&mut self) -> &mut Llama {
+        &mut self.student
+    }
+
+    /// Every evaluation so far.
+    pub fn evals(&self) -> &[EvalReport] {
+        &self.evals
+    }
+
+    fn identity(&self) -> RunIdentity {
+        RunIdentity {
+            trainable: self.trainable.to_string(),
+            loss: self.step.distiller.config.loss.to_string(),
+            batch_size: self.config.batch_size,
+            seq_len: self.config.seq_len,
+            grad_accum: self.config.grad_accum,
+            windows: self.data.len(),
+            params: self.trainable_params(),
+        }
+    }
+
+    /// Continues from the latest checkpoint in the checkpoint directory, if there is one;
+    /// returns the step it resumes after.
+    ///
+    /// # Errors
+    /// [`TrainError::Checkpoint`] for a checkpoint of another run (trainable set, loss, batch
+    /// shape, data or model differ) or one that cannot be read.
+    pub fn resume(&mut self) -> Result<Option<usize>> {
+        let Some(dir) = &self.checkpoints else {
+            return Ok(None);
+        };
+        let Some(path) = checkpoint::latest(dir)? else {
+            return Ok(None);
+        };
+        let loaded = checkpoint::load(&path)?;
+        let ours = self.identity();
+        if loaded.state.identity != ours {
+            return Err(TrainError::checkpoint(
+                &path,
+                format!(
+                    "made by a different run ({:?}, this run {:?}); use another output directory or delete it",
+                    loaded.state.identity, ours
+                ),
+            ));
+        }
+        self.student = self
+            .student
+            .clone()
+            .try_load_record(loaded.student.allow_partial(true))
+            .map_err(|e| TrainError::checkpoint(&path, e))?;
+        if let Some(record) = loaded.projection {
+            self.step.distiller = self
+                .step
+                .distiller
+                .clone()
+                .try_load_record(record)
+                .map_err(|e| TrainError::checkpoint(&path, e))?;
+        }
+        self.step.load_optimizer(loaded.optimizer);
+        let state = loaded.state;
+        self.done = state.step;
+        self.order = state.order;
+        self.tokens = state.tokens;
+        self.evals = state.evals;
+        tracing::info!(step = self.done, path = %path.display(), "resumed");
+        Ok(Some(self.done))
+    }
+
+    /// Writes a checkpoint of the current state (needs a checkpoint directory).
+    pub fn save_checkpoint(&self) -> Result<Option<PathBuf>> {
+        let Some(dir) = &self.checkpoints else {
+            return Ok(None);
+        };
+        let state = TrainState {
+            step: self.done,
+            order: self.order,
+            tokens: self.tokens,
+            evals: self.evals.clone(),
+            identity: self.identity(),
+        };
+        checkpoint::save(
+            dir,
+            &state,
+            &self.student,
+            self.trainable.group(),
+            self.step.distiller.projection.as_ref(),
+            self.step.optimizer().to_record(),
+            self.config.keep_checkpoints,
+        )
+        .map(Some)
+    }
+
+    /// The learning-rate schedule.
+    pub fn schedule(&self) -> WarmupCosine {
+        let c = &self.config;
+        WarmupCosine::new(c.lr, c.warmup_steps, c.steps, c.min_lr_ratio)
+    }
+
+    /// One optimiser step on the next batches.
+    ///
+    /// # Errors
+    /// As [`DistillStep::step`]; on error the student and the data position are unchanged.
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        let device = self.student.device();
+        let mut order = self.order;
+        let batches: Vec<_> = (0..self.config.grad_accum)
+            .map(|_| {
+                let ids = order.next(self.config.batch_size, self.data.len());
+                self.data.batch(&ids, &device)
+            })
+            .collect();
+        let step = self.done + 1;
+        let lr = self.schedule().lr(self.done);
+        let (student, report) = self.step.step(self.student.clone(), &batches, lr, step)?;
+        self.student = student;
+        self.order = order;
+        self.done = step;
+        self.tokens += report.tokens as u64;
+        Ok(report)
+    }
+
+    /// Evaluates the current student on the evaluation windows (`None` without them).
+    pub fn evaluate(&self) -> Result<Option<EvalReport>> {
+        let Some(data) = &self.eval_data else {
+            return Ok(None);
+        };
+        evaluate(
+            &self.step.teacher,
+            &self.student(),
+            data,
+            self.config.batch_size,
+            self.done,
+        )
+        .map(Some)
+    }
+
+    /// Trains until `config.steps` are done (from wherever the run is), evaluating every
+    /// `eval_every` steps and at the end, and checkpointing every `checkpoint_every` steps
+    /// and at the end.
+    ///
+    /// # Errors
+    /// The first step, evaluation or checkpoint error; the last checkpoint written stays the
+    /// latest.
+    pub fn run(&mut self, observer: &mut dyn TrainObserver) -> Result<TrainSummary> {
+        let start = Instant::now();
+        let first_step = self.done + 1;
+        observer.start(first_step, self.config.steps);
+        let mut last = None;
+        if self.done == 0
+            && let Some(r) = self.evaluate()?
+        {
+            observer.eval(&r);
+            self.evals.push(r);
+        }
+        while self.done < self.config.steps {
+            let r = self.train_step()?;
+            observer.step(&r);
+            last = Some(r);
+            let at_end = self.done == self.config.steps;
+            let every = |n: usize| n > 0 && self.done.is_multiple_of(n);
+            if (every(self.config.eval_every) || at_end)
+                && let Some(r) = self.evaluate()?
+            {
+                observer.eval(&r);
+                self.evals.push(r);
+            }
+            if (every(self.config.checkpoint_every) || at_end)
+                && let Some(path) = self.save_checkpoint()?
+            {
+                observer.checkpoint(self.done, &path);
+            }
+        }
+        Ok(TrainSummary {
+            steps: self.done,
+            first_step,
+            tokens: self.tokens,
+            seconds: start.elapsed().as_secs_f64(),
+            evals: self.evals.clone(),
+            last,
+        })
+    }
+}

@@ -1,0 +1,358 @@
+//! The trainer on tiny random models: it learns, trains only what it is told, accumulates
+//! gradients exactly, resumes exactly and stops on NaN.
+
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
+use burn::tensor::{Device, Tensor};
+use moekit_distill::{DistillConfig, Distiller};
+use moekit_llama::{Llama, LlamaConfig};
+use moekit_lora::LoraConfig;
+use moekit_train::checkpoint;
+use moekit_train::{
+    LogObserver, TokenWindows, TrainConfig, TrainError, Trainable, TrainableSet, Trainer,
+};
+use moekit_upcycle::{ConvertConfig, Method, SplitStrategy, convert};
+
+const VOCAB: usize = 50;
+const SEQ: usize = 16;
+
+/// A tiny random LLaMA whose final norm is scaled up, so that its next-token distributions
+/// are far from uniform.
+fn teacher(device: &Device) -> Llama {
+    let mut t = LlamaConfig::llama(VOCAB, 32, 64, 2, 4, 2)
+        .init(device)
+        .unwrap();
+    t.norm.gamma = t.norm.gamma.clone().map(|g| g.mul_scalar(10.0));
+    t
+}
+
+/// The teacher split into 4 experts, top-1 (random partition, random router).
+fn moe_student(teacher: &Llama) -> Llama {
+    let config = ConvertConfig::new(
+        Method::Split {
+            strategy: SplitStrategy::Random,
+        },
+        4,
+        1,
+    )
+    .with_seed(1);
+    convert(teacher.clone(), &config, None, &mut |_, _| {}).unwrap()
+}
+
+/// `n` pseudo-random ids (a fixed LCG).
+fn ids(n: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % VOCAB as u64) as u32
+        })
+        .collect()
+}
+
+fn distiller(loss: &str, device: &Device) -> Distiller {
+    DistillConfig::new(loss.parse().unwrap())
+        .with_temperature(2.0)
+        .init(device)
+        .unwrap()
+}
+
+fn config(steps: usize) -> TrainConfig {
+    TrainConfig::new(steps)
+        .with_lr(1e-2)
+        .with_warmup_steps(2)
+        .with_batch_size(4)
+        .with_seq_len(SEQ)
+}
+
+fn trainer(teacher: &Llama, student: &Llama, trainable: &str, config: TrainConfig) -> Trainer {
+    let device = student.device();
+    Trainer::new(
+        teacher.clone(),
+        student.clone(),
+        distiller("kl:1,ce:0.01", &device),
+        trainable.parse().unwrap(),
+        config,
+        TokenWindows::new(ids(40 * SEQ + 1, 7), SEQ).unwrap(),
+        Some(TokenWindows::new(ids(8 * SEQ + 1, 99), SEQ).unwrap()),
+    )
+    .unwrap()
+}
+
+/// Host values of the parameters `group` selects, in module order.
+fn values(model: &Llama, group: ParamGroup) -> Vec<f32> {
+    struct Collect {
+        group: ParamGroup,
+        path: Vec<String>,
+        out: Vec<f32>,
+    }
+    impl ModuleVisitor for Collect {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if self.group.matches(&param.id, Some(&self.path.join("."))) {
+                self.out.extend(param.val().into_data().iter::<f32>());
+            }
+        }
+    }
+    let mut v = Collect {
+        group,
+        path: Vec::new(),
+        out: Vec::new(),
+    };
+    model.visit(&mut v);
+    v.out
+}
+
+fn set(s: &str) -> ParamGroup {
+    s.parse::<TrainableSet>().unwrap().group()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn distillation_lowers_the_kl_and_trains_only_the_chosen_set() {
+    let device = moekit_testing::device(11);
+    let t = teacher(&device);
+    let s = moe_student(&t);
+    let mut tr = trainer(&t, &s, "router,experts", config(40).with_eval_every(20));
+    let summary = tr.run(&mut LogObserver).unwrap();
+    assert_eq!(summary.steps, 40);
+    assert_eq!(summary.evals.len(), 3, "before, at 20 and at the end");
+    let (before, after) = (&summary.evals[0], summary.evals.last().unwrap());
+    assert!(
+        after.kl < 0.7 * before.kl,
+        "held-out KL {} -> {}",
+        before.kl,
+        after.kl
+    );
+    assert!(
+        summary.last.as_ref().unwrap().aux > 0.0,
+        "MoE aux losses are included"
+    );
+    let trained = tr.student();
+    let frozen = ParamGroup::all().exclude(set("router,experts"));
+    assert_eq!(
+        values(&trained, frozen.clone()),
+        values(&s, frozen),
+        "frozen parameters did not move"
+    );
+    assert!(max_diff(&values(&trained, set("router")), &values(&s, set("router"))) > 1e-3);
+}
+
+#[test]
+fn trainable_sets_count_what_they_select() {
+    let device = moekit_testing::device(0);
+    let t = teacher(&device);
+    let s = moe_student(&t);
+    let count = |name: &str, m: &Llama| name.parse::<TrainableSet>().unwrap().count(m);
+    // 2 layers · router [H = 32, E = 4].
+    assert_eq!(count("router", &s), 2 * 32 * 4);
+    // Experts hold the FFN's [gate | up] (32 × 128) and down (64 × 32) weights, split.
+    assert_eq!(count("experts", &s), 2 * (32 * 128 + 64 * 32));
+    // Two norms per layer and the final one.
+    assert_eq!(count("norms", &s), (2 * 2 + 1) * 32);
+    assert_eq!(
+        count("embeddings", &s),
+        count("all", &t) - count("attention", &t) - count("norms", &t) - 2 * (32 * 128 + 64 * 32)
+    );
+    assert_eq!(count("router,router", &s), count("router", &s));
+    let lora = t.clone().with_lora(&LoraConfig::new(4)).unwrap();
+    assert_eq!(count("adapters", &lora), lora.adapter_params());
+    assert!(lora.adapter_params() > 0);
+    // Nothing to train is an error, as is an unknown name.
+    let err = "router".parse::<TrainableSet>().unwrap().apply(t.clone());
+    assert!(matches!(err, Err(TrainError::Config(m)) if m.contains("router")));
+    assert!("router,foo".parse::<TrainableSet>().is_err());
+    assert!("".parse::<TrainableSet>().is_err());
+    assert_eq!(
+        "Router, adapters".parse::<TrainableSet>().unwrap().sets(),
+        [Trainable::Router, Trainable::Adapters]
+    );
+}
+
+#[test]
+fn gradient_accumulation_equals_the_larger_batch() {
+    let device = moekit_testing::device(3);
+    let t = teacher(&device);
+    let s = moe_student(&t);
+    // The load-balancing loss is not a mean over tokens, so it is left out here.
+    let base = config(3).with_aux_weight(0.0).with_max_grad_norm(None);
+    let mut one = trainer(&t, &s, "all", base.clone().with_batch_size(4));
+    let mut two = trainer(&t, &s, "all", base.with_batch_size(2).with_grad_accum(2));
+    for _ in 0..3 {
+        let a = one.train_step().unwrap();
+        let b = two.train_step().unwrap();
+        assert!((a.loss - b.loss).abs() < 1e-5 * a.loss.abs().max(1.0));
+        assert!((a.grad_norm - b.grad_norm).abs() < 1e-4 * a.grad_norm.max(1.0));
+    }
+    let d = max_diff(
+        &values(&one.student(), ParamGroup::all()),
+        &values(&two.student(), ParamGroup::all()),
+    );
+    assert!(d < 1e-5, "parameters differ by {d}");
+}
+
+#[test]
+fn a_killed_run_resumes_exactly() {
+    let device = moekit_testing::device(5);
+    let t = teacher(&device);
+    let s = moe_student(&t);
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let cfg = config(6).with_checkpoint_every(3).with_eval_every(3);
+
+    let mut whole = trainer(&t, &s, "router,experts", cfg.clone()).with_checkpoints(dir_a.path());
+    let full = whole.run(&mut LogObserver).unwrap();
+
+    // Killed after step 4: the checkpoint of step 3 is the last one.
+    let mut killed = trainer(&t, &s, "router,experts", cfg.clone()).with_checkpoints(dir_b.path());
+    for _ in 0..3 {
+        killed.train_step().unwrap();
+    }
+    killed.save_checkpoint().unwrap();
+    killed.train_step().unwrap();
+    drop(killed);
+
+    let mut resumed = trainer(&t, &s, "router,experts", cfg.clone()).with_checkpoints(dir_b.path());
+    assert_eq!(resumed.resume().unwrap(), Some(3));
+    let group = set("router,experts");
+    assert!(
+        max_diff(
+            &values(&resumed.student(), group.clone()),
+            &values(&s, group.clone())
+        ) > 0.0
+    );
+    let rest = resumed.run(&mut LogObserver).unwrap();
+    assert_eq!((rest.first_step, rest.steps), (4, 6));
+    let d = max_diff(
+        &values(&whole.student(), group.clone()),
+        &values(&resumed.student(), group),
+    );
+    assert!(d < 1e-6, "resumed run differs by {d}");
+    assert_eq!(rest.tokens, full.tokens);
+    let (a, b) = (full.evals.last().unwrap(), rest.evals.last().unwrap());
+    assert!((a.kl - b.kl).abs() < 1e-6 && (a.nll - b.nll).abs() < 1e-6);
+
+    // Only the newest two checkpoints are kept; `latest` names the last.
+    let latest = checkpoint::latest(dir_b.path()).unwrap().unwrap();
+    assert!(latest.ends_with("step-000006"));
+    // A checkpoint of another run is refused with a clear error.
+    let mut other = trainer(&t, &s, "router", cfg).with_checkpoints(dir_b.path());
+    let err = other.resume().unwrap_err();
+    assert!(err.to_string().contains("different run"), "{err}");
+}
+
+#[test]
+fn a_half_written_checkpoint_is_ignored() {
+    let device = moekit_testing::device(6);
+    let t = teacher(&device);
+    let s = moe_student(&t);
+    let dir = tempfile::tempdir().unwrap();
+    let mut tr = trainer(&t, &s, "router", config(4)).with_checkpoints(dir.path());
+    tr.train_step().unwrap();
+    tr.save_checkpoint().unwrap();
+    // A crash while writing step 2 leaves its temporary directory (and nothing else).
+    let tmp = dir.path().join(".tmp-step-000002");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join("student.bpk"), b"trunc").unwrap();
+    let mut again = trainer(&t, &s, "router", config(4)).with_checkpoints(dir.path());
+    assert_eq!(again.resume().unwrap(), Some(1));
+    again.train_step().unwrap();
+    again.save_checkpoint().unwrap();
+    assert!(!tmp.exists(), "stale temporary directories are removed");
+    // A damaged checkpoint is an error, not a panic.
+    let latest = checkpoint::latest(dir.path()).unwrap().unwrap();
+    std::fs::write(latest.join("optimizer.bpk"), b"garbage").unwrap();
+    let mut broken = trainer(&t, &s, "router", config(4)).with_checkpoints(dir.path());
+    assert!(matches!(
+        broken.resume(),
+        Err(TrainError::Checkpoint { .. })
+    ));
+}
+
+#[test]
+fn a_nan_loss_stops_the_run_naming_step_and_part() {
+    let device = moekit_testing::device(8);
+    let t = teacher(&device);
+    let s = moe_student(&t);
+    let dir = tempfile::tempdir().unwrap();
+    let mut tr = trainer(
+        &t,
+        &s,
+        "router,experts",
+        config(10).with_checkpoint_every(2),
+    )
+    .with_checkpoints(dir.path());
+    tr.train_step().unwrap();
+    tr.train_step().unwrap();
+    tr.save_checkpoint().unwrap();
+    let norm = &mut tr.student_mut().norm;
+    norm.gamma = norm.gamma.clone().map(|w| w.mul_scalar(f32::NAN));
+    let err = tr.run(&mut LogObserver).unwrap_err();
+    match &err {
+        TrainError::NonFinite { step, part, .. } => assert_eq!((*step, part.as_str()), (3, "kl")),
+        other => panic!("unexpected error {other}"),
+    }
+    assert!(err.to_string().contains("step 3") && err.to_string().contains("kl"));
+    assert_eq!(tr.steps_done(), 2, "the failed step changed nothing");
+    let latest = checkpoint::latest(dir.path()).unwrap().unwrap();
+    assert!(latest.ends_with("step-000002"), "{}", latest.display());
+}
+
+#[test]
+fn bad_configurations_are_refused() {
+    let device = moekit_testing::device(0);
+    let t = teacher(&device);
+    let s = moe_student(&t);
+    let data = || TokenWindows::new(ids(40 * SEQ + 1, 7), SEQ).unwrap();
+    let make = |c: TrainConfig, d: TokenWindows| {
+        Trainer::new(
+            t.clone(),
+            s.clone(),
+            distiller("kl", &device),
+            "router".parse().unwrap(),
+            c,
+            d,
+            None,
+        )
+    };
+    assert!(matches!(
+        make(config(0), data()),
+        Err(TrainError::Config(_))
+    ));
+    assert!(matches!(
+        make(config(5).with_lr(f64::NAN), data()),
+        Err(TrainError::Config(_))
+    ));
+    assert!(matches!(
+        make(config(5).with_seq_len(8), data()),
+        Err(TrainError::Config(_))
+    ));
+    let few = TokenWindows::new(ids(2 * SEQ + 1, 7), SEQ).unwrap();
+    assert!(matches!(make(config(5), few), Err(TrainError::Data(_))));
+    let other_vocab = LlamaConfig::llama(VOCAB + 1, 32, 64, 2, 4, 2)
+        .init(&device)
+        .unwrap();
+    let err = Trainer::new(
+        other_vocab,
+        s.clone(),
+        distiller("kl", &device),
+        "router".parse().unwrap(),
+        config(5),
+        data(),
+        None,
+    );
+    assert!(matches!(err, Err(TrainError::Config(m)) if m.contains("tokenizer")));
+}
