@@ -16,6 +16,10 @@ pub use moekit_moe as moe;
 /// Adaptive routing (LaDiMo, stage 2): routing profiles, per-layer top-k / top-p policies
 /// chosen for an activated-parameter budget, plots.
 pub use moekit_router as router;
+/// Distillation training: the `DistillStep` of custom loops and the `Trainer` (AdamW,
+/// warm-up + cosine, accumulation, clipping, trainable sets, evaluation, atomic checkpoints
+/// and exact resume).
+pub use moekit_train as train;
 /// Dense-to-MoE conversion (sparse upcycling, neuron splitting, PESC, LoRA experts), router
 /// initialisation, activation recording and layer-wise expert construction (LaDiMo).
 pub use moekit_upcycle as upcycle;

@@ -2,8 +2,10 @@
 
 use std::path::PathBuf;
 
+use moekit::distill::DistillError;
 use moekit::llama::LlamaError;
 use moekit::router::RouterError;
+use moekit::train::TrainError;
 use moekit::upcycle::UpcycleError;
 
 /// A failed command.
@@ -26,6 +28,12 @@ pub enum CliError {
     /// From routing profiles and policies.
     #[error(transparent)]
     Router(#[from] RouterError),
+    /// From distillation losses.
+    #[error(transparent)]
+    Distill(#[from] DistillError),
+    /// From training.
+    #[error(transparent)]
+    Train(#[from] TrainError),
     /// Bad arguments.
     #[error("{0}")]
     Usage(String),
@@ -65,6 +73,18 @@ impl CliError {
             Self::Upcycle(UpcycleError::WorkDir { .. }) => Some(
                 "delete the work directory (--work-dir, default OUT/.moekit-work) to start over",
             ),
+            Self::Train(TrainError::NonFinite { .. }) => Some(
+                "lower --lr or --temperature, or keep --max-grad-norm; rerunning resumes from the last checkpoint",
+            ),
+            Self::Train(TrainError::Checkpoint { .. }) => {
+                Some("use another --out, or delete OUT/checkpoints to start over")
+            }
+            Self::Train(TrainError::Data(_)) => {
+                Some("give more text with --data, or lower --seq-len / --batch-size")
+            }
+            Self::Train(TrainError::Config(_)) | Self::Distill(_) => {
+                Some("see `moekit distill --help` for the accepted values")
+            }
             _ => None,
         }
     }

@@ -40,6 +40,10 @@ enum Command {
     /// Profile a MoE model's routing on calibration text and choose a per-layer routing
     /// policy (top-k or top-p per layer) for a budget of activated parameters.
     Profile(commands::profile::ProfileArgs),
+    /// Distil a student (a converted MoE model, optionally with LoRA adapters) from a teacher
+    /// on text: AdamW with warm-up and cosine decay, chosen trainable parameters, held-out
+    /// evaluation, checkpoints that a rerun resumes from; writes the trained model.
+    Distill(Box<commands::distill::DistillArgs>),
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
@@ -49,6 +53,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Generate(args) => commands::generate::run(&args),
         Command::Convert(args) => commands::convert::run(&args),
         Command::Profile(args) => commands::profile::run(&args),
+        Command::Distill(args) => commands::distill::run(&args),
     }
 }
 

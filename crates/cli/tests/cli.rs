@@ -483,3 +483,143 @@ fn profile_chooses_a_policy_that_eval_applies() {
         "below the least",
     );
 }
+
+#[test]
+fn distill_trains_resumes_and_exports() {
+    let root = tempfile::tempdir().unwrap();
+    let (dense, text) = dense_model_and_text(root.path());
+    let moe = root.path().join("moe").display().to_string();
+    let out = moekit(&[
+        "convert",
+        &dense,
+        "--method",
+        "split-random",
+        "--experts",
+        "4",
+        "--top-k",
+        "1",
+        "--out",
+        &moe,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out_dir = root.path().join("distilled");
+    let out_s = out_dir.display().to_string();
+    let distill = |student: &str, out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "distill",
+            "--teacher",
+            &dense,
+            "--student",
+            student,
+            "--data",
+            &text,
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--eval-tokens",
+            "64",
+            "--lr",
+            "1e-2",
+            "--warmup-steps",
+            "1",
+            "--json",
+            "--out",
+            out,
+        ];
+        args.extend_from_slice(extra);
+        moekit(&args)
+    };
+    let first = success_json(distill(
+        &moe,
+        &out_s,
+        &[
+            "--steps",
+            "6",
+            "--checkpoint-every",
+            "3",
+            "--loss",
+            "kl:1,ce:0.1",
+        ],
+    ));
+    assert_eq!(first["steps"], 6);
+    assert_eq!(first["tokens"], 6 * 2 * 16);
+    assert_eq!(first["before"]["step"], 0);
+    assert_eq!(first["after"]["step"], 6);
+    assert!(first["after"]["kl"].as_f64().unwrap().is_finite());
+    // The trained model is a Mixtral checkpoint that `eval` reads.
+    let model = out_dir.join("model").display().to_string();
+    assert!(perplexity(&model, &format!("{text}/0.txt")).is_finite());
+    let log = std::fs::read_to_string(out_dir.join("train.jsonl")).unwrap();
+    assert_eq!(
+        log.lines().filter(|l| l.contains("\"step\"")).count() >= 6,
+        true
+    );
+    assert!(out_dir.join("checkpoints/latest").exists());
+    // The same command with more steps resumes after the last checkpoint.
+    let more = success_json(distill(
+        &moe,
+        &out_s,
+        &["--steps", "8", "--loss", "kl:1,ce:0.1"],
+    ));
+    assert_eq!(
+        (more["first_step"].as_u64(), more["steps"].as_u64()),
+        (Some(7), Some(8))
+    );
+    assert_eq!(more["tokens"], 8 * 2 * 16);
+    // Another configuration in the same directory is refused in one line.
+    assert_clean_failure(
+        &distill(&moe, &out_s, &["--steps", "8", "--loss", "kl:1"]),
+        "different run",
+    );
+
+    // LoRA on the dense model, plain cross-entropy: a PEFT adapter and a merged model.
+    let lora_dir = root.path().join("lora");
+    let lora = success_json(distill(
+        &dense,
+        &lora_dir.display().to_string(),
+        &[
+            "--steps",
+            "2",
+            "--loss",
+            "ce",
+            "--lora-rank",
+            "2",
+            "--trainable",
+            "adapters",
+        ],
+    ));
+    assert!(lora["trainable_params"].as_u64().unwrap() > 0);
+    assert!(lora_dir.join("adapter/adapter_config.json").exists());
+    assert!(
+        perplexity(
+            &lora_dir.join("model").display().to_string(),
+            &format!("{text}/0.txt")
+        )
+        .is_finite()
+    );
+
+    // Bad input: one line each.
+    let bad = root.path().join("bad").display().to_string();
+    assert_clean_failure(
+        &distill(&moe, &bad, &["--steps", "2", "--trainable", "foo"]),
+        "foo",
+    );
+    assert_clean_failure(
+        &distill(&moe, &bad, &["--steps", "2", "--loss", "bogus:1"]),
+        "bogus",
+    );
+    assert_clean_failure(
+        &distill(&dense, &bad, &["--steps", "2", "--trainable", "router"]),
+        "router",
+    );
+    assert_clean_failure(&distill(&moe, &bad, &["--steps", "0"]), "steps");
+    assert_clean_failure(
+        &distill(&moe, &bad, &["--steps", "2", "--max-tokens", "10"]),
+        "give more text",
+    );
+}

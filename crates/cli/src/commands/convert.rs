@@ -219,10 +219,7 @@ impl ConvertArgs {
         let format = match self.format {
             FormatArg::Mixtral => ExportFormat::Mixtral,
             FormatArg::Qwen2Moe => ExportFormat::Qwen2Moe,
-            FormatArg::Auto if check_export(model, ExportFormat::Mixtral).is_ok() => {
-                ExportFormat::Mixtral
-            }
-            FormatArg::Auto => ExportFormat::Qwen2Moe,
+            FormatArg::Auto => return super::auto_format(model),
         };
         check_export(model, format)?;
         Ok(format)

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod convert;
+pub mod distill;
 pub mod eval;
 pub mod generate;
 pub mod info;
@@ -8,7 +9,7 @@ pub mod profile;
 
 use std::path::Path;
 
-use moekit::llama::{Checkpoint, Llama, Tokenizer, load_adapter};
+use moekit::llama::{Checkpoint, ExportFormat, Llama, Tokenizer, check_export, load_adapter};
 
 use crate::error::CliError;
 use crate::progress;
@@ -36,4 +37,22 @@ pub fn load(
         model = adapted.merge_lora();
     }
     Ok((ckpt, model, tokenizer))
+}
+
+/// The layout `model` is written in: dense LLaMA when it has no MoE layer, Mixtral where it
+/// fits, Qwen2-MoE otherwise; checked before any long work so that it cannot fail at the end.
+pub fn auto_format(model: &Llama) -> Result<ExportFormat, CliError> {
+    let has_moe = model
+        .layers
+        .iter()
+        .any(|l| matches!(l.ffn, moekit::llama::FfnSlot::Moe(_)));
+    let format = if !has_moe {
+        ExportFormat::Dense
+    } else if check_export(model, ExportFormat::Mixtral).is_ok() {
+        ExportFormat::Mixtral
+    } else {
+        ExportFormat::Qwen2Moe
+    };
+    check_export(model, format)?;
+    Ok(format)
 }
