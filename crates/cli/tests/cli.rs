@@ -571,6 +571,24 @@ fn distill_trains_resumes_and_exports() {
         (Some(7), Some(8))
     );
     assert_eq!(more["tokens"], 8 * 2 * 16);
+    // Training under a per-layer routing policy: the policy is written beside the model,
+    // whose checkpoint keeps its own top-1.
+    let policy = root.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"layers":[{"layer":0,"rule":"top-k","k":2},{"layer":1,"rule":"top-p","p":0.9}]}"#,
+    )
+    .unwrap();
+    let routed_dir = root.path().join("routed");
+    let routed = success_json(distill(
+        &moe,
+        &routed_dir.display().to_string(),
+        &["--steps", "2", "--policy", &policy.display().to_string()],
+    ));
+    assert_eq!(routed["steps"], 2);
+    let config = std::fs::read_to_string(routed_dir.join("model/config.json")).unwrap();
+    assert!(config.contains("\"num_experts_per_tok\": 1"), "{config}");
+    assert!(routed_dir.join("model/policy.json").exists());
     // Another configuration in the same directory is refused in one line.
     assert_clean_failure(
         &distill(&moe, &out_s, &["--steps", "8", "--loss", "kl:1"]),

@@ -233,4 +233,62 @@ impl Llama {
     pub fn device(&self) -> Device {
         self.embed_tokens.weight.val().device()
     }
+
+    /// The model with only the layers `keep` (strictly increasing indices), in that order: the
+    /// depth-pruned students of layer-dropping distillation (MoE-KD removes every other layer).
+    /// The configuration's layer count follows; per-layer Qwen2-MoE settings are renumbered.
+    ///
+    /// # Errors
+    /// [`LlamaError::Input`] for no layers, an index out of range or indices not increasing.
+    pub fn keep_layers(mut self, keep: &[usize]) -> Result<Self> {
+        let n = self.layers.len();
+        if keep.is_empty() || keep.windows(2).any(|w| w[0] >= w[1]) || keep.iter().any(|&l| l >= n)
+        {
+            return Err(LlamaError::Input(format!(
+                "layers to keep {keep:?}: need strictly increasing indices below {n}"
+            )));
+        }
+        let mut layers: Vec<Option<DecoderLayer>> = self.layers.into_iter().map(Some).collect();
+        self.layers = keep
+            .iter()
+            .map(|&l| layers[l].take().expect("indices are distinct"))
+            .collect();
+        self.config.num_hidden_layers = keep.len();
+        if let Some(dense) = &self.config.mlp_only_layers {
+            let renumbered = keep
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| dense.contains(l))
+                .map(|(i, _)| i)
+                .collect();
+            self.config.mlp_only_layers = Some(renumbered);
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeping_all_but_the_last_layer_stops_the_residual_stream_there() {
+        let device = moekit_testing::device(4);
+        let model = LlamaConfig::llama(40, 16, 32, 3, 2, 1)
+            .init(&device)
+            .unwrap();
+        let tokens = model.tokens(&[&[1, 5, 9, 2, 7]], &device).unwrap();
+        let full = model.forward(tokens.clone(), true, None).unwrap();
+        let pruned = model.clone().keep_layers(&[0, 1]).unwrap();
+        assert_eq!(pruned.config.num_hidden_layers, 2);
+        // The pruned model's last hidden state is the full model's after layer 1.
+        let want = model.head(full.hidden_states[2].clone());
+        moekit_testing::assert_close(pruned.logits(tokens).unwrap(), want, 1e-5, 1e-5);
+        for bad in [&[][..], &[1, 0], &[0, 0], &[3]] {
+            assert!(matches!(
+                model.clone().keep_layers(bad),
+                Err(LlamaError::Input(_))
+            ));
+        }
+    }
 }

@@ -9,6 +9,7 @@ use indicatif::ProgressBar;
 use moekit::distill::DistillConfig;
 use moekit::llama::{Llama, SaveDtype, save_adapter, save_pretrained};
 use moekit::lora::LoraConfig;
+use moekit::router::RoutingPolicy;
 use moekit::train::{
     EvalReport, StepReport, TokenWindows, TrainConfig, TrainObserver, TrainableSet, Trainer,
 };
@@ -66,6 +67,11 @@ pub struct DistillArgs {
     /// LoRA target projections (regular expressions on the projection names).
     #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj")]
     lora_targets: Vec<String>,
+    /// Route the student by this per-layer policy (from `moekit profile`) while training; it
+    /// is copied to OUT/model/policy.json, and the checkpoint keeps the model's own top-k
+    /// (apply the policy with `moekit eval --policy`).
+    #[arg(long, value_name = "FILE")]
+    policy: Option<PathBuf>,
     /// Optimiser steps.
     #[arg(long)]
     steps: usize,
@@ -221,6 +227,15 @@ pub fn run(args: &DistillArgs) -> Result<(), CliError> {
     let (_, teacher, tokenizer) = super::load(&args.teacher, None)?;
     let (_, mut student, _) = super::load(&args.student, None)?;
     let format = super::auto_format(&student)?;
+    let own_routing = RoutingPolicy::of_model(&student);
+    let policy = args
+        .policy
+        .as_deref()
+        .map(RoutingPolicy::load)
+        .transpose()?;
+    if let Some(p) = &policy {
+        p.apply(&mut student)?;
+    }
     if let Some(rank) = args.lora_rank {
         let lora = LoraConfig::new(rank)
             .with_alpha(args.lora_alpha)
@@ -285,7 +300,8 @@ pub fn run(args: &DistillArgs) -> Result<(), CliError> {
     let summary = trainer.run(&mut observer)?;
     observer.bar.finish_and_clear();
 
-    let student = trainer.student();
+    let mut student = trainer.student();
+    own_routing.apply(&mut student)?;
     let model_dir = args.out.join("model");
     let adapter_dir = args.out.join("adapter");
     let exported = if student.adapters().is_empty() {
@@ -301,6 +317,9 @@ pub fn run(args: &DistillArgs) -> Result<(), CliError> {
         format,
         SaveDtype::F32,
     )?;
+    if let Some(p) = &policy {
+        p.save(&model_dir.join("policy.json"))?;
+    }
 
     let (first, last) = (summary.evals.first(), summary.evals.last());
     let report = json!({
