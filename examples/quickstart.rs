@@ -96,7 +96,7 @@ fn pretrain(model: Llama, tokens: &[u32], steps: usize) -> Result<Llama, Error> 
             .collect();
         let b = windows.batch(&ids, &device);
         let loss = cross_entropy(model.logits(b.tokens)?, b.labels, None, IGNORE_INDEX)?;
-        if step % 100 == 0 {
+        if step.is_multiple_of(100) {
             println!(
                 "  pretraining step {step:>4}: loss {:.3}",
                 loss.clone().into_scalar::<f32>()
@@ -113,7 +113,7 @@ struct Print;
 
 impl TrainObserver for Print {
     fn step(&mut self, r: &moekit::train::StepReport) {
-        if r.step % 25 == 0 {
+        if r.step.is_multiple_of(25) {
             println!("  distillation step {:>4}: kl {:.4}", r.step, r.loss);
         }
     }

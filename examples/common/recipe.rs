@@ -120,7 +120,7 @@ struct Print<'a>(&'a str, Instant);
 
 impl TrainObserver for Print<'_> {
     fn step(&mut self, r: &StepReport) {
-        if r.step % 10 == 0 {
+        if r.step.is_multiple_of(10) {
             println!(
                 "  {} step {:>4}: loss {:.4} ({:.0} s)",
                 self.0,

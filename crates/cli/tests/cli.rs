@@ -555,10 +555,12 @@ fn distill_trains_resumes_and_exports() {
     let model = out_dir.join("model").display().to_string();
     assert!(perplexity(&model, &format!("{text}/0.txt")).is_finite());
     let log = std::fs::read_to_string(out_dir.join("train.jsonl")).unwrap();
-    assert_eq!(
-        log.lines().filter(|l| l.contains("\"step\"")).count() >= 6,
-        true
-    );
+    let events = |kind: &str| {
+        log.lines()
+            .filter(|l| l.contains(&format!("\"event\":\"{kind}\"")))
+            .count()
+    };
+    assert_eq!((events("step"), events("eval")), (6, 2));
     assert!(out_dir.join("checkpoints/latest").exists());
     // The same command with more steps resumes after the last checkpoint.
     let more = success_json(distill(

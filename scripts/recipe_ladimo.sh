@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# LaDiMo on SmolLM2-135M-Instruct (docs/results.md, "Recipes"): split each FFN into 8 experts of
+# co-activated neurons, build every MoE block layer-wise against its dense FFN, profile the
+# routing and choose a per-layer policy at 80% activated parameters, then distil the routers
+# and experts from the dense model under that policy. Every stage is evaluated on the same
+# held-out text as the dense model.
+#
+#   scripts/recipe_ladimo.sh [OUT_DIR]
+#
+# Calibration and training text: python3.11-doc's library/ sources; evaluation: the first
+# EVAL_TOKENS tokens of tutorial/ (files concatenated in name order), windows of 1024.
+# Knobs: CALIB_TOKENS (100000), TOP_K (4, experts per token while constructing), ROUTER_INIT
+# (random), TARGET (0.8),
+# DISTILL_STEPS (40), SEED (0), MOE (an already converted model: skips the conversion).
+set -euo pipefail
+OUT=${1:-$HOME/.cache/moekit/recipes/ladimo}
+DOC=/usr/share/doc/python3.11/html/_sources
+GGUF=${MOEKIT_SMOLLM2:-$HOME/.cache/moekit/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/moekit}
+CALIB_TOKENS=${CALIB_TOKENS:-100000}
+TOP_K=${TOP_K:-4}
+ROUTER_INIT=${ROUTER_INIT:-random}
+TARGET=${TARGET:-0.8}
+DISTILL_STEPS=${DISTILL_STEPS:-40}
+EVAL_TOKENS=${EVAL_TOKENS:-8192}
+SEED=${SEED:-0}
+mkdir -p "$OUT"
+cat "$DOC"/tutorial/*.rst.txt > "$OUT/tutorial.txt"
+evaluate() { # name model args... -> one JSON line in results.jsonl
+    "$BIN" eval "$2" --text "$OUT/tutorial.txt" --max-tokens "$EVAL_TOKENS" --window 1024 \
+        --json "${@:3}" | sed "s/^{/{\"stage\":\"$1\",/" | tee -a "$OUT/results.jsonl"
+}
+timed() { # name command... -> seconds appended to times.txt
+    local start=$SECONDS
+    "${@:2}"
+    echo "$1 $((SECONDS - start))" >> "$OUT/times.txt"
+}
+: > "$OUT/results.jsonl"
+: > "$OUT/times.txt"
+
+MOE=${MOE:-$OUT/moe}
+if [ ! -e "$MOE/config.json" ]; then
+    timed convert "$BIN" convert "$GGUF" --method split-coactivation --experts 8 --top-k "$TOP_K" \
+        --router-init "$ROUTER_INIT" --calib "$DOC/library" --calib-tokens "$CALIB_TOKENS" \
+        --layerwise-steps 100 --lr 3e-3 --seed "$SEED" --json --out "$MOE" > "$OUT/convert.json"
+fi
+timed profile "$BIN" profile "$MOE" --calib "$DOC/library" --calib-tokens 8192 \
+    --target-active-params "$TARGET" --plot "$OUT/routing.svg" --json \
+    --out "$OUT/policy.json" > "$OUT/profile.json"
+evaluate dense "$GGUF"
+evaluate "layer-wise, top-$TOP_K" "$MOE"
+evaluate "profiled policy" "$MOE" --policy "$OUT/policy.json"
+timed distill "$BIN" distill --teacher "$GGUF" --student "$MOE" --policy "$OUT/policy.json" \
+    --data "$DOC/library" --eval-data "$DOC/tutorial" --eval-tokens 4096 --loss kl:1 \
+    --trainable router,experts --steps "$DISTILL_STEPS" --lr 1e-4 --batch-size 4 --seq-len 256 \
+    --seed "$SEED" --json --out "$OUT/distilled" > "$OUT/distill.json"
+evaluate "profiled policy, distilled" "$OUT/distilled/model" --policy "$OUT/distilled/model/policy.json"
+cat "$OUT/times.txt"
