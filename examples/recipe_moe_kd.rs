@@ -22,9 +22,8 @@
 #[path = "common/recipe.rs"]
 mod recipe;
 
-use moekit::lora::LoraConfig;
 use moekit::upcycle::{ConvertConfig, Method, convert};
-use recipe::{Error, Settings, load, run, table};
+use recipe::{Error, Settings, load, lora_everywhere, run, table};
 
 fn main() -> Result<(), Error> {
     let s = Settings::parse(60, 1e-3, "moe_kd.jsonl")?;
@@ -33,18 +32,7 @@ fn main() -> Result<(), Error> {
     let student = teacher.clone().keep_layers(&keep)?;
     println!("student: layers {keep:?} of {}", teacher.layers.len());
 
-    let all = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
-    let lora = LoraConfig::new(18)
-        .with_alpha(36.0)
-        .with_target_modules(all.map(String::from).to_vec());
+    let lora = lora_everywhere(18);
     let dense_lora = student.clone().with_lora(&lora)?;
     let experts = ConvertConfig::new(
         Method::LoraExperts {

@@ -19,10 +19,9 @@
 #[path = "common/recipe.rs"]
 mod recipe;
 
-use moekit::lora::LoraConfig;
 use moekit::moe::Activation;
 use moekit::upcycle::{ConvertConfig, Method, convert};
-use recipe::{Error, Settings, load, run, table};
+use recipe::{Error, Settings, load, lora_everywhere, run, table};
 
 fn main() -> Result<(), Error> {
     let s = Settings::parse(60, 1e-3, "pesc.jsonl")?;
@@ -37,18 +36,7 @@ fn main() -> Result<(), Error> {
     )
     .with_seed(s.seed);
     let pesc = convert(teacher.clone(), &pesc, None, &mut |_, _| {})?;
-    let all = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
-    let lora = LoraConfig::new(8)
-        .with_alpha(16.0)
-        .with_target_modules(all.map(String::from).to_vec());
+    let lora = lora_everywhere(8);
     let lora = teacher.clone().with_lora(&lora)?;
     let rows = vec![
         run(

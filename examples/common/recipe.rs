@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use moekit::distill::DistillConfig;
 use moekit::llama::{Checkpoint, Llama, Tokenizer};
+use moekit::lora::LoraConfig;
 use moekit::train::{EvalReport, StepReport, TokenWindows, TrainConfig, TrainObserver, Trainer};
 use moekit::upcycle::calibration;
 
@@ -79,6 +80,22 @@ impl Settings {
     pub fn train_tokens(&self) -> usize {
         self.steps * self.batch_size * self.seq_len + 1
     }
+}
+
+/// LoRA of rank `rank` (α = 2r) on all seven projections of every layer.
+pub fn lora_everywhere(rank: usize) -> LoraConfig {
+    let all = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    LoraConfig::new(rank)
+        .with_alpha(2.0 * rank as f64)
+        .with_target_modules(all.map(String::from).to_vec())
 }
 
 /// The teacher, its tokenizer, and the training (`library/`) and held-out (`tutorial/`)

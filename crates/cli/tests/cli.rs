@@ -371,20 +371,19 @@ fn success_json(out: Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-#[test]
-fn profile_chooses_a_policy_that_eval_applies() {
-    let root = tempfile::tempdir().unwrap();
-    let (dense, text) = dense_model_and_text(root.path());
-    let moe = root.path().join("moe").display().to_string();
+/// `dense` split at random into 4 experts, `top_k` per token, written to `root/moe`.
+fn split_random(dense: &str, root: &Path, top_k: usize) -> String {
+    let moe = root.join("moe").display().to_string();
+    let k = top_k.to_string();
     let out = moekit(&[
         "convert",
-        &dense,
+        dense,
         "--method",
         "split-random",
         "--experts",
         "4",
         "--top-k",
-        "4",
+        &k,
         "--out",
         &moe,
     ]);
@@ -393,6 +392,14 @@ fn profile_chooses_a_policy_that_eval_applies() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    moe
+}
+
+#[test]
+fn profile_chooses_a_policy_that_eval_applies() {
+    let root = tempfile::tempdir().unwrap();
+    let (dense, text) = dense_model_and_text(root.path());
+    let moe = split_random(&dense, root.path(), 4);
     let policy = root.path().join("policy.json").display().to_string();
     let plot = root.path().join("routing.svg");
     let candidates = root.path().join("candidates.json").display().to_string();
@@ -488,24 +495,7 @@ fn profile_chooses_a_policy_that_eval_applies() {
 fn distill_trains_resumes_and_exports() {
     let root = tempfile::tempdir().unwrap();
     let (dense, text) = dense_model_and_text(root.path());
-    let moe = root.path().join("moe").display().to_string();
-    let out = moekit(&[
-        "convert",
-        &dense,
-        "--method",
-        "split-random",
-        "--experts",
-        "4",
-        "--top-k",
-        "1",
-        "--out",
-        &moe,
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let moe = split_random(&dense, root.path(), 1);
     let out_dir = root.path().join("distilled");
     let out_s = out_dir.display().to_string();
     let distill = |student: &str, out: &str, extra: &[&str]| {

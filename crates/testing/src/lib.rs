@@ -50,6 +50,20 @@ pub fn normal<const D: usize>(shape: [usize; D], std: f64, device: &Device) -> T
     Tensor::random(shape, Distribution::Normal(0.0, std), device)
 }
 
+/// `n` pseudo-random token ids below `vocab` from a fixed LCG (Knuth's MMIX constants), so
+/// that runs repeat.
+pub fn token_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    const A: u64 = 6364136223846793005;
+    const C: u64 = 1442695040888963407;
+    let mut s = seed.wrapping_mul(A).wrapping_add(C);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(A).wrapping_add(C);
+            ((s >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
 /// Host copy of a tensor's values.
 pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().iter::<f32>().collect()

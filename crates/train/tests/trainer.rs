@@ -38,17 +38,9 @@ fn moe_student(teacher: &Llama) -> Llama {
     convert(teacher.clone(), &config, None, &mut |_, _| {}).unwrap()
 }
 
-/// `n` pseudo-random ids (a fixed LCG).
+/// `n` pseudo-random ids.
 fn ids(n: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % VOCAB as u64) as u32
-        })
-        .collect()
+    moekit_testing::token_ids(n, VOCAB, seed)
 }
 
 fn distiller(loss: &str, device: &Device) -> Distiller {

@@ -23,17 +23,7 @@ pub fn tiny(device: &Device) -> Llama {
 
 /// `n` pseudo-random token ids below the vocabulary (a fixed LCG, so runs repeat).
 pub fn token_ids(n: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 33) % VOCAB as u64) as u32
-        })
-        .collect()
+    moekit_testing::token_ids(n, VOCAB, seed)
 }
 
 /// Two rows of 11 fixed tokens.
