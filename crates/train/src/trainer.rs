@@ -229,13 +229,21 @@ impl Trainer {
             .clone()
             .try_load_record(loaded.student.allow_partial(true))
             .map_err(|e| TrainError::checkpoint(&path, e))?;
-        if let Some(record) = loaded.projection {
-            self.step.distiller = self
-                .step
-                .distiller
-                .clone()
-                .try_load_record(record)
-                .map_err(|e| TrainError::checkpoint(&path, e))?;
+        match (loaded.projection, self.step.distiller.projection.take()) {
+            (Some(record), Some(projection)) => {
+                let loaded = projection
+                    .try_load_record(record)
+                    .map_err(|e| TrainError::checkpoint(&path, e))?;
+                self.step.distiller.projection = Some(loaded);
+            }
+            (None, None) => {}
+            (_, projection) => {
+                self.step.distiller.projection = projection;
+                return Err(TrainError::checkpoint(
+                    &path,
+                    "the checkpoint and this run disagree on a hidden-state projection",
+                ));
+            }
         }
         self.step.load_optimizer(loaded.optimizer);
         let state = loaded.state;

@@ -3,7 +3,7 @@
 
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
 use burn::tensor::{Device, Tensor};
-use moekit_distill::{DistillConfig, Distiller};
+use moekit_distill::{DistillConfig, Distiller, HiddenProjectionConfig};
 use moekit_llama::{Llama, LlamaConfig};
 use moekit_lora::LoraConfig;
 use moekit_train::checkpoint;
@@ -347,4 +347,56 @@ fn bad_configurations_are_refused() {
         None,
     );
     assert!(matches!(err, Err(TrainError::Config(m)) if m.contains("tokenizer")));
+}
+
+#[test]
+fn hidden_state_losses_train_the_projection_and_checkpoint_it() {
+    let device = moekit_testing::device(9);
+    let t = teacher(&device);
+    let s = moe_student(&t);
+    // One initial projection for every run below (each `init` would draw another).
+    let distiller = DistillConfig::new("kl:1,hidden-mse:1".parse().unwrap())
+        .with_layers(vec![(1, 1), (2, 2)])
+        .with_projection(Some(HiddenProjectionConfig::new(32, 32).with_pairs(2)))
+        .init(&device)
+        .unwrap();
+    let make = || {
+        Trainer::new(
+            t.clone(),
+            s.clone(),
+            distiller.clone(),
+            "router".parse().unwrap(),
+            config(4),
+            TokenWindows::new(ids(40 * SEQ + 1, 7), SEQ).unwrap(),
+            None,
+        )
+        .unwrap()
+    };
+    // Uninterrupted: four steps.
+    let mut whole = make();
+    let reports: Vec<_> = (0..4).map(|_| whole.train_step().unwrap()).collect();
+    assert!(
+        reports[0]
+            .parts
+            .iter()
+            .any(|(n, v)| n == "hidden-mse" && *v > 0.0)
+    );
+    // Killed after two: the projection is in the checkpoint, and the resumed run's last
+    // step matches (it would not if the projection had restarted from its initialisation).
+    let dir = tempfile::tempdir().unwrap();
+    let mut killed = make().with_checkpoints(dir.path());
+    killed.train_step().unwrap();
+    killed.train_step().unwrap();
+    let saved = killed.save_checkpoint().unwrap().unwrap();
+    assert!(saved.join("projection.bpk").exists());
+    let mut resumed = make().with_checkpoints(dir.path());
+    assert_eq!(resumed.resume().unwrap(), Some(2));
+    resumed.train_step().unwrap();
+    let last = resumed.train_step().unwrap();
+    assert!(
+        (last.loss - reports[3].loss).abs() < 1e-5,
+        "{} vs {}",
+        last.loss,
+        reports[3].loss
+    );
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use indicatif::ProgressBar;
-use moekit::distill::DistillConfig;
+use moekit::distill::{DistillConfig, HiddenProjectionConfig};
 use moekit::llama::{Llama, SaveDtype, save_adapter, save_pretrained};
 use moekit::lora::LoraConfig;
 use moekit::router::RoutingPolicy;
@@ -256,10 +256,16 @@ pub fn run(args: &DistillArgs) -> Result<(), CliError> {
     let data = TokenWindows::new(ids, args.seq_len)?;
     let eval = TokenWindows::new(eval_ids, args.seq_len)?;
 
+    let layers = layer_map(&student, &teacher);
+    let (hs, ht) = (student.config.hidden_size, teacher.config.hidden_size);
+    // Hidden-state losses between models of different widths go through learned maps.
+    let projection =
+        (hs != ht).then(|| HiddenProjectionConfig::new(hs, ht).with_pairs(layers.len()));
     let distiller = DistillConfig::new(loss)
         .with_temperature(args.temperature)
         .with_alpha(args.skew_alpha)
-        .with_layers(layer_map(&student, &teacher))
+        .with_layers(layers)
+        .with_projection(projection)
         .init(&student.device())?;
     let mut trainer = Trainer::new(
         teacher,
