@@ -400,3 +400,55 @@ fn hidden_state_losses_train_the_projection_and_checkpoint_it() {
         reports[3].loss
     );
 }
+
+#[test]
+fn lora_experts_on_a_depth_pruned_student_learn_from_their_zero_start() {
+    // MoE-KD's set-up in miniature: the teacher's second layer is removed and every FFN of
+    // the student gains LoRA experts, which start contributing nothing.
+    let device = moekit_testing::device(12);
+    let t = teacher(&device);
+    let pruned = t.clone().keep_layers(&[0]).unwrap();
+    let experts = ConvertConfig::new(
+        Method::LoraExperts {
+            rank: 4,
+            intermediate_size: None,
+            alpha: 1.0,
+        },
+        4,
+        2,
+    );
+    let s = convert(pruned, &experts, None, &mut |_, _| {}).unwrap();
+    for loss in ["kl:1", "skew-rkl:1", "ce:1"] {
+        let mut tr = Trainer::new(
+            t.clone(),
+            s.clone(),
+            distiller(loss, &device),
+            "router,experts".parse().unwrap(),
+            config(40),
+            TokenWindows::new(ids(40 * SEQ + 1, 7), SEQ).unwrap(),
+            Some(TokenWindows::new(ids(8 * SEQ + 1, 99), SEQ).unwrap()),
+        )
+        .unwrap();
+        let summary = tr.run(&mut LogObserver).unwrap();
+        let (before, after) = (&summary.evals[0], summary.evals.last().unwrap());
+        println!(
+            "{loss}: KL {} -> {}, nll {} -> {}",
+            before.kl, after.kl, before.nll, after.nll
+        );
+        if loss == "ce:1" {
+            assert!(
+                after.nll < before.nll,
+                "{loss}: NLL {} -> {}",
+                before.nll,
+                after.nll
+            );
+        } else {
+            assert!(
+                after.kl < 0.8 * before.kl,
+                "{loss}: KL {} -> {}",
+                before.kl,
+                after.kl
+            );
+        }
+    }
+}
