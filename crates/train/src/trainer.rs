@@ -224,27 +224,29 @@ impl Trainer {
                 ),
             ));
         }
-        self.student = self
+        // Everything is read before anything changes: a failed resume leaves the run as it was.
+        let student = self
             .student
             .clone()
             .try_load_record(loaded.student.allow_partial(true))
             .map_err(|e| TrainError::checkpoint(&path, e))?;
-        match (loaded.projection, self.step.distiller.projection.take()) {
-            (Some(record), Some(projection)) => {
-                let loaded = projection
+        let projection = match (loaded.projection, &self.step.distiller.projection) {
+            (Some(record), Some(projection)) => Some(
+                projection
+                    .clone()
                     .try_load_record(record)
-                    .map_err(|e| TrainError::checkpoint(&path, e))?;
-                self.step.distiller.projection = Some(loaded);
-            }
-            (None, None) => {}
-            (_, projection) => {
-                self.step.distiller.projection = projection;
+                    .map_err(|e| TrainError::checkpoint(&path, e))?,
+            ),
+            (None, None) => None,
+            _ => {
                 return Err(TrainError::checkpoint(
                     &path,
                     "the checkpoint and this run disagree on a hidden-state projection",
                 ));
             }
-        }
+        };
+        self.student = student;
+        self.step.distiller.projection = projection;
         self.step.load_optimizer(loaded.optimizer);
         let state = loaded.state;
         self.done = state.step;
