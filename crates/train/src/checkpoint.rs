@@ -94,7 +94,6 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Saves a checkpoint of step `state.step` in `dir`, points `latest` at it and removes all
 /// but the newest `keep` checkpoints. Returns the checkpoint's directory.
-#[allow(clippy::too_many_arguments)]
 pub fn save<M: Module, P: Module>(
     dir: &Path,
     state: &TrainState,
