@@ -7,9 +7,10 @@ use std::time::Instant;
 use burn::config::Config;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
+use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use moekit_llama::{FfnSlot, Llama};
-use moekit_moe::MoeLayer;
+use moekit_moe::{ExpertInput, MoeLayer};
 
 use crate::error::{Result, UpcycleError};
 use crate::partition::SplitMix64;
@@ -32,6 +33,13 @@ pub struct LayerwiseConfig {
     /// Weight on the layer's auxiliary (load-balancing and z) losses.
     #[config(default = 1.0)]
     pub aux_weight: f64,
+    /// Weight `λ` of router supervision (see [`router_supervision`]): the router is also
+    /// trained to rank first the `k` experts whose outputs are largest on each token, the
+    /// experts an oracle would pick (MoEfication, Zhang et al. 2022, trains its routers on the
+    /// same kind of target). With renormalised top-1 the MSE gives the router no gradient at
+    /// all, and with few steps it barely moves it; this term trains it directly. 0: off.
+    #[config(default = 0.0)]
+    pub router_loss: f64,
     /// Fraction of the recorded tokens held out to measure the error (at most 8192 tokens).
     #[config(default = 0.05)]
     pub holdout: f64,
@@ -136,6 +144,45 @@ fn relative_error(moe: &MoeLayer, data: &Rows, device: &Device) -> Result<f64> {
     Ok(err / norm.max(f64::MIN_POSITIVE))
 }
 
+/// The experts an oracle would route each token to: `[T, E]`, `1/k` for the `k` routed experts
+/// whose outputs `‖Eᵢ(x)‖` are largest on the token, 0 elsewhere (a constant: no gradient).
+/// For experts that read the shared expert's output (PESC) the norms are taken on that input.
+///
+/// # Shapes
+/// - x: `[T, H]`
+pub fn oracle_experts(moe: &MoeLayer, x: Tensor<2>, k: usize) -> Tensor<2> {
+    let x = x.detach();
+    let input = match (moe.expert_input, &moe.shared) {
+        (ExpertInput::SharedOutput, Some(s)) => s.forward(x),
+        _ => x,
+    };
+    // [E, T, H] -> [T, E] output norms.
+    let norms = moe
+        .experts
+        .weights()
+        .forward_all(input)
+        .square()
+        .sum_dim(2)
+        .squeeze_dim::<2>(2)
+        .transpose()
+        .detach();
+    let e = norms.dims()[1];
+    let k = k.clamp(1, e);
+    let kth = norms.clone().topk(k, 1).narrow(1, k - 1, 1);
+    norms.greater_equal(kth).float() / k as f64
+}
+
+/// Router supervision: the cross-entropy `−Σₑ tₑ·log softmax(logits)ₑ` of the router's
+/// distribution against the oracle target `t` of [`oracle_experts`], averaged over tokens.
+///
+/// # Shapes
+/// - logits: `[T, E]`
+/// - target: `[T, E]`, rows summing to 1
+pub fn router_supervision(logits: Tensor<2>, target: Tensor<2>) -> Tensor<1> {
+    let t = logits.dims()[0].max(1);
+    (target * log_softmax(logits, 1)).sum().neg() / t as f64
+}
+
 /// Trains one MoE block to reproduce `y = FFN(x)` (host rows `[N·H]` each): MSE plus the
 /// block's auxiliary losses, on the autodiff version of `device`. Frozen parameters (PESC's
 /// and LoRA experts' shared FFN) stay frozen.
@@ -152,6 +199,12 @@ pub fn train_block(
 ) -> Result<MoeLayer> {
     let data = Rows { x, y, hidden };
     let (n, h) = (data.len(), hidden);
+    if !(config.router_loss >= 0.0 && config.router_loss.is_finite()) {
+        return Err(UpcycleError::Config(format!(
+            "the router supervision weight must be a finite number >= 0, not {}",
+            config.router_loss
+        )));
+    }
     if n == 0 || y.len() != x.len() {
         return Err(UpcycleError::Config(format!(
             "layer {layer}: {} input and {} output values do not make rows of width {h}",
@@ -175,11 +228,16 @@ pub fn train_block(
         let ids = &order[cursor..cursor + batch];
         cursor += batch;
         let (xb, yb) = data.gather(ids, &train);
+        let xb_in = xb.clone();
         let out = moe.forward(xb.reshape([1, batch, h]))?;
         let mse = (out.output.clone().reshape([batch, h]) - yb)
             .square()
             .mean();
-        let loss = mse.clone() + out.aux_loss() * config.aux_weight;
+        let mut loss = mse.clone() + out.aux_loss() * config.aux_weight;
+        if config.router_loss > 0.0 {
+            let target = oracle_experts(&moe, xb_in.clone(), moe.router.slots());
+            loss = loss + router_supervision(out.router_logits(), target) * config.router_loss;
+        }
         let grads = GradientsParams::from_grads(loss.backward(), &moe);
         moe = optim.step(schedule.lr(step), moe, grads);
         let mse = mse.into_scalar::<f32>();

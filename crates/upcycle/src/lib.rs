@@ -29,7 +29,10 @@ pub mod split;
 pub use config::{ConvertConfig, Method, RouterInit, SplitStrategy};
 pub use convert::{convert, convert_ffn};
 pub use error::{Result, UpcycleError};
-pub use layerwise::{LayerObserver, LayerReport, LayerwiseConfig, LogObserver, construct};
+pub use layerwise::{
+    LayerObserver, LayerReport, LayerwiseConfig, LogObserver, construct, oracle_experts,
+    router_supervision,
+};
 pub use profile::{NeuronProfile, profile};
 pub use record::{ActivationStore, RecordConfig};
 pub use schedule::WarmupCosine;

@@ -494,3 +494,120 @@ fn construction_trains_adapters_and_keeps_the_dense_ffn_frozen() {
         }
     }
 }
+
+/// The expert each held-out token's largest output comes from, and the router's top choice.
+fn top1_agreement(moe: &moekit_moe::MoeLayer, x: burn::tensor::Tensor<2>) -> f64 {
+    let oracle = Mat::of(moekit_upcycle::oracle_experts(moe, x.clone(), 1));
+    let logits = Mat::of(moe.router.logits(x));
+    let argmax = |row: &[f32]| {
+        (0..row.len())
+            .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+            .unwrap()
+    };
+    let n = oracle.rows;
+    let hits = (0..n)
+        .filter(|&t| argmax(oracle.row(t)) == argmax(logits.row(t)))
+        .count();
+    hits as f64 / n as f64
+}
+
+#[test]
+fn oracle_experts_are_the_k_largest_expert_outputs() {
+    let device = device(37);
+    let model = split_top1(&tiny(&device));
+    let moe = common::moe(&model, 0);
+    let x = moekit_testing::normal([40, tiny_config().hidden_size], 1.0, &device);
+    let bank = moe.experts.to_bank();
+    // Naive: each expert's output norm, one expert at a time, ranked on the host.
+    let norms: Vec<Vec<f32>> = (0..bank.num_experts())
+        .map(|e| {
+            let y = Mat::of(bank.expert(e).forward(x.clone()));
+            (0..y.rows)
+                .map(|t| y.row(t).iter().map(|v| v * v).sum())
+                .collect()
+        })
+        .collect();
+    for k in 1..=3 {
+        let target = Mat::of(moekit_upcycle::oracle_experts(moe, x.clone(), k));
+        for t in 0..40 {
+            let mut order: Vec<usize> = (0..norms.len()).collect();
+            order.sort_by(|&a, &b| norms[b][t].total_cmp(&norms[a][t]));
+            for (rank, &e) in order.iter().enumerate() {
+                let want = if rank < k { 1.0 / k as f32 } else { 0.0 };
+                assert_eq!(target.at(t, e), want, "k {k} token {t} expert {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn router_supervision_is_the_cross_entropy_to_the_oracle_target() {
+    let device = device(38);
+    let logits = [[0.5f32, -1.0, 2.0], [0.0, 0.0, 0.0]];
+    let target = [[0.5f32, 0.0, 0.5], [0.0, 1.0, 0.0]];
+    let to = |m: [[f32; 3]; 2]| {
+        burn::tensor::Tensor::<2>::from_data(
+            burn::tensor::TensorData::new(m.concat(), [2, 3]),
+            &device,
+        )
+    };
+    let got = moekit_upcycle::router_supervision(to(logits), to(target)).into_scalar::<f32>();
+    let mut want = 0.0f64;
+    for (l, t) in logits.iter().zip(&target) {
+        let lse = l.iter().map(|&v| (v as f64).exp()).sum::<f64>().ln();
+        want -= l
+            .iter()
+            .zip(t)
+            .map(|(&v, &p)| p as f64 * (v as f64 - lse))
+            .sum::<f64>();
+    }
+    want /= 2.0;
+    assert!((got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+}
+
+#[test]
+fn router_supervision_teaches_routers_the_oracle_choice() {
+    // With renormalised top-1 the MSE gives the router no gradient (its one weight is always
+    // 1); supervision is what makes it pick the expert with the largest output.
+    let device = device(39);
+    let model = tiny(&device);
+    let store = record(&model, 8);
+    let plain = layerwise().with_aux_weight(0.0);
+    let supervised = layerwise().with_aux_weight(0.0).with_router_loss(1.0);
+    let run = |config: &LayerwiseConfig| {
+        construct(
+            split_top1(&model),
+            &store,
+            config,
+            None,
+            &mut moekit_upcycle::LogObserver,
+        )
+        .unwrap()
+    };
+    let (without, without_reports) = run(&plain);
+    let (with, with_reports) = run(&supervised);
+    let start = split_top1(&model);
+    for l in 0..2 {
+        let (x, _) = store.layer(l, &device).unwrap();
+        // Without supervision (and without the balancing loss) the router only sees rounding
+        // noise: it stays where it started.
+        let moved = max_diff(
+            &values(common::moe(&without, l).router.gate.val()),
+            &values(common::moe(&start, l).router.gate.val()),
+        );
+        assert!(
+            moved < 1e-5,
+            "layer {l}: the unsupervised router moved {moved}"
+        );
+        // The oracle is judged on each model's own trained experts.
+        let before = top1_agreement(common::moe(&without, l), x.clone());
+        let after = top1_agreement(common::moe(&with, l), x);
+        assert!(
+            after > before + 0.15 && after > 0.5,
+            "layer {l}: router agrees with the oracle on {after:.2} of tokens (unsupervised {before:.2})"
+        );
+        assert!(
+            with_reports[l].error_after.is_finite() && without_reports[l].error_after.is_finite()
+        );
+    }
+}

@@ -143,6 +143,10 @@ pub struct ConvertArgs {
     /// Layer-wise construction: peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
+    /// Layer-wise construction: weight of router supervision, a cross-entropy that trains each
+    /// router to pick the experts with the largest outputs on the token (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    router_loss: f64,
     /// Activations kept in memory up to this many MiB; the rest streams to the work directory.
     #[arg(long, default_value_t = 2048)]
     memory_budget_mb: usize,
@@ -360,6 +364,7 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
                 .with_steps(steps)
                 .with_batch_tokens(args.batch_tokens)
                 .with_lr(args.lr)
+                .with_router_loss(args.router_loss)
                 .with_seed(args.seed);
             let mut bars = Bars {
                 multi: MultiProgress::new(),
