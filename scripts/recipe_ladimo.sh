@@ -9,17 +9,31 @@
 #
 # Calibration and training text: python3.11-doc's library/ sources; evaluation: the first
 # EVAL_TOKENS tokens of tutorial/ (files concatenated in name order), windows of 1024.
-# Knobs: CALIB_TOKENS (100000), TOP_K (4, experts per token while constructing), ROUTER_INIT
-# (random), TARGET (0.8),
-# DISTILL_STEPS (40), SEED (0), MOE (an already converted model: skips the conversion).
+# Knobs: METHOD (split-coactivation), EXPERTS (8), SHARED (0, always-on shared parts; needs
+# METHOD=split-importance), TOP_K (4, routed experts per token while constructing),
+# ROUTER_INIT (random), ROUTER_LOSS (0, router supervision weight in layer-wise construction),
+# CALIB_TOKENS (100000), TARGET (0.8), DISTILL_STEPS (40), DISTILL_LR (1e-4), DISTILL_LOSS
+# (kl:1), EVAL_EVERY (0: held-out evaluation before and after distillation only), SEED (0),
+# MOE (an already converted model: skips the conversion).
+#
+# The shared-expert variant of docs/results.md ("LaDiMo with shared experts"):
+#   METHOD=split-importance SHARED=4 TOP_K=1 ROUTER_LOSS=1 DISTILL_LR=3e-4 \
+#       DISTILL_STEPS=320 EVAL_EVERY=80 scripts/recipe_ladimo.sh OUT
 set -euo pipefail
 OUT=${1:-$HOME/.cache/moekit/recipes/ladimo}
 DOC=/usr/share/doc/python3.11/html/_sources
 GGUF=${MOEKIT_SMOLLM2:-$HOME/.cache/moekit/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/moekit}
 CALIB_TOKENS=${CALIB_TOKENS:-100000}
+METHOD=${METHOD:-split-coactivation}
+EXPERTS=${EXPERTS:-8}
+SHARED=${SHARED:-0}
 TOP_K=${TOP_K:-4}
 ROUTER_INIT=${ROUTER_INIT:-random}
+ROUTER_LOSS=${ROUTER_LOSS:-0}
+DISTILL_LR=${DISTILL_LR:-1e-4}
+DISTILL_LOSS=${DISTILL_LOSS:-kl:1}
+EVAL_EVERY=${EVAL_EVERY:-0}
 TARGET=${TARGET:-0.8}
 DISTILL_STEPS=${DISTILL_STEPS:-40}
 EVAL_TOKENS=${EVAL_TOKENS:-8192}
@@ -40,8 +54,9 @@ timed() { # name command... -> seconds appended to times.txt
 
 MOE=${MOE:-$OUT/moe}
 if [ ! -e "$MOE/config.json" ]; then
-    timed convert "$BIN" convert "$GGUF" --method split-coactivation --experts 8 --top-k "$TOP_K" \
-        --router-init "$ROUTER_INIT" --calib "$DOC/library" --calib-tokens "$CALIB_TOKENS" \
+    timed convert "$BIN" convert "$GGUF" --method "$METHOD" --experts "$EXPERTS" \
+        --shared-experts "$SHARED" --top-k "$TOP_K" --router-init "$ROUTER_INIT" \
+        --router-loss "$ROUTER_LOSS" --calib "$DOC/library" --calib-tokens "$CALIB_TOKENS" \
         --layerwise-steps 100 --lr 3e-3 --seed "$SEED" --json --out "$MOE" > "$OUT/convert.json"
 fi
 timed profile "$BIN" profile "$MOE" --calib "$DOC/library" --calib-tokens 8192 \
@@ -51,8 +66,9 @@ evaluate dense "$GGUF"
 evaluate "layer-wise, top-$TOP_K" "$MOE"
 evaluate "profiled policy" "$MOE" --policy "$OUT/policy.json"
 timed distill "$BIN" distill --teacher "$GGUF" --student "$MOE" --policy "$OUT/policy.json" \
-    --data "$DOC/library" --eval-data "$DOC/tutorial" --eval-tokens 4096 --loss kl:1 \
-    --trainable router,experts --steps "$DISTILL_STEPS" --lr 1e-4 --batch-size 4 --seq-len 256 \
+    --data "$DOC/library" --eval-data "$DOC/tutorial" --eval-tokens 4096 --loss "$DISTILL_LOSS" \
+    --trainable "router,experts$([ "$SHARED" -gt 0 ] && echo ,shared)" --steps "$DISTILL_STEPS" \
+    --lr "$DISTILL_LR" --batch-size 4 --seq-len 256 --eval-every "$EVAL_EVERY" \
     --seed "$SEED" --json --out "$OUT/distilled" > "$OUT/distill.json"
 evaluate "profiled policy, distilled" "$OUT/distilled/model" --policy "$OUT/distilled/model/policy.json"
 cat "$OUT/times.txt"

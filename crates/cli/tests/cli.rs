@@ -349,6 +349,22 @@ fn convert_refuses_bad_settings_in_one_line() {
     assert_clean_failure(
         &run(&[
             "--method",
+            "split-random",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--layerwise-steps",
+            "3",
+            "--router-loss=-1",
+            "--calib",
+            &text,
+        ]),
+        "router supervision",
+    );
+    assert_clean_failure(
+        &run(&[
+            "--method",
             "pesc",
             "--adapter-activation",
             "gelu",

@@ -48,6 +48,36 @@ pub struct LayerwiseConfig {
     pub seed: u64,
 }
 
+impl LayerwiseConfig {
+    /// Checks the settings before any work: a positive learning rate and batch, a hold-out
+    /// fraction in `[0, 1)`, finite non-negative loss weights.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, value: f64| {
+            Err(UpcycleError::Config(format!(
+                "layer-wise construction: {what}, not {value}"
+            )))
+        };
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad("the learning rate must be a finite number > 0", self.lr);
+        }
+        if self.batch_tokens == 0 {
+            return bad("the batch must hold at least one token", 0.0);
+        }
+        if !(0.0..1.0).contains(&self.holdout) {
+            return bad("the held-out fraction must be in [0, 1)", self.holdout);
+        }
+        for (what, w) in [
+            ("the aux loss weight", self.aux_weight),
+            ("the router supervision weight", self.router_loss),
+        ] {
+            if !(w >= 0.0 && w.is_finite()) {
+                return bad(&format!("{what} must be a finite number >= 0"), w);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What happened to one layer.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct LayerReport {
@@ -199,12 +229,7 @@ pub fn train_block(
 ) -> Result<MoeLayer> {
     let data = Rows { x, y, hidden };
     let (n, h) = (data.len(), hidden);
-    if !(config.router_loss >= 0.0 && config.router_loss.is_finite()) {
-        return Err(UpcycleError::Config(format!(
-            "the router supervision weight must be a finite number >= 0, not {}",
-            config.router_loss
-        )));
-    }
+    config.validate()?;
     if n == 0 || y.len() != x.len() {
         return Err(UpcycleError::Config(format!(
             "layer {layer}: {} input and {} output values do not make rows of width {h}",
@@ -264,6 +289,7 @@ pub fn construct(
     work_dir: Option<&Path>,
     observer: &mut dyn LayerObserver,
 ) -> Result<(Llama, Vec<LayerReport>)> {
+    config.validate()?;
     if store.layers() != model.layers.len() {
         return Err(UpcycleError::Config(format!(
             "the recording has {} layers, the model {}",

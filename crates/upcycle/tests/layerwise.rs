@@ -611,3 +611,22 @@ fn router_supervision_teaches_routers_the_oracle_choice() {
         );
     }
 }
+
+#[test]
+fn bad_layerwise_settings_are_refused_before_any_work() {
+    let device = device(40);
+    let model = tiny(&device);
+    let store = record(&model, 4);
+    for bad in [
+        layerwise().with_router_loss(-1.0),
+        layerwise().with_router_loss(f64::NAN),
+        layerwise().with_lr(0.0),
+        layerwise().with_batch_tokens(0),
+        layerwise().with_holdout(1.0),
+    ] {
+        let mut obs = Counter::default();
+        let err = construct(split_top1(&model), &store, &bad, None, &mut obs).unwrap_err();
+        assert!(matches!(err, UpcycleError::Config(_)), "{err}");
+        assert!(obs.starts.is_empty(), "{bad:?} started training");
+    }
+}

@@ -175,6 +175,16 @@ pub struct ConvertArgs {
 }
 
 impl ConvertArgs {
+    /// The layer-wise construction settings, `steps` steps per layer.
+    fn layerwise(&self, steps: usize) -> LayerwiseConfig {
+        LayerwiseConfig::new()
+            .with_steps(steps)
+            .with_batch_tokens(self.batch_tokens)
+            .with_lr(self.lr)
+            .with_router_loss(self.router_loss)
+            .with_seed(self.seed)
+    }
+
     fn config(&self) -> ConvertConfig {
         let method = match self.method {
             MethodArg::Upcycle => Method::Upcycle { noise: self.noise },
@@ -325,6 +335,7 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
             "this conversion needs calibration text: add --calib FILE_OR_DIR...".into(),
         ));
     }
+    args.layerwise(args.layerwise_steps).validate()?;
     let (_, dense, tokenizer) = super::load(&args.dense, None)?;
     config.validate(dense.config.intermediate_size)?;
     let dense_counts = dense.param_counts();
@@ -360,12 +371,7 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
     let t = Instant::now();
     let (model, reports) = match (&store, args.layerwise_steps) {
         (Some(store), steps) if steps > 0 => {
-            let lw = LayerwiseConfig::new()
-                .with_steps(steps)
-                .with_batch_tokens(args.batch_tokens)
-                .with_lr(args.lr)
-                .with_router_loss(args.router_loss)
-                .with_seed(args.seed);
+            let lw = args.layerwise(steps);
             let mut bars = Bars {
                 multi: MultiProgress::new(),
                 current: None,
