@@ -10,7 +10,7 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor, TensorData};
 use moekit_llama::{FfnSlot, Llama};
-use moekit_moe::{ExpertInput, MoeLayer};
+use moekit_moe::{ExpertInput, MoeLayer, Selection};
 
 use crate::error::{Result, UpcycleError};
 use crate::partition::SplitMix64;
@@ -230,6 +230,16 @@ pub fn train_block(
     let data = Rows { x, y, hidden };
     let (n, h) = (data.len(), hidden);
     config.validate()?;
+    let supervised_k = match moe.router.selection {
+        _ if config.router_loss == 0.0 => None,
+        Selection::TopK { k, .. } => Some(k),
+        Selection::TopP { .. } => {
+            return Err(UpcycleError::Config(format!(
+                "layer {layer}: router supervision needs top-k routing (the oracle picks k \
+                 experts); this router uses top-p"
+            )));
+        }
+    };
     if n == 0 || y.len() != x.len() {
         return Err(UpcycleError::Config(format!(
             "layer {layer}: {} input and {} output values do not make rows of width {h}",
@@ -253,14 +263,13 @@ pub fn train_block(
         let ids = &order[cursor..cursor + batch];
         cursor += batch;
         let (xb, yb) = data.gather(ids, &train);
-        let xb_in = xb.clone();
-        let out = moe.forward(xb.reshape([1, batch, h]))?;
+        let out = moe.forward(xb.clone().reshape([1, batch, h]))?;
         let mse = (out.output.clone().reshape([batch, h]) - yb)
             .square()
             .mean();
         let mut loss = mse.clone() + out.aux_loss() * config.aux_weight;
-        if config.router_loss > 0.0 {
-            let target = oracle_experts(&moe, xb_in.clone(), moe.router.slots());
+        if let Some(k) = supervised_k {
+            let target = oracle_experts(&moe, xb, k);
             loss = loss + router_supervision(out.router_logits(), target) * config.router_loss;
         }
         let grads = GradientsParams::from_grads(loss.backward(), &moe);

@@ -629,4 +629,23 @@ fn bad_layerwise_settings_are_refused_before_any_work() {
         assert!(matches!(err, UpcycleError::Config(_)), "{err}");
         assert!(obs.starts.is_empty(), "{bad:?} started training");
     }
+    // The oracle picks k experts: a top-p router cannot be supervised.
+    let mut top_p = split_top1(&model);
+    for layer in &mut top_p.layers {
+        let FfnSlot::Moe(m) = &mut layer.ffn else {
+            unreachable!()
+        };
+        m.router = m
+            .router
+            .clone()
+            .with_selection(moekit_moe::Selection::TopP {
+                p: 0.5,
+                max_k: None,
+                renormalize: true,
+            })
+            .unwrap();
+    }
+    let supervised = layerwise().with_router_loss(1.0);
+    let err = construct(top_p, &store, &supervised, None, &mut Counter::default()).unwrap_err();
+    assert!(err.to_string().contains("top-p"), "{err}");
 }
