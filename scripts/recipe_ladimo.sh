@@ -13,12 +13,13 @@
 # METHOD=split-importance), TOP_K (4, routed experts per token while constructing),
 # ROUTER_INIT (random), ROUTER_LOSS (0, router supervision weight in layer-wise construction),
 # CALIB_TOKENS (100000), TARGET (0.8), DISTILL_STEPS (40), DISTILL_LR (1e-4), DISTILL_LOSS
-# (kl:1), EVAL_EVERY (0: held-out evaluation before and after distillation only), SEED (0),
+# (kl:1), DISTILL_POLICY (profiled, or none: distil under the model's own top-k), EVAL_EVERY
+# (0: held-out evaluation before and after distillation only), SEED (0),
 # MOE (an already converted model: skips the conversion).
 #
 # The shared-expert variant of docs/results.md ("LaDiMo with shared experts"):
-#   METHOD=split-importance SHARED=4 TOP_K=1 ROUTER_LOSS=1 DISTILL_LR=3e-4 \
-#       DISTILL_STEPS=320 EVAL_EVERY=80 scripts/recipe_ladimo.sh OUT
+#   METHOD=split-importance SHARED=4 TOP_K=1 ROUTER_LOSS=1 DISTILL_POLICY=none \
+#       DISTILL_LR=3e-4 DISTILL_STEPS=320 EVAL_EVERY=80 scripts/recipe_ladimo.sh OUT
 set -euo pipefail
 OUT=${1:-$HOME/.cache/moekit/recipes/ladimo}
 DOC=/usr/share/doc/python3.11/html/_sources
@@ -34,6 +35,7 @@ ROUTER_LOSS=${ROUTER_LOSS:-0}
 DISTILL_LR=${DISTILL_LR:-1e-4}
 DISTILL_LOSS=${DISTILL_LOSS:-kl:1}
 EVAL_EVERY=${EVAL_EVERY:-0}
+DISTILL_POLICY=${DISTILL_POLICY:-profiled}
 TARGET=${TARGET:-0.8}
 DISTILL_STEPS=${DISTILL_STEPS:-40}
 EVAL_TOKENS=${EVAL_TOKENS:-8192}
@@ -65,10 +67,19 @@ timed profile "$BIN" profile "$MOE" --calib "$DOC/library" --calib-tokens 8192 \
 evaluate dense "$GGUF"
 evaluate "layer-wise, top-$TOP_K" "$MOE"
 evaluate "profiled policy" "$MOE" --policy "$OUT/policy.json"
-timed distill "$BIN" distill --teacher "$GGUF" --student "$MOE" --policy "$OUT/policy.json" \
+# Distil under the profiled policy, or (DISTILL_POLICY=none) under the model's own top-k,
+# whose activated fraction does not depend on the text (a top-p policy's does).
+POLICY_ARGS=()
+[ "$DISTILL_POLICY" = profiled ] && POLICY_ARGS=(--policy "$OUT/policy.json")
+timed distill "$BIN" distill --teacher "$GGUF" --student "$MOE" "${POLICY_ARGS[@]}" \
     --data "$DOC/library" --eval-data "$DOC/tutorial" --eval-tokens 4096 --loss "$DISTILL_LOSS" \
     --trainable "router,experts$([ "$SHARED" -gt 0 ] && echo ,shared)" --steps "$DISTILL_STEPS" \
     --lr "$DISTILL_LR" --batch-size 4 --seq-len 256 --eval-every "$EVAL_EVERY" \
     --seed "$SEED" --json --out "$OUT/distilled" > "$OUT/distill.json"
-evaluate "profiled policy, distilled" "$OUT/distilled/model" --policy "$OUT/distilled/model/policy.json"
+if [ "$DISTILL_POLICY" = profiled ]; then
+    evaluate "profiled policy, distilled" "$OUT/distilled/model" --policy "$OUT/distilled/model/policy.json"
+else
+    evaluate "distilled, top-$TOP_K" "$OUT/distilled/model"
+    evaluate "distilled, profiled policy" "$OUT/distilled/model" --policy "$OUT/policy.json"
+fi
 cat "$OUT/times.txt"
