@@ -13,13 +13,17 @@
 # METHOD=split-importance), TOP_K (4, routed experts per token while constructing),
 # ROUTER_INIT (random), ROUTER_LOSS (0, router supervision weight in layer-wise construction),
 # CALIB_TOKENS (100000), TARGET (0.8), DISTILL_STEPS (40), DISTILL_LR (1e-4), DISTILL_LOSS
-# (kl:1), DISTILL_POLICY (profiled, or none: distil under the model's own top-k), EVAL_EVERY
+# (kl:1), DISTILL_POLICY (profiled, or none: distil under the model's own top-k),
+# DISTILL_TOKENS (training tokens read from library/; default all of it), EVAL_EVERY
 # (0: held-out evaluation before and after distillation only), SEED (0),
 # MOE (an already converted model: skips the conversion).
 #
 # The shared-expert variant of docs/results.md ("LaDiMo with shared experts"):
 #   METHOD=split-importance SHARED=4 TOP_K=1 ROUTER_LOSS=1 DISTILL_POLICY=none \
-#       DISTILL_LR=3e-4 DISTILL_STEPS=320 EVAL_EVERY=80 scripts/recipe_ladimo.sh OUT
+#       DISTILL_LR=3e-4 DISTILL_STEPS=320 DISTILL_TOKENS=100000 EVAL_EVERY=80 \
+#       scripts/recipe_ladimo.sh OUT
+# (DISTILL_TOKENS=100000 was `moekit distill`'s old default: the 320 steps pass 3.3 times over
+# the same text; drop it to train on fresh text.)
 set -euo pipefail
 OUT=${1:-$HOME/.cache/moekit/recipes/ladimo}
 DOC=/usr/share/doc/python3.11/html/_sources
@@ -36,6 +40,7 @@ DISTILL_LR=${DISTILL_LR:-1e-4}
 DISTILL_LOSS=${DISTILL_LOSS:-kl:1}
 EVAL_EVERY=${EVAL_EVERY:-0}
 DISTILL_POLICY=${DISTILL_POLICY:-profiled}
+DISTILL_TOKENS=${DISTILL_TOKENS:-}
 TARGET=${TARGET:-0.8}
 DISTILL_STEPS=${DISTILL_STEPS:-40}
 EVAL_TOKENS=${EVAL_TOKENS:-8192}
@@ -69,9 +74,10 @@ evaluate "layer-wise, top-$TOP_K" "$MOE"
 evaluate "profiled policy" "$MOE" --policy "$OUT/policy.json"
 # Distil under the profiled policy, or (DISTILL_POLICY=none) under the model's own top-k,
 # whose activated fraction does not depend on the text (a top-p policy's does).
-POLICY_ARGS=()
-[ "$DISTILL_POLICY" = profiled ] && POLICY_ARGS=(--policy "$OUT/policy.json")
-timed distill "$BIN" distill --teacher "$GGUF" --student "$MOE" "${POLICY_ARGS[@]}" \
+EXTRA=()
+[ "$DISTILL_POLICY" = profiled ] && EXTRA=(--policy "$OUT/policy.json")
+[ -n "$DISTILL_TOKENS" ] && EXTRA+=(--max-tokens "$DISTILL_TOKENS")
+timed distill "$BIN" distill --teacher "$GGUF" --student "$MOE" "${EXTRA[@]}" \
     --data "$DOC/library" --eval-data "$DOC/tutorial" --eval-tokens 4096 --loss "$DISTILL_LOSS" \
     --trainable "router,experts$([ "$SHARED" -gt 0 ] && echo ,shared)" --steps "$DISTILL_STEPS" \
     --lr "$DISTILL_LR" --batch-size 4 --seq-len 256 --eval-every "$EVAL_EVERY" \

@@ -588,11 +588,26 @@ fn distill_trains_resumes_and_exports() {
     )
     .unwrap();
     let routed_dir = root.path().join("routed");
-    let routed = success_json(distill(
+    // 48 tokens make 2 windows of 16 (each window also needs its next token) for 2 steps of
+    // 32: the run says it trains on the same text again.
+    let out = distill(
         &moe,
         &routed_dir.display().to_string(),
-        &["--steps", "2", "--policy", &policy.display().to_string()],
-    ));
+        &[
+            "--steps",
+            "2",
+            "--max-tokens",
+            "48",
+            "--policy",
+            &policy.display().to_string(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let routed = success_json(out);
+    assert!(
+        stderr.contains("pass 2.0 times over the 32 training tokens"),
+        "{stderr}"
+    );
     assert_eq!(routed["steps"], 2);
     let config = std::fs::read_to_string(routed_dir.join("model/config.json")).unwrap();
     assert!(config.contains("\"num_experts_per_tok\": 1"), "{config}");

@@ -36,9 +36,11 @@ pub struct DistillArgs {
     /// on).
     #[arg(long, num_args = 1.., value_name = "FILE")]
     eval_data: Vec<PathBuf>,
-    /// Training tokens read from --data.
-    #[arg(long, default_value_t = 100_000)]
-    max_tokens: usize,
+    /// Training tokens read from --data (default: all of it). A run that needs more tokens
+    /// than this (steps × batch × accumulation × seq-len) trains on the same text again, and
+    /// says so.
+    #[arg(long)]
+    max_tokens: Option<usize>,
     /// Held-out tokens evaluated.
     #[arg(long, default_value_t = 8192)]
     eval_tokens: usize,
@@ -243,18 +245,36 @@ pub fn run(args: &DistillArgs) -> Result<(), CliError> {
         student = student.with_lora(&lora)?;
     }
 
-    let mut ids = tokens(&tokenizer, &args.data, args.max_tokens + args.eval_tokens)?;
+    let consumed = args.steps * config.tokens_per_step();
+    let max_tokens = args.max_tokens.unwrap_or(usize::MAX);
+    let mut ids = tokens(
+        &tokenizer,
+        &args.data,
+        max_tokens.saturating_add(args.eval_tokens),
+    )?;
     let eval_ids = if args.eval_data.is_empty() {
         let held = args.eval_tokens.min(ids.len() / 2);
         let eval = ids.split_off(ids.len() - held);
-        ids.truncate(args.max_tokens);
+        ids.truncate(max_tokens);
         eval
     } else {
-        ids.truncate(args.max_tokens);
+        ids.truncate(max_tokens);
         tokens(&tokenizer, &args.eval_data, args.eval_tokens)?
     };
     let data = TokenWindows::new(ids, args.seq_len)?;
     let eval = TokenWindows::new(eval_ids, args.seq_len)?;
+    let available = data.len() * args.seq_len;
+    if consumed > available {
+        // Repeated text overfits: the training loss keeps falling while held-out text stops
+        // improving (docs/results.md, "LaDiMo with shared experts").
+        let passes = consumed as f64 / available.max(1) as f64;
+        tracing::warn!(
+            "{} steps of {} tokens pass {passes:.1} times over the {available} training \
+             tokens; add --data or raise --max-tokens to train on fresh text",
+            args.steps,
+            config.tokens_per_step()
+        );
+    }
 
     let layers = layer_map(&student, &teacher);
     let (hs, ht) = (student.config.hidden_size, teacher.config.hidden_size);
