@@ -24,7 +24,7 @@ fn assert_clean_failure(out: &Output, mentions: &str) {
 /// A valid GGUF holding tensors but no model metadata, assembled from the GGUF test vectors of
 /// crates/llama (gguf-py's raw blocks).
 fn fixture_bytes() -> Vec<u8> {
-    let json = Path::new(env!("CARGO_MANIFEST_DIR")).join("../llama/tests/fixtures/quants.json");
+    let json = moekit_testing::package_dir().join("../llama/tests/fixtures/quants.json");
     moekit_testing::gguf_fixture(&std::fs::read_to_string(json).unwrap())
 }
 

@@ -1,7 +1,7 @@
 //! GGUF reading: every supported type de-quantised exactly as gguf-py (llama.cpp's Python
 //! package, an independent implementation) does, and corrupt files rejected with errors.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use moekit_llama::LlamaError;
 use moekit_llama::io::gguf::{GgufFile, unpermute_rows};
@@ -10,7 +10,7 @@ use moekit_llama::io::source::TensorSource;
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    moekit_testing::package_dir()
         .join("tests/fixtures")
         .join(name)
 }

@@ -210,7 +210,7 @@ fn training_updates_the_adapters_only() {
 /// The PEFT fixture: a tiny `LlamaForCausalLM` and adapters PEFT wrote (make_peft_fixture.py),
 /// with each safetensors file kept as `tensors.json` (shapes and exact f32 values).
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_tiny")
+    moekit_testing::package_dir().join("tests/fixtures/peft_tiny")
 }
 
 /// Fixture directory `name` as PEFT / transformers wrote it: its JSON files copied, and the

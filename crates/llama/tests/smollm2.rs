@@ -29,10 +29,7 @@ fn gguf() -> Option<PathBuf> {
 }
 
 fn fixture() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/smollm2_tokens.json"
-    );
+    let path = moekit_testing::package_dir().join("tests/fixtures/smollm2_tokens.json");
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 

@@ -18,6 +18,16 @@ use burn::tensor::{Device, Distribution, Tensor, TensorData};
 /// Name of the environment variable that selects the test device.
 pub const DEVICE_VAR: &str = "MOEKIT_TEST_DEVICE";
 
+/// The directory of the package under test, read when the test runs (cargo sets
+/// `CARGO_MANIFEST_DIR` for test processes). The compile-time `env!("CARGO_MANIFEST_DIR")`
+/// would keep the path of the checkout that built the binary, which is wrong when a shared
+/// target directory reuses the binary for a checkout elsewhere (CI's cache).
+pub fn package_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .expect("run the tests through cargo, which sets CARGO_MANIFEST_DIR")
+        .into()
+}
+
 /// The device under test, seeded with `seed` so random tensors are reproducible.
 ///
 /// # Panics

@@ -196,10 +196,14 @@ pub fn oracle_experts(moe: &MoeLayer, x: Tensor<2>, k: usize) -> Tensor<2> {
         .squeeze_dim::<2>(2)
         .transpose()
         .detach();
-    let e = norms.dims()[1];
+    let [_, e] = norms.dims();
     let k = k.clamp(1, e);
-    let kth = norms.clone().topk(k, 1).narrow(1, k - 1, 1);
-    norms.greater_equal(kth).float() / k as f64
+    // Rank by counting, [T, E]: how many experts beat each one on its token. (Counting
+    // rather than `topk` on the transposed norms, which the WGPU backend gets wrong.)
+    let own = norms.clone().unsqueeze_dim::<3>(2).repeat_dim(2, e);
+    let others = norms.unsqueeze_dim::<3>(1).repeat_dim(1, e);
+    let beaten_by = others.greater(own).float().sum_dim(2).squeeze_dim::<2>(2);
+    beaten_by.lower_elem(k as f64).float() / k as f64
 }
 
 /// Router supervision: the cross-entropy `−Σₑ tₑ·log softmax(logits)ₑ` of the router's
