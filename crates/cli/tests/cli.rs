@@ -467,6 +467,15 @@ fn profile_chooses_a_policy_that_eval_applies() {
     for layer in top1["experts_per_token"].as_array().unwrap() {
         assert_eq!(layer["experts_per_token"].as_f64().unwrap(), 1.0);
     }
+    // Oracle routing to one expert costs what top-1 costs; more experts than a layer has is
+    // refused in one line.
+    let oracle = eval(&["--oracle", "1"]);
+    assert_eq!(oracle["activated_fraction"], top1["activated_fraction"]);
+    assert_ne!(oracle["perplexity"], top1["perplexity"]);
+    assert_clean_failure(
+        &moekit(&["eval", &moe, "--text", &calib, "--oracle", "99"]),
+        "oracle routing to 99 experts",
+    );
     // Reusing the measured candidates for another target.
     let summary = success_json(profile(&[
         "--target-active-params",

@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::Initializer;
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, Device, Int, Tensor};
 
 use crate::activation::Activation;
 use crate::dispatch::{DispatchMode, DispatchPlan};
@@ -83,6 +83,11 @@ pub struct MoeLayer {
     /// Auxiliary loss coefficients.
     #[module(skip)]
     pub aux_loss: AuxLossConfig,
+    /// Oracle routing (a diagnostic, [`MoeLayer::with_oracle`]): each token goes to the `k`
+    /// experts with the largest outputs instead of those the router picks. `None`: the router
+    /// decides.
+    #[module(skip)]
+    pub oracle: Option<usize>,
 }
 
 /// What the routed experts of a [`MoeLayer`] read.
@@ -209,7 +214,63 @@ impl MoeLayer {
             capacity_factor: None,
             dispatch: DispatchMode::Auto,
             aux_loss: AuxLossConfig::new(),
+            oracle: None,
         })
+    }
+
+    /// Routes every token to the `k` experts whose outputs are largest
+    /// ([`MoeLayer::oracle_experts`]) instead of asking the router, which still gives the
+    /// combine weights ([`Router::route_to`]); `None` gives the decision back to the router.
+    ///
+    /// A diagnostic, not a deployable router (it runs every expert on every token): the
+    /// perplexity of a model routed this way bounds what a trained router can reach with the
+    /// same experts at the same `k`, and so separates routing error from partition error
+    /// (MoEfication, Zhang et al. 2022, trains its routers towards the same choice).
+    pub fn with_oracle(mut self, k: Option<usize>) -> crate::Result<Self> {
+        let e = self.router.num_experts();
+        if let Some(k) = k
+            && !(1..=e).contains(&k)
+        {
+            return Err(MoeError::Config(format!(
+                "oracle routing to {k} experts: the layer has {e}"
+            )));
+        }
+        self.oracle = k;
+        Ok(self)
+    }
+
+    /// The `k` routed experts (clamped to `1..=E`) whose outputs `‖Eᵢ(x)‖` are largest on each
+    /// token, in decreasing order (ties to the lower index), computed without gradient. For
+    /// experts that read the shared expert's output (PESC) they run on that output.
+    ///
+    /// # Shapes
+    /// - x: `[T, H]`
+    /// - output: `[T, k]`
+    pub fn oracle_experts(&self, x: Tensor<2>, k: usize) -> Tensor<2, Int> {
+        let x = x.detach();
+        let input = match (self.expert_input, &self.shared) {
+            (ExpertInput::SharedOutput, Some(s)) => s.forward(x),
+            _ => x,
+        };
+        self.largest_outputs(input, k)
+    }
+
+    /// [`MoeLayer::oracle_experts`] on the experts' input.
+    fn largest_outputs(&self, input: Tensor<2>, k: usize) -> Tensor<2, Int> {
+        let device = input.device();
+        // [E, T, H] -> [T, E] squared output norms.
+        let norms = self
+            .experts
+            .weights()
+            .forward_all(input.detach())
+            .square()
+            .sum_dim(2)
+            .squeeze_dim::<2>(2)
+            .transpose();
+        // A row-major copy: top-k on the transposed view gave wrong values on WGPU.
+        let norms = Tensor::<2>::from_data(norms.into_data(), &device);
+        let k = k.clamp(1, norms.dims()[1]);
+        crate::kernels::top_k(norms, k).1
     }
 
     /// Scales the routed experts' output by `scale`.
@@ -316,13 +377,18 @@ impl MoeLayer {
         let x = x.reshape([t, h]);
         let keep = mask.map(|m| m.reshape([t]));
 
-        let routing = self.router.forward(x.clone());
-        let plan = DispatchPlan::new(&routing, keep.clone(), self.capacity_factor)?;
         let shared = self.shared.as_ref().map(|s| s.forward(x.clone()));
         let input = match (self.expert_input, &shared) {
             (ExpertInput::SharedOutput, Some(y)) => y.clone(),
-            _ => x,
+            _ => x.clone(),
         };
+        let routing = match self.oracle {
+            Some(k) => self
+                .router
+                .route_to(x, self.largest_outputs(input.clone(), k)),
+            None => self.router.forward(x),
+        };
+        let plan = DispatchPlan::new(&routing, keep.clone(), self.capacity_factor)?;
         let mut y = self
             .dispatch
             .expert_ffn(input, &self.experts.weights(), &plan);
@@ -436,6 +502,63 @@ mod tests {
             bank.activation = Activation::Gelu;
         }
         assert!(gelu.plain_experts().is_err());
+    }
+
+    #[test]
+    fn oracle_routing_sends_each_token_to_its_largest_experts() {
+        let device = device(4);
+        let (e, k, t, h) = (5, 2, 12, 8);
+        let mut l = layer(e, Some(shared(false, &device)), &device);
+        l.router.gate = Param::from_tensor(normal([h, e], 1.0, &device));
+        l.router.selection = Selection::TopK {
+            k,
+            renormalize: true,
+        };
+        let l = l.with_oracle(Some(k)).unwrap();
+        let x = normal([t, h], 1.0, &device);
+        let out = l.forward(x.clone().reshape([1, t, h])).unwrap();
+
+        // Independently, on the host: every expert's output, ranked by norm per token, weighed
+        // by the router's probabilities renormalised over the chosen two, plus the shared FFN.
+        let all = values(l.experts.weights().forward_all(x.clone()));
+        let probs = values(l.router.forward(x.clone()).probs);
+        let mut want = values(l.shared.as_ref().unwrap().forward(x));
+        let mut chosen = Vec::new();
+        for tok in 0..t {
+            let row = |i: usize| &all[(i * t + tok) * h..(i * t + tok + 1) * h];
+            let norm = |i: usize| row(i).iter().map(|v| v * v).sum::<f32>();
+            let mut order: Vec<usize> = (0..e).collect();
+            order.sort_by(|&a, &b| norm(b).total_cmp(&norm(a)));
+            let top = &order[..k];
+            let mass: f32 = top.iter().map(|&i| probs[tok * e + i]).sum();
+            for &i in top {
+                let w = probs[tok * e + i] / mass;
+                for (o, v) in want[tok * h..(tok + 1) * h].iter_mut().zip(row(i)) {
+                    *o += w * v;
+                }
+            }
+            chosen.extend(top.iter().map(|&i| i as i64));
+        }
+        let got: Vec<i64> = out.routing.experts.into_data().iter::<i64>().collect();
+        assert_eq!(got, chosen);
+        assert_close(
+            out.output.reshape([t, h]),
+            Tensor::from_data(burn::tensor::TensorData::new(want, [t, h]), &device),
+            1e-4,
+            1e-5,
+        );
+        assert_eq!(out.stats.tokens_per_expert.iter().sum::<usize>(), t * k);
+
+        // `None` gives the choice back to the router; bad `k` is refused.
+        let y = normal([t, h], 1.0, &device);
+        let l = l.with_oracle(None).unwrap();
+        let ids = |r: Routing| r.experts.into_data().iter::<i64>().collect::<Vec<_>>();
+        assert_eq!(
+            ids(l.forward(y.clone().reshape([1, t, h])).unwrap().routing),
+            ids(l.router.forward(y))
+        );
+        assert!(l.clone().with_oracle(Some(0)).is_err());
+        assert!(l.with_oracle(Some(e + 1)).is_err());
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //!   (several error exponents) and every uniform rule within the budget through the whole
 //!   model on calibration tokens and keeps the one of least NLL, reporting its KL from the
 //!   reference routing too.
+//! - [`route_by_oracle`]: every layer routed to the experts with the largest outputs, the
+//!   bound on what any router can reach with the same experts (a diagnostic).
 //! - [`RoutingPolicy`]: a rule per layer, saved as JSON and applied to a model at inference;
 //!   dispatch computes only the chosen experts, so fewer experts run faster.
 //!
@@ -34,6 +36,7 @@
 pub mod calib;
 pub mod error;
 pub mod file;
+pub mod oracle;
 pub mod params;
 pub mod plot;
 pub mod policy;
@@ -42,6 +45,7 @@ pub mod search;
 pub mod select;
 
 pub use error::{Result, RouterError};
+pub use oracle::route_by_oracle;
 pub use params::{ActiveParams, LayerExperts};
 pub use plot::{Series, profile_svg, tradeoff_svg};
 pub use policy::{Choice, LayerPolicy, RoutingPolicy, Rule};

@@ -7,8 +7,8 @@ use moekit_llama::{FfnSlot, Llama, LlamaConfig, perplexity};
 use moekit_moe::Selection;
 use moekit_router::{
     ActiveParams, Candidate, Candidates, LayerCandidates, RouterError, RoutingPolicy, Rule,
-    SearchConfig, Series, TOP1_THRESHOLDS, choose, measure, profile, profile_svg, proposals, score,
-    select, tradeoff_svg,
+    SearchConfig, Series, TOP1_THRESHOLDS, choose, measure, profile, profile_svg, proposals,
+    route_by_oracle, score, select, tradeoff_svg,
 };
 use moekit_testing::{device, normal};
 
@@ -589,4 +589,57 @@ fn tradeoff_plots_draw_every_series_and_refuse_bad_points() {
     }];
     assert!(tradeoff_svg(&bad, "t", "x", "y", &path).is_err());
     assert!(tradeoff_svg(&[], "t", "x", "y", &path).is_err());
+}
+
+#[test]
+fn oracle_routing_to_every_expert_is_the_router_and_bad_k_changes_nothing() {
+    let device = device(9);
+    let mut model = mixtral(2, true, &device);
+    let ids = tokens(48);
+    // With k = E the oracle picks the router's experts (in another order) and the router weighs
+    // them: the same model.
+    RoutingPolicy::uniform(&model, Rule::TopK { k: E })
+        .unwrap()
+        .apply(&mut model)
+        .unwrap();
+    let routed = perplexity(&model, &ids, 16, &mut |_, _| {}).unwrap();
+    route_by_oracle(&mut model, Some(E)).unwrap();
+    let oracle = perplexity(&model, &ids, 16, &mut |_, _| {}).unwrap();
+    let rel = (oracle.perplexity / routed.perplexity - 1.0).abs();
+    assert!(rel < 1e-5, "{} vs {}", oracle.perplexity, routed.perplexity);
+
+    // k = 1 runs one expert per token in every layer, and differs from the router's top-1.
+    route_by_oracle(&mut model, Some(1)).unwrap();
+    let one = perplexity(&model, &ids, 16, &mut |_, _| {}).unwrap();
+    assert!(
+        one.experts_per_token
+            .iter()
+            .all(|u| u.experts_per_token == 1.0)
+    );
+    route_by_oracle(&mut model, None).unwrap();
+    RoutingPolicy::uniform(&model, Rule::TopK { k: 1 })
+        .unwrap()
+        .apply(&mut model)
+        .unwrap();
+    let top1 = perplexity(&model, &ids, 16, &mut |_, _| {}).unwrap();
+    assert!((one.perplexity / top1.perplexity - 1.0).abs() > 1e-4);
+
+    // Too many experts is refused and changes nothing; a dense model has nothing to route.
+    assert!(matches!(
+        route_by_oracle(&mut model, Some(E + 1)),
+        Err(RouterError::Policy(_))
+    ));
+    assert!(matches!(
+        route_by_oracle(&mut model, Some(0)),
+        Err(RouterError::Policy(_))
+    ));
+    let again = perplexity(&model, &ids, 16, &mut |_, _| {}).unwrap();
+    assert_eq!(again.perplexity, top1.perplexity);
+    let mut dense = LlamaConfig::llama(40, 16, 24, 1, 4, 2)
+        .init(&device)
+        .unwrap();
+    assert!(matches!(
+        route_by_oracle(&mut dense, Some(1)),
+        Err(RouterError::NoMoeLayers)
+    ));
 }

@@ -8,9 +8,9 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, IndexingUpdateOp, Tensor, TensorData};
 use moekit_llama::{FfnSlot, Llama};
-use moekit_moe::{ExpertInput, MoeLayer, Selection};
+use moekit_moe::{MoeLayer, Selection};
 
 use crate::error::{Result, UpcycleError};
 use crate::partition::SplitMix64;
@@ -175,35 +175,23 @@ fn relative_error(moe: &MoeLayer, data: &Rows, device: &Device) -> Result<f64> {
 }
 
 /// The experts an oracle would route each token to: `[T, E]`, `1/k` for the `k` routed experts
-/// whose outputs `‖Eᵢ(x)‖` are largest on the token, 0 elsewhere (a constant: no gradient).
-/// For experts that read the shared expert's output (PESC) the norms are taken on that input.
+/// whose outputs `‖Eᵢ(x)‖` are largest on the token ([`MoeLayer::oracle_experts`]), 0
+/// elsewhere (a constant: no gradient).
 ///
 /// # Shapes
 /// - x: `[T, H]`
 pub fn oracle_experts(moe: &MoeLayer, x: Tensor<2>, k: usize) -> Tensor<2> {
-    let x = x.detach();
-    let input = match (moe.expert_input, &moe.shared) {
-        (ExpertInput::SharedOutput, Some(s)) => s.forward(x),
-        _ => x,
-    };
-    // [E, T, H] -> [T, E] output norms.
-    let norms = moe
-        .experts
-        .weights()
-        .forward_all(input)
-        .square()
-        .sum_dim(2)
-        .squeeze_dim::<2>(2)
-        .transpose()
-        .detach();
-    let [_, e] = norms.dims();
-    let k = k.clamp(1, e);
-    // Rank by counting, [T, E]: how many experts beat each one on its token. (Counting
-    // rather than `topk` on the transposed norms, which the WGPU backend gets wrong.)
-    let own = norms.clone().unsqueeze_dim::<3>(2).repeat_dim(2, e);
-    let others = norms.unsqueeze_dim::<3>(1).repeat_dim(1, e);
-    let beaten_by = others.greater(own).float().sum_dim(2).squeeze_dim::<2>(2);
-    beaten_by.lower_elem(k as f64).float() / k as f64
+    let [t, _] = x.dims();
+    let e = moe.router.num_experts();
+    let device = x.device();
+    let ids = moe.oracle_experts(x, k);
+    let k = ids.dims()[1];
+    Tensor::<2>::zeros([t, e], &device).scatter(
+        1,
+        ids,
+        Tensor::full([t, k], 1.0 / k as f64, &device),
+        IndexingUpdateOp::Add,
+    )
 }
 
 /// Router supervision: the cross-entropy `−Σₑ tₑ·log softmax(logits)ₑ` of the router's

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use moekit::llama::{Llama, perplexity};
-use moekit::router::{ActiveParams, RoutingPolicy, Rule};
+use moekit::router::{ActiveParams, RoutingPolicy, Rule, route_by_oracle};
 use serde_json::json;
 
 use crate::error::CliError;
@@ -39,6 +39,11 @@ pub struct EvalArgs {
     /// Route every MoE layer's tokens to experts until their probability mass reaches P.
     #[arg(long, value_name = "P")]
     top_p: Option<f64>,
+    /// Oracle routing, a diagnostic: every MoE layer sends each token to the K experts with
+    /// the largest outputs (every expert runs). Its perplexity bounds what any router can
+    /// reach with these experts at K per token.
+    #[arg(long, value_name = "K", conflicts_with_all = ["policy", "top_k", "top_p"])]
+    oracle: Option<usize>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -46,6 +51,10 @@ pub struct EvalArgs {
 
 /// The model with the routing asked for on the command line.
 fn routed(mut model: Llama, args: &EvalArgs) -> Result<Llama, CliError> {
+    if args.oracle.is_some() {
+        route_by_oracle(&mut model, args.oracle)?;
+        return Ok(model);
+    }
     let policy = match (&args.policy, args.top_k, args.top_p) {
         (Some(path), _, _) => RoutingPolicy::load(path)?,
         (_, Some(k), _) => RoutingPolicy::uniform(&model, Rule::TopK { k })?,

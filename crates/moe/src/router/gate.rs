@@ -163,6 +163,27 @@ impl Router {
         self.route_logits(logits)
     }
 
+    /// Routes tokens to experts chosen by something else (oracle routing,
+    /// [`crate::MoeLayer::with_oracle`]), with the weights the selection rule gives them
+    /// ([`Selection::weigh`]); every slot is active.
+    ///
+    /// # Shapes
+    /// - x: `[T, H]`
+    /// - experts: `[T, K]`
+    pub fn route_to(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Routing {
+        let logits = self.logits(x);
+        let (scores, probs) = self.scoring.scores(logits.clone());
+        let weights = self.selection.weigh(scores, probs.clone(), experts.clone());
+        let active = Tensor::<2, Bool>::full(experts.dims(), true, &experts.device());
+        Routing {
+            logits,
+            probs,
+            experts,
+            weights,
+            active,
+        }
+    }
+
     /// Routes precomputed logits `[T, E]`.
     pub fn route_logits(&self, logits: Tensor<2>) -> Routing {
         let (scores, probs) = self.scoring.scores(logits.clone());

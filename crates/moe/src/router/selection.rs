@@ -122,6 +122,27 @@ impl Selection {
     }
 }
 
+impl Selection {
+    /// The combine weights this rule gives to experts chosen by something else (oracle
+    /// routing, [`crate::MoeLayer::with_oracle`]): their `scores` (top-k) or normalised `probs`
+    /// (top-p), divided by their sum when the rule renormalises.
+    ///
+    /// # Shapes
+    /// - scores, probs: `[T, E]`
+    /// - experts: `[T, K]`
+    /// - output: `[T, K]`
+    pub fn weigh(&self, scores: Tensor<2>, probs: Tensor<2>, experts: Tensor<2, Int>) -> Tensor<2> {
+        match *self {
+            Selection::TopK { renormalize, .. } => {
+                renormalized(scores.gather(1, experts), renormalize)
+            }
+            Selection::TopP { renormalize, .. } => {
+                renormalized(probs.gather(1, experts), renormalize)
+            }
+        }
+    }
+}
+
 /// `w / Σw` per row when `renormalize` (the first slot is always used, so the sum is positive).
 fn renormalized(w: Tensor<2>, renormalize: bool) -> Tensor<2> {
     if renormalize {
