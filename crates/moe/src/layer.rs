@@ -8,7 +8,7 @@ use burn::tensor::{Bool, Device, Int, Tensor};
 use crate::activation::Activation;
 use crate::dispatch::{DispatchMode, DispatchPlan};
 use crate::error::MoeError;
-use crate::experts::{ExpertBank, ExpertBankConfig, Experts};
+use crate::experts::{ExpertBank, ExpertBankConfig, ExpertWeights, Experts};
 use crate::losses::{AuxLossConfig, AuxLosses, aux_losses};
 use crate::router::{Router, RouterConfig, RouterNoise, Routing, Scoring, Selection};
 use crate::shared::{SharedExpert, SharedExpertConfig};
@@ -258,10 +258,15 @@ impl MoeLayer {
     /// [`MoeLayer::oracle_experts`] on the experts' input.
     fn largest_outputs(&self, input: Tensor<2>, k: usize) -> Tensor<2, Int> {
         let device = input.device();
+        // Detached weights: on an autodiff device nothing here joins the graph.
+        let w = self.experts.weights();
+        let w = ExpertWeights {
+            w_in: w.w_in.detach(),
+            w_out: w.w_out.detach(),
+            activation: w.activation,
+        };
         // [E, T, H] -> [T, E] squared output norms.
-        let norms = self
-            .experts
-            .weights()
+        let norms = w
             .forward_all(input.detach())
             .square()
             .sum_dim(2)

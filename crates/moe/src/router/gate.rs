@@ -171,23 +171,26 @@ impl Router {
     /// - x: `[T, H]`
     /// - experts: `[T, K]`
     pub fn route_to(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Routing {
-        let logits = self.logits(x);
-        let (scores, probs) = self.scoring.scores(logits.clone());
-        let weights = self.selection.weigh(scores, probs.clone(), experts.clone());
-        let active = Tensor::<2, Bool>::full(experts.dims(), true, &experts.device());
-        Routing {
-            logits,
-            probs,
-            experts,
-            weights,
-            active,
-        }
+        self.decide(self.logits(x), |scores, probs| {
+            let weights = self.selection.weigh(scores, probs, experts.clone());
+            let active = Tensor::<2, Bool>::full(experts.dims(), true, &experts.device());
+            (experts, weights, active)
+        })
     }
 
     /// Routes precomputed logits `[T, E]`.
     pub fn route_logits(&self, logits: Tensor<2>) -> Routing {
+        self.decide(logits, |scores, probs| self.selection.select(scores, probs))
+    }
+
+    /// Scores `logits` and lets `choose(scores, probs)` pick `(experts, weights, active)`.
+    fn decide(
+        &self,
+        logits: Tensor<2>,
+        choose: impl FnOnce(Tensor<2>, Tensor<2>) -> (Tensor<2, Int>, Tensor<2>, Tensor<2, Bool>),
+    ) -> Routing {
         let (scores, probs) = self.scoring.scores(logits.clone());
-        let (experts, weights, active) = self.selection.select(scores, probs.clone());
+        let (experts, weights, active) = choose(scores, probs.clone());
         Routing {
             logits,
             probs,
