@@ -25,7 +25,8 @@ split-importance 16 8 2
 split-importance 32 16 4
 split-importance 32 8 12
 split-cluster 32 0 20
-split-importance 64 32 8"}
+split-importance 64 32 8
+split-importance 64 16 24"}
 mkdir -p "$OUT"
 cat "$DOC"/tutorial/*.rst.txt > "$OUT/tutorial.txt"
 
