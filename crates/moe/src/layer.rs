@@ -227,16 +227,20 @@ impl MoeLayer {
     /// same experts at the same `k`, and so separates routing error from partition error
     /// (MoEfication, Zhang et al. 2022, trains its routers towards the same choice).
     pub fn with_oracle(mut self, k: Option<usize>) -> crate::Result<Self> {
-        let e = self.router.num_experts();
-        if let Some(k) = k
-            && !(1..=e).contains(&k)
-        {
-            return Err(MoeError::Config(format!(
-                "oracle routing to {k} experts: the layer has {e}"
-            )));
-        }
+        self.check_oracle(k)?;
         self.oracle = k;
         Ok(self)
+    }
+
+    /// Whether [`MoeLayer::with_oracle`] accepts `k`: `None`, or `1..=E`.
+    pub fn check_oracle(&self, k: Option<usize>) -> crate::Result<()> {
+        let e = self.router.num_experts();
+        match k {
+            Some(k) if !(1..=e).contains(&k) => Err(MoeError::Config(format!(
+                "oracle routing to {k} experts: the layer has {e}"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// The `k` routed experts (clamped to `1..=E`) whose outputs `‖Eᵢ(x)‖` are largest on each

@@ -20,16 +20,9 @@ pub fn route_by_oracle(model: &mut Llama, k: Option<usize>) -> Result<()> {
     if layers.is_empty() {
         return Err(RouterError::NoMoeLayers);
     }
-    if let Some(k) = k {
-        for (layer, moe) in layers {
-            let e = moe.router.num_experts();
-            if !(1..=e).contains(&k) {
-                return Err(RouterError::Policy(format!(
-                    "layer {layer}: oracle routing to {k} experts needs 1 to {e} (the layer has \
-                     {e} routed experts)"
-                )));
-            }
-        }
+    for (layer, moe) in layers {
+        moe.check_oracle(k)
+            .map_err(|e| RouterError::Policy(format!("layer {layer}: {e}")))?;
     }
     for layer in &mut model.layers {
         if let FfnSlot::Moe(moe) = &mut layer.ffn {

@@ -120,9 +120,7 @@ impl Selection {
             }
         }
     }
-}
 
-impl Selection {
     /// The combine weights this rule gives to experts chosen by something else (oracle
     /// routing, [`crate::MoeLayer::with_oracle`]): their `scores` (top-k) or normalised `probs`
     /// (top-p), divided by their sum when the rule renormalises.
