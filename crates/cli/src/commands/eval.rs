@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use moekit::llama::{Llama, perplexity};
-use moekit::router::{ActiveParams, RoutingPolicy, Rule, route_by_oracle};
+use moekit::router::{ActiveParams, RouterError, RoutingPolicy, Rule, route_by_oracle};
 use serde_json::json;
 
 use crate::error::CliError;
@@ -51,8 +51,12 @@ pub struct EvalArgs {
 
 /// The model with the routing asked for on the command line.
 fn routed(mut model: Llama, args: &EvalArgs) -> Result<Llama, CliError> {
-    if args.oracle.is_some() {
-        route_by_oracle(&mut model, args.oracle)?;
+    if let Some(k) = args.oracle {
+        // Not a policy file's fault: say which flag is wrong.
+        route_by_oracle(&mut model, Some(k)).map_err(|e| match e {
+            RouterError::Policy(why) => CliError::Usage(format!("--oracle {k}: {why}")),
+            e => e.into(),
+        })?;
         return Ok(model);
     }
     let policy = match (&args.policy, args.top_k, args.top_p) {
