@@ -283,6 +283,35 @@ fn convert_writes_models_that_evaluate_like_the_dense_one() {
     assert_eq!(summary["layers"].as_array().unwrap().len(), 2);
     assert!(!lw_dir.join(".moekit-work").exists());
     assert!(perplexity(&lw_dir.display().to_string(), &eval_text).is_finite());
+    // A trained split with router-only steps reports each router's recall of the oracle.
+    let fit_dir = root.path().join("fit").display().to_string();
+    let summary = success_json(moekit(&[
+        "convert",
+        &dense,
+        "--method",
+        "split-random",
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--calib",
+        &text,
+        "--seq-len",
+        "32",
+        "--layerwise-steps",
+        "3",
+        "--router-steps",
+        "5",
+        "--batch-tokens",
+        "64",
+        "--json",
+        "--out",
+        &fit_dir,
+    ]));
+    for layer in summary["layers"].as_array().unwrap() {
+        let recall = layer["oracle_recall"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&recall), "{layer}");
+    }
 }
 
 #[test]
@@ -361,6 +390,24 @@ fn convert_refuses_bad_settings_in_one_line() {
             &text,
         ]),
         "router supervision",
+    );
+    assert_clean_failure(
+        &run(&[
+            "--method",
+            "split-random",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--layerwise-steps",
+            "3",
+            "--router-steps",
+            "3",
+            "--router-lr=0",
+            "--calib",
+            &text,
+        ]),
+        "router learning rate",
     );
     assert_clean_failure(
         &run(&[

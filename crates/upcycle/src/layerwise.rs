@@ -40,6 +40,15 @@ pub struct LayerwiseConfig {
     /// all, and with few steps it barely moves it; this term trains it directly. 0: off.
     #[config(default = 0.0)]
     pub router_loss: f64,
+    /// Router-only steps after each block is trained ([`fit_router`]; 0: none). While the
+    /// block trains, its experts move the oracle's choices that the supervision above chases;
+    /// these steps fit the router, alone, to the choices of the experts it will route to. They
+    /// cost one pass of every expert over the rows, then steps of router size only.
+    #[config(default = 0)]
+    pub router_steps: usize,
+    /// Peak learning rate of the router-only steps (same warm-up and cosine decay).
+    #[config(default = 1e-3)]
+    pub router_lr: f64,
     /// Fraction of the recorded tokens held out to measure the error (at most 8192 tokens).
     #[config(default = 0.05)]
     pub holdout: f64,
@@ -57,8 +66,13 @@ impl LayerwiseConfig {
                 "layer-wise construction: {what}, not {value}"
             )))
         };
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return bad("the learning rate must be a finite number > 0", self.lr);
+        for (what, lr) in [
+            ("the learning rate", self.lr),
+            ("the router learning rate", self.router_lr),
+        ] {
+            if !(lr > 0.0 && lr.is_finite()) {
+                return bad(&format!("{what} must be a finite number > 0"), lr);
+            }
         }
         if self.batch_tokens == 0 {
             return bad("the batch must hold at least one token", 0.0);
@@ -91,6 +105,10 @@ pub struct LayerReport {
     pub seconds: f64,
     /// Loaded from an earlier, interrupted run instead of trained.
     pub resumed: bool,
+    /// Held-out recall of the router against the oracle: the fraction of the `k` experts with
+    /// the largest outputs on a token that the router also picks (top-k routers only; 1 means
+    /// the router routes as the oracle would).
+    pub oracle_recall: Option<f64>,
 }
 
 /// Follows [`construct`]: one layer at a time.
@@ -99,6 +117,10 @@ pub trait LayerObserver {
     fn start(&mut self, layer: usize, steps: usize);
     /// Step `step` (1-based) gave training MSE `mse`.
     fn step(&mut self, layer: usize, step: usize, mse: f32);
+    /// Layer `layer`'s router starts `steps` router-only steps ([`fit_router`]).
+    fn start_router(&mut self, _layer: usize, _steps: usize) {}
+    /// Router-only step `step` (1-based) gave cross-entropy `ce` to the oracle.
+    fn router_step(&mut self, _layer: usize, _step: usize, _ce: f32) {}
     /// The layer is done.
     fn finish(&mut self, report: &LayerReport);
 }
@@ -132,29 +154,113 @@ impl Rows<'_> {
 
     /// Rows `range` of `x` and `y` as `[rows, H]` tensors on `device`.
     fn slice(&self, range: std::ops::Range<usize>, device: &Device) -> (Tensor<2>, Tensor<2>) {
-        let h = self.hidden;
-        let n = range.len();
-        let take = |v: &[f32]| {
-            Tensor::from_data(
-                TensorData::new(v[range.start * h..range.end * h].to_vec(), [n, h]),
-                device,
-            )
-        };
-        (take(self.x), take(self.y))
+        (
+            slice_rows(self.x, self.hidden, range.clone(), device),
+            slice_rows(self.y, self.hidden, range, device),
+        )
     }
 
     /// The rows `ids` of `x` and `y` gathered on the host, as `[ids.len(), H]` tensors.
     fn gather(&self, ids: &[usize], device: &Device) -> (Tensor<2>, Tensor<2>) {
-        let h = self.hidden;
-        let take = |v: &[f32]| {
-            let rows: Vec<f32> = ids
-                .iter()
-                .flat_map(|&i| v[i * h..(i + 1) * h].iter().copied())
-                .collect();
-            Tensor::from_data(TensorData::new(rows, [ids.len(), h]), device)
-        };
-        (take(self.x), take(self.y))
+        (
+            gather_rows(self.x, self.hidden, ids, device),
+            gather_rows(self.y, self.hidden, ids, device),
+        )
     }
+}
+
+/// The rows `range` of the host matrix `v` (`[N·H]`) as a `[range.len(), H]` tensor.
+fn slice_rows(v: &[f32], h: usize, range: std::ops::Range<usize>, device: &Device) -> Tensor<2> {
+    let n = range.len();
+    Tensor::from_data(
+        TensorData::new(v[range.start * h..range.end * h].to_vec(), [n, h]),
+        device,
+    )
+}
+
+/// The rows `ids` of the host matrix `v` (`[N·H]`) as a `[ids.len(), H]` tensor.
+fn gather_rows(v: &[f32], h: usize, ids: &[usize], device: &Device) -> Tensor<2> {
+    let rows: Vec<f32> = ids
+        .iter()
+        .flat_map(|&i| v[i * h..(i + 1) * h].iter().copied())
+        .collect();
+    Tensor::from_data(TensorData::new(rows, [ids.len(), h]), device)
+}
+
+/// Batches of row indices drawn without replacement, reshuffled every pass.
+struct Batches {
+    order: Vec<usize>,
+    cursor: usize,
+    batch: usize,
+    rng: SplitMix64,
+}
+
+impl Batches {
+    /// Batches of `batch` (at most `n`) of the rows `0..n`.
+    fn new(n: usize, batch: usize, seed: u64) -> Self {
+        Self {
+            order: (0..n).collect(),
+            cursor: n,
+            batch: batch.clamp(1, n),
+            rng: SplitMix64::new(seed),
+        }
+    }
+
+    fn next(&mut self) -> &[usize] {
+        if self.cursor + self.batch > self.order.len() {
+            self.rng.shuffle(&mut self.order);
+            self.cursor = 0;
+        }
+        self.cursor += self.batch;
+        &self.order[self.cursor - self.batch..self.cursor]
+    }
+}
+
+/// The `k` of a top-k router, the number of experts the oracle picks; top-p is refused.
+fn oracle_k(moe: &MoeLayer, layer: usize) -> Result<usize> {
+    match moe.router.selection {
+        Selection::TopK { k, .. } => Ok(k),
+        Selection::TopP { .. } => Err(UpcycleError::Config(format!(
+            "layer {layer}: router supervision needs top-k routing (the oracle picks k \
+             experts); this router uses top-p"
+        ))),
+    }
+}
+
+/// Row slices of at most 2,048 of the `n` rows.
+fn chunks(n: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..n).step_by(2048).map(move |s| s..(s + 2048).min(n))
+}
+
+/// The oracle's `k` experts per row of the host rows `x` (`[N·H]`), as `[N·k]`, row-major.
+fn oracle_ids(moe: &MoeLayer, x: &[f32], h: usize, k: usize, device: &Device) -> Vec<i64> {
+    let mut ids = Vec::with_capacity(x.len() / h * k);
+    for range in chunks(x.len() / h) {
+        let xb = slice_rows(x, h, range, device);
+        ids.extend(moe.oracle_experts(xb, k).into_data().iter::<i64>());
+    }
+    ids
+}
+
+/// Held-out recall of the router's top-k against the oracle's (see
+/// [`LayerReport::oracle_recall`]).
+fn oracle_recall(moe: &MoeLayer, data: &Rows, device: &Device) -> Option<f64> {
+    let Selection::TopK { k, .. } = moe.router.selection else {
+        return None;
+    };
+    let h = data.hidden;
+    let oracle = oracle_ids(moe, data.x, h, k, device);
+    let mut routed = Vec::with_capacity(oracle.len());
+    for range in chunks(data.len()) {
+        let xb = slice_rows(data.x, h, range, device);
+        routed.extend(moe.router.forward(xb).experts.into_data().iter::<i64>());
+    }
+    let hits: usize = oracle
+        .chunks(k)
+        .zip(routed.chunks(k))
+        .map(|(o, r)| o.iter().filter(|e| r.contains(e)).count())
+        .sum();
+    Some(hits as f64 / oracle.len().max(1) as f64)
 }
 
 /// Relative squared error of `moe` on the rows, in slices.
@@ -222,16 +328,11 @@ pub fn train_block(
     let data = Rows { x, y, hidden };
     let (n, h) = (data.len(), hidden);
     config.validate()?;
-    let supervised_k = match moe.router.selection {
-        _ if config.router_loss == 0.0 => None,
-        Selection::TopK { k, .. } => Some(k),
-        Selection::TopP { .. } => {
-            return Err(UpcycleError::Config(format!(
-                "layer {layer}: router supervision needs top-k routing (the oracle picks k \
-                 experts); this router uses top-p"
-            )));
-        }
-    };
+    // Checked before any step, also for the router-only steps that follow.
+    let k = (config.router_loss > 0.0 || config.router_steps > 0)
+        .then(|| oracle_k(&moe, layer))
+        .transpose()?;
+    let supervised_k = k.filter(|_| config.router_loss > 0.0);
     if n == 0 || y.len() != x.len() {
         return Err(UpcycleError::Config(format!(
             "layer {layer}: {} input and {} output values do not make rows of width {h}",
@@ -242,18 +343,11 @@ pub fn train_block(
     let train = device.clone().autodiff();
     let mut moe = moe.fork(&train).train();
     let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
-    let mut rng = SplitMix64::new(config.seed ^ layer as u64);
-    let mut order: Vec<usize> = (0..n).collect();
-    let mut cursor = n;
-    let batch = config.batch_tokens.clamp(1, n);
+    let mut batches = Batches::new(n, config.batch_tokens, config.seed ^ layer as u64);
     let schedule = WarmupCosine::new(config.lr, config.steps / 20, config.steps, 0.1);
     for step in 0..config.steps {
-        if cursor + batch > n {
-            rng.shuffle(&mut order);
-            cursor = 0;
-        }
-        let ids = &order[cursor..cursor + batch];
-        cursor += batch;
+        let ids = batches.next();
+        let batch = ids.len();
         let (xb, yb) = data.gather(ids, &train);
         let out = moe.forward(xb.clone().reshape([1, batch, h]))?;
         let mse = (out.output.clone().reshape([batch, h]) - yb)
@@ -279,6 +373,69 @@ pub fn train_block(
     Ok(moe.valid())
 }
 
+/// Fits the router of `moe` alone to the oracle (host rows `x`, `[N·H]`): the `k` experts
+/// whose outputs are largest on each row ([`MoeLayer::oracle_experts`]), computed once with
+/// the experts as they are, are the target of `config.router_steps` AdamW steps of
+/// [`router_supervision`] on batches of `config.batch_tokens` rows, peak learning rate
+/// `config.router_lr` (warm-up over 5% of the steps, cosine decay to 10%). Only the router
+/// changes. MoEfication (Zhang et al. 2022) trains its routers the same way, on a frozen
+/// partition; layer-wise construction calls this after a block's training when
+/// `config.router_steps > 0`.
+#[allow(clippy::too_many_arguments)]
+pub fn fit_router(
+    mut moe: MoeLayer,
+    x: &[f32],
+    hidden: usize,
+    device: &Device,
+    config: &LayerwiseConfig,
+    layer: usize,
+    observer: &mut dyn LayerObserver,
+) -> Result<MoeLayer> {
+    config.validate()?;
+    let k = oracle_k(&moe, layer)?;
+    let (n, e) = (x.len() / hidden.max(1), moe.router.num_experts());
+    if n == 0 || !x.len().is_multiple_of(hidden) {
+        return Err(UpcycleError::Config(format!(
+            "layer {layer}: {} input values do not make rows of width {hidden}",
+            x.len()
+        )));
+    }
+    let chosen = oracle_ids(&moe, x, hidden, k, device);
+    let train = device.clone().autodiff();
+    let mut router = moe.router.clone().fork(&train).train();
+    let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+    // A seed of its own, so that the router sees other batches than the block did.
+    let mut batches = Batches::new(n, config.batch_tokens, !(config.seed ^ layer as u64));
+    let steps = config.router_steps;
+    let schedule = WarmupCosine::new(config.router_lr, steps / 20, steps, 0.1);
+    observer.start_router(layer, steps);
+    for step in 0..steps {
+        let ids = batches.next();
+        let mut target = vec![0f32; ids.len() * e];
+        for (row, &i) in ids.iter().enumerate() {
+            for &c in &chosen[i * k..(i + 1) * k] {
+                target[row * e + c as usize] = 1.0 / k as f32;
+            }
+        }
+        let target = Tensor::from_data(TensorData::new(target, [ids.len(), e]), &train);
+        let xb = gather_rows(x, hidden, ids, &train);
+        let ce = router_supervision(router.logits(xb), target);
+        let grads = GradientsParams::from_grads(ce.clone().backward(), &router);
+        router = optim.step(schedule.lr(step), router, grads);
+        let ce = ce.into_scalar::<f32>();
+        if !ce.is_finite() {
+            return Err(UpcycleError::NonFinite {
+                layer,
+                step: step + 1,
+                value: ce,
+            });
+        }
+        observer.router_step(layer, step + 1, ce);
+    }
+    moe.router = router.valid();
+    Ok(moe)
+}
+
 /// Layer-wise construction: every MoE layer of `model` is trained on its own against the
 /// dense FFN outputs recorded in `store`, in order. With a `work_dir`, each finished layer is
 /// saved there (atomically), and a rerun with the same directory loads finished layers
@@ -297,6 +454,13 @@ pub fn construct(
             store.layers(),
             model.layers.len()
         )));
+    }
+    if config.router_loss > 0.0 || config.router_steps > 0 {
+        for (l, layer) in model.layers.iter().enumerate() {
+            if let FfnSlot::Moe(moe) = &layer.ffn {
+                oracle_k(moe, l)?;
+            }
+        }
     }
     if let Some(dir) = work_dir {
         std::fs::create_dir_all(dir).map_err(|e| UpcycleError::io(dir, e))?;
@@ -370,6 +534,17 @@ pub fn construct(
                 (trained, false)
             }
         };
+        // The saved layer holds the trained block; the router fit runs on it every time, so
+        // that one work directory serves several router settings.
+        let trained = if config.router_steps > 0 && !untouched {
+            let tx = &x[..train_n * h];
+            fit_router(trained, tx, h, &device, config, l, observer)?
+        } else {
+            trained
+        };
+        let recall = (!untouched)
+            .then(|| oracle_recall(&trained, &holdout, &device))
+            .flatten();
         let report = LayerReport {
             layer: l,
             error_before,
@@ -380,6 +555,7 @@ pub fn construct(
             },
             seconds: start.elapsed().as_secs_f64(),
             resumed,
+            oracle_recall: recall,
         };
         observer.finish(&report);
         reports.push(report);

@@ -30,8 +30,8 @@ pub use config::{ConvertConfig, Method, RouterInit, SplitStrategy};
 pub use convert::{convert, convert_ffn};
 pub use error::{Result, UpcycleError};
 pub use layerwise::{
-    LayerObserver, LayerReport, LayerwiseConfig, LogObserver, construct, oracle_experts,
-    router_supervision,
+    LayerObserver, LayerReport, LayerwiseConfig, LogObserver, construct, fit_router,
+    oracle_experts, router_supervision,
 };
 pub use profile::{NeuronProfile, profile};
 pub use record::{ActivationStore, RecordConfig};

@@ -183,6 +183,8 @@ fn layerwise() -> LayerwiseConfig {
 struct Counter {
     starts: Vec<(usize, usize)>,
     steps: usize,
+    router_starts: Vec<(usize, usize)>,
+    router_steps: usize,
     finished: Vec<LayerReport>,
 }
 
@@ -193,6 +195,13 @@ impl LayerObserver for Counter {
     fn step(&mut self, _: usize, _: usize, mse: f32) {
         assert!(mse.is_finite());
         self.steps += 1;
+    }
+    fn start_router(&mut self, layer: usize, steps: usize) {
+        self.router_starts.push((layer, steps));
+    }
+    fn router_step(&mut self, _: usize, _: usize, ce: f32) {
+        assert!(ce.is_finite());
+        self.router_steps += 1;
     }
     fn finish(&mut self, report: &LayerReport) {
         self.finished.push(*report);
@@ -643,6 +652,8 @@ fn bad_layerwise_settings_are_refused_before_any_work() {
         layerwise().with_router_loss(-1.0),
         layerwise().with_router_loss(f64::NAN),
         layerwise().with_lr(0.0),
+        layerwise().with_router_lr(0.0),
+        layerwise().with_router_lr(f64::NAN),
         layerwise().with_batch_tokens(0),
         layerwise().with_holdout(1.0),
     ] {
@@ -667,7 +678,185 @@ fn bad_layerwise_settings_are_refused_before_any_work() {
             })
             .unwrap();
     }
-    let supervised = layerwise().with_router_loss(1.0);
-    let err = construct(top_p, &store, &supervised, None, &mut Counter::default()).unwrap_err();
-    assert!(err.to_string().contains("top-p"), "{err}");
+    for config in [
+        layerwise().with_router_loss(1.0),
+        layerwise().with_router_steps(5),
+    ] {
+        let mut obs = Counter::default();
+        let err = construct(top_p.clone(), &store, &config, None, &mut obs).unwrap_err();
+        assert!(err.to_string().contains("top-p"), "{err}");
+        assert!(obs.starts.is_empty(), "{config:?} started training");
+    }
+}
+
+fn split_top2(model: &Llama) -> Llama {
+    let config = ConvertConfig::new(
+        Method::Split {
+            strategy: SplitStrategy::Random,
+        },
+        4,
+        2,
+    )
+    .with_seed(5);
+    convert(model.clone(), &config, None, &mut |_, _| {}).unwrap()
+}
+
+/// The `k` indices of the largest values of `row`, as a set.
+fn top_k_set(row: &[f32], k: usize) -> Vec<usize> {
+    let mut ids: Vec<usize> = (0..row.len()).collect();
+    ids.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+    ids.truncate(k);
+    ids
+}
+
+/// Naive recall of the router's top-k against the oracle's: each expert's output norm computed
+/// one expert at a time, both rankings done on the host.
+fn naive_recall(moe: &moekit_moe::MoeLayer, x: burn::tensor::Tensor<2>, k: usize) -> f64 {
+    let bank = moe.experts.to_bank();
+    let outputs: Vec<Mat> = (0..bank.num_experts())
+        .map(|e| Mat::of(bank.expert(e).forward(x.clone())))
+        .collect();
+    let logits = Mat::of(moe.router.logits(x));
+    let mut hits = 0;
+    for t in 0..logits.rows {
+        let norms: Vec<f32> = outputs
+            .iter()
+            .map(|y| y.row(t).iter().map(|v| v * v).sum())
+            .collect();
+        let routed = top_k_set(logits.row(t), k);
+        hits += top_k_set(&norms, k)
+            .iter()
+            .filter(|e| routed.contains(e))
+            .count();
+    }
+    hits as f64 / (logits.rows * k) as f64
+}
+
+#[test]
+fn fit_router_trains_the_router_alone_towards_the_oracle() {
+    let device = device(41);
+    let model = tiny(&device);
+    let store = record(&model, 8);
+    let h = tiny_config().hidden_size;
+    let (built, _) = construct(
+        split_top2(&model),
+        &store,
+        &layerwise().with_steps(30),
+        None,
+        &mut Counter::default(),
+    )
+    .unwrap();
+    let fit = layerwise().with_router_steps(150).with_router_lr(1e-2);
+    for l in 0..2 {
+        let moe = common::moe(&built, l);
+        let (x, _) = store.layer_host(l).unwrap();
+        let mut obs = Counter::default();
+        let fitted =
+            moekit_upcycle::fit_router(moe.clone(), &x, h, &device, &fit, l, &mut obs).unwrap();
+        assert_eq!(
+            (obs.router_starts.as_slice(), obs.router_steps),
+            (&[(l, 150)][..], 150)
+        );
+        assert!(obs.starts.is_empty());
+        // Only the router moved.
+        let w = |m: &moekit_moe::MoeLayer| {
+            let w = m.experts.weights();
+            (values(w.w_in), values(w.w_out))
+        };
+        assert_eq!(w(&fitted), w(moe), "layer {l}: the experts changed");
+        assert!(
+            max_diff(
+                &values(fitted.router.gate.val()),
+                &values(moe.router.gate.val())
+            ) > 1e-3,
+            "layer {l}: the router did not move"
+        );
+        // It moved towards the oracle of these (unchanged) experts.
+        let (xt, _) = store.layer(l, &device).unwrap();
+        let ce = |m: &moekit_moe::MoeLayer| {
+            let target = moekit_upcycle::oracle_experts(m, xt.clone(), 2);
+            moekit_upcycle::router_supervision(m.router.logits(xt.clone()), target)
+                .into_scalar::<f32>()
+        };
+        let (ce_before, ce_after) = (ce(moe), ce(&fitted));
+        let (before, after) = (
+            naive_recall(moe, xt.clone(), 2),
+            naive_recall(&fitted, xt.clone(), 2),
+        );
+        assert!(
+            ce_after < 0.9 * ce_before && after > before,
+            "layer {l}: cross-entropy {ce_before:.3} -> {ce_after:.3}, recall {before:.2} -> \
+             {after:.2}"
+        );
+    }
+    // Rows that do not fit the width are an error.
+    let (x, _) = store.layer_host(0).unwrap();
+    let err = moekit_upcycle::fit_router(
+        common::moe(&built, 0).clone(),
+        &x[..h + 1],
+        h,
+        &device,
+        &fit,
+        0,
+        &mut Counter::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, UpcycleError::Config(_)), "{err}");
+}
+
+#[test]
+fn router_steps_follow_the_saved_blocks_and_the_reports_measure_recall() {
+    let device = device(42);
+    let model = tiny(&device);
+    let store = record(&model, 8);
+    let dir = tempfile::tempdir().unwrap();
+    let plain = layerwise().with_steps(20);
+    let fit = plain.clone().with_router_steps(40).with_router_lr(1e-2);
+
+    let mut obs = Counter::default();
+    let (fitted, reports) =
+        construct(split_top2(&model), &store, &fit, Some(dir.path()), &mut obs).unwrap();
+    assert_eq!(obs.starts, [(0, 20), (1, 20)]);
+    assert_eq!(obs.router_starts, [(0, 40), (1, 40)]);
+    assert_eq!(obs.router_steps, 80);
+
+    // The saved blocks are the ones before the router fit: a rerun without router steps loads
+    // them and equals a run that never fitted.
+    let mut obs = Counter::default();
+    let (resumed, resumed_reports) = construct(
+        split_top2(&model),
+        &store,
+        &plain,
+        Some(dir.path()),
+        &mut obs,
+    )
+    .unwrap();
+    assert!(obs.starts.is_empty() && obs.router_starts.is_empty());
+    let (unfitted, _) = construct(split_top2(&model), &store, &plain, None, &mut obs).unwrap();
+    assert_vec_close(
+        &logits(&resumed, &device),
+        &logits(&unfitted, &device),
+        1e-4,
+        "resumed without router steps",
+    );
+
+    let n = store.tokens();
+    let held = n / 4;
+    for l in 0..2 {
+        let (x, _) = store.layer(l, &device).unwrap();
+        let holdout = x.narrow(0, n - held, held);
+        let (f, r) = (common::moe(&fitted, l), common::moe(&resumed, l));
+        let w = |m: &moekit_moe::MoeLayer| values(m.experts.weights().w_out);
+        assert_eq!(w(f), w(r), "layer {l}: the router fit changed the experts");
+        // Each report's recall is the held-out recall of its own router (one near-tie may
+        // rank the other way in the two computations).
+        for (m, report) in [(f, reports[l]), (r, resumed_reports[l])] {
+            let want = naive_recall(m, holdout.clone(), 2);
+            let got = report.oracle_recall.expect("a top-k router has a recall");
+            assert!(
+                (got - want).abs() <= 1.0 / (2 * held) as f64 + 1e-12,
+                "layer {l}: {got} vs {want}"
+            );
+        }
+    }
 }

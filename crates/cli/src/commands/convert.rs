@@ -147,6 +147,13 @@ pub struct ConvertArgs {
     /// router to pick the experts with the largest outputs on the token (0: off).
     #[arg(long, default_value_t = 0.0)]
     router_loss: f64,
+    /// Layer-wise construction: router-only steps after each block's training, fitting the
+    /// router to pick the experts with the largest outputs (0: none).
+    #[arg(long, default_value_t = 0)]
+    router_steps: usize,
+    /// Layer-wise construction: peak learning rate of the router-only steps.
+    #[arg(long, default_value_t = 1e-3)]
+    router_lr: f64,
     /// Activations kept in memory up to this many MiB; the rest streams to the work directory.
     #[arg(long, default_value_t = 2048)]
     memory_budget_mb: usize,
@@ -182,6 +189,8 @@ impl ConvertArgs {
             .with_batch_tokens(self.batch_tokens)
             .with_lr(self.lr)
             .with_router_loss(self.router_loss)
+            .with_router_steps(self.router_steps)
+            .with_router_lr(self.router_lr)
             .with_seed(self.seed)
     }
 
@@ -240,26 +249,47 @@ impl ConvertArgs {
     }
 }
 
-/// One bar per layer during layer-wise construction.
+/// Progress of layer-wise construction.
 struct Bars {
     multi: MultiProgress,
     current: Option<ProgressBar>,
 }
 
-impl LayerObserver for Bars {
-    fn start(&mut self, layer: usize, steps: usize) {
-        let bar = self
-            .multi
-            .add(progress::bar(&format!("layer {layer}"), "steps"));
+impl Bars {
+    /// Finishes the current bar and starts one of `steps` steps.
+    fn start_bar(&mut self, label: &str, steps: usize) {
+        if let Some(bar) = self.current.take() {
+            bar.finish();
+        }
+        let bar = self.multi.add(progress::bar(label, "steps"));
         bar.set_length(steps as u64);
         self.current = Some(bar);
     }
 
-    fn step(&mut self, _: usize, step: usize, mse: f32) {
+    fn show(&self, step: usize, message: String) {
         if let Some(bar) = &self.current {
             bar.set_position(step as u64);
-            bar.set_message(format!("mse {mse:.3e}"));
+            bar.set_message(message);
         }
+    }
+}
+
+/// One bar per layer during layer-wise construction, and one for each router fit.
+impl LayerObserver for Bars {
+    fn start(&mut self, layer: usize, steps: usize) {
+        self.start_bar(&format!("layer {layer}"), steps);
+    }
+
+    fn step(&mut self, _: usize, step: usize, mse: f32) {
+        self.show(step, format!("mse {mse:.3e}"));
+    }
+
+    fn start_router(&mut self, layer: usize, steps: usize) {
+        self.start_bar(&format!("layer {layer} router"), steps);
+    }
+
+    fn router_step(&mut self, _: usize, step: usize, ce: f32) {
+        self.show(step, format!("ce {ce:.3}"));
     }
 
     fn finish(&mut self, r: &LayerReport) {
@@ -377,9 +407,11 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
                 current: None,
             };
             // Finished layers are kept per configuration, so that one work directory (one
-            // recording) serves several conversions.
+            // recording) serves several conversions. They are saved before the router-only
+            // steps, which are therefore not part of their key.
+            let block = lw.clone().with_router_steps(0).with_router_lr(1e-3);
             let mut hasher = std::hash::DefaultHasher::new();
-            format!("{config:?} {lw:?}").hash(&mut hasher);
+            format!("{config:?} {block:?}").hash(&mut hasher);
             let layers = work.join(format!("layers-{:016x}", hasher.finish()));
             construct(model, store, &lw, Some(&layers), &mut bars)?
         }
