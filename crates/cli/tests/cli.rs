@@ -375,8 +375,9 @@ fn convert_refuses_bad_settings_in_one_line() {
         ]),
         "calibration",
     );
-    assert_clean_failure(
-        &run(&[
+    // Layer-wise settings of a split that would otherwise train.
+    let layerwise = |extra: &[&str]| {
+        let mut args = vec![
             "--method",
             "split-random",
             "--experts",
@@ -385,28 +386,15 @@ fn convert_refuses_bad_settings_in_one_line() {
             "2",
             "--layerwise-steps",
             "3",
-            "--router-loss=-1",
             "--calib",
             &text,
-        ]),
-        "router supervision",
-    );
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    assert_clean_failure(&layerwise(&["--router-loss=-1"]), "router supervision");
     assert_clean_failure(
-        &run(&[
-            "--method",
-            "split-random",
-            "--experts",
-            "4",
-            "--top-k",
-            "2",
-            "--layerwise-steps",
-            "3",
-            "--router-steps",
-            "3",
-            "--router-lr=0",
-            "--calib",
-            &text,
-        ]),
+        &layerwise(&["--router-steps", "3", "--router-lr=0"]),
         "router learning rate",
     );
     assert_clean_failure(

@@ -311,6 +311,15 @@ pub fn router_supervision(logits: Tensor<2>, target: Tensor<2>) -> Tensor<1> {
     (target * log_softmax(logits, 1)).sum().neg() / t as f64
 }
 
+/// `value` if it is finite, else the error that stops layer `layer`'s training at `step`.
+fn finite(value: f32, layer: usize, step: usize) -> Result<f32> {
+    if value.is_finite() {
+        Ok(value)
+    } else {
+        Err(UpcycleError::NonFinite { layer, step, value })
+    }
+}
+
 /// Trains one MoE block to reproduce `y = FFN(x)` (host rows `[N·H]` each): MSE plus the
 /// block's auxiliary losses, on the autodiff version of `device`. Frozen parameters (PESC's
 /// and LoRA experts' shared FFN) stay frozen.
@@ -360,14 +369,7 @@ pub fn train_block(
         }
         let grads = GradientsParams::from_grads(loss.backward(), &moe);
         moe = optim.step(schedule.lr(step), moe, grads);
-        let mse = mse.into_scalar::<f32>();
-        if !mse.is_finite() {
-            return Err(UpcycleError::NonFinite {
-                layer,
-                step: step + 1,
-                value: mse,
-            });
-        }
+        let mse = finite(mse.into_scalar::<f32>(), layer, step + 1)?;
         observer.step(layer, step + 1, mse);
     }
     Ok(moe.valid())
@@ -422,14 +424,7 @@ pub fn fit_router(
         let ce = router_supervision(router.logits(xb), target);
         let grads = GradientsParams::from_grads(ce.clone().backward(), &router);
         router = optim.step(schedule.lr(step), router, grads);
-        let ce = ce.into_scalar::<f32>();
-        if !ce.is_finite() {
-            return Err(UpcycleError::NonFinite {
-                layer,
-                step: step + 1,
-                value: ce,
-            });
-        }
+        let ce = finite(ce.into_scalar::<f32>(), layer, step + 1)?;
         observer.router_step(layer, step + 1, ce);
     }
     moe.router = router.valid();

@@ -159,13 +159,14 @@ fn recording_order_does_not_depend_on_batching() {
     assert!(matches!(err, UpcycleError::Config(_)), "{err}");
 }
 
-fn split_top1(model: &Llama) -> Llama {
+/// A random split into 4 experts, top-`k`.
+fn split4(model: &Llama, k: usize) -> Llama {
     let config = ConvertConfig::new(
         Method::Split {
             strategy: SplitStrategy::Random,
         },
         4,
-        1,
+        k,
     )
     .with_seed(5);
     convert(model.clone(), &config, None, &mut |_, _| {}).unwrap()
@@ -227,7 +228,7 @@ fn construction_reduces_every_layers_error_and_resumes_from_its_work_dir() {
 
     let mut obs = Counter::default();
     let (first, reports) = construct(
-        split_top1(&model),
+        split4(&model, 1),
         &store,
         &config,
         Some(dir.path()),
@@ -246,12 +247,12 @@ fn construction_reduces_every_layers_error_and_resumes_from_its_work_dir() {
     assert_eq!(files(dir.path()), ["moe_layer000.bpk", "moe_layer001.bpk"]);
     let want = logits(&first, &device);
     // Training changed the model.
-    assert!(max_diff(&want, &logits(&split_top1(&model), &device)) > 1e-4);
+    assert!(max_diff(&want, &logits(&split4(&model, 1), &device)) > 1e-4);
 
     // A rerun loads every layer.
     let mut obs = Counter::default();
     let (again, resumed) = construct(
-        split_top1(&model),
+        split4(&model, 1),
         &store,
         &config,
         Some(dir.path()),
@@ -273,7 +274,7 @@ fn construction_reduces_every_layers_error_and_resumes_from_its_work_dir() {
     std::fs::remove_file(dir.path().join("moe_layer001.bpk")).unwrap();
     let mut obs = Counter::default();
     let (partial, reports) = construct(
-        split_top1(&model),
+        split4(&model, 1),
         &store,
         &config,
         Some(dir.path()),
@@ -295,7 +296,7 @@ fn construction_reduces_every_layers_error_and_resumes_from_its_work_dir() {
 
     // Without a work directory nothing is written and the result is the same.
     let (plain, _) = construct(
-        split_top1(&model),
+        split4(&model, 1),
         &store,
         &config,
         None,
@@ -311,7 +312,7 @@ fn unusable_work_dirs_and_recordings_are_errors_not_panics() {
     let model = tiny(&device);
     let store = record(&model, 4);
     let config = layerwise().with_steps(3);
-    let moe = split_top1(&model);
+    let moe = split4(&model, 1);
 
     // A corrupt saved layer.
     let dir = tempfile::tempdir().unwrap();
@@ -523,7 +524,7 @@ fn top1_agreement(moe: &moekit_moe::MoeLayer, x: burn::tensor::Tensor<2>) -> f64
 #[test]
 fn oracle_experts_are_the_k_largest_expert_outputs() {
     let device = device(37);
-    let model = split_top1(&tiny(&device));
+    let model = split4(&tiny(&device), 1);
     let moe = common::moe(&model, 0);
     let x = moekit_testing::normal([40, tiny_config().hidden_size], 1.0, &device);
     let bank = moe.experts.to_bank();
@@ -597,7 +598,7 @@ fn router_supervision_teaches_routers_the_oracle_choice() {
     let supervised = layerwise().with_aux_weight(0.0).with_router_loss(1.0);
     let run = |config: &LayerwiseConfig| {
         construct(
-            split_top1(&model),
+            split4(&model, 1),
             &store,
             config,
             None,
@@ -607,7 +608,7 @@ fn router_supervision_teaches_routers_the_oracle_choice() {
     };
     let (without, without_reports) = run(&plain);
     let (with, with_reports) = run(&supervised);
-    let start = split_top1(&model);
+    let start = split4(&model, 1);
     for l in 0..2 {
         let (x, _) = store.layer(l, &device).unwrap();
         // Without supervision (and without the balancing loss) the router only sees rounding
@@ -658,12 +659,12 @@ fn bad_layerwise_settings_are_refused_before_any_work() {
         layerwise().with_holdout(1.0),
     ] {
         let mut obs = Counter::default();
-        let err = construct(split_top1(&model), &store, &bad, None, &mut obs).unwrap_err();
+        let err = construct(split4(&model, 1), &store, &bad, None, &mut obs).unwrap_err();
         assert!(matches!(err, UpcycleError::Config(_)), "{err}");
         assert!(obs.starts.is_empty(), "{bad:?} started training");
     }
     // The oracle picks k experts: a top-p router cannot be supervised.
-    let mut top_p = split_top1(&model);
+    let mut top_p = split4(&model, 1);
     for layer in &mut top_p.layers {
         let FfnSlot::Moe(m) = &mut layer.ffn else {
             unreachable!()
@@ -687,18 +688,6 @@ fn bad_layerwise_settings_are_refused_before_any_work() {
         assert!(err.to_string().contains("top-p"), "{err}");
         assert!(obs.starts.is_empty(), "{config:?} started training");
     }
-}
-
-fn split_top2(model: &Llama) -> Llama {
-    let config = ConvertConfig::new(
-        Method::Split {
-            strategy: SplitStrategy::Random,
-        },
-        4,
-        2,
-    )
-    .with_seed(5);
-    convert(model.clone(), &config, None, &mut |_, _| {}).unwrap()
 }
 
 /// The `k` indices of the largest values of `row`, as a set.
@@ -739,7 +728,7 @@ fn fit_router_trains_the_router_alone_towards_the_oracle() {
     let store = record(&model, 8);
     let h = tiny_config().hidden_size;
     let (built, _) = construct(
-        split_top2(&model),
+        split4(&model, 2),
         &store,
         &layerwise().with_steps(30),
         None,
@@ -815,7 +804,7 @@ fn router_steps_follow_the_saved_blocks_and_the_reports_measure_recall() {
 
     let mut obs = Counter::default();
     let (fitted, reports) =
-        construct(split_top2(&model), &store, &fit, Some(dir.path()), &mut obs).unwrap();
+        construct(split4(&model, 2), &store, &fit, Some(dir.path()), &mut obs).unwrap();
     assert_eq!(obs.starts, [(0, 20), (1, 20)]);
     assert_eq!(obs.router_starts, [(0, 40), (1, 40)]);
     assert_eq!(obs.router_steps, 80);
@@ -824,7 +813,7 @@ fn router_steps_follow_the_saved_blocks_and_the_reports_measure_recall() {
     // them and equals a run that never fitted.
     let mut obs = Counter::default();
     let (resumed, resumed_reports) = construct(
-        split_top2(&model),
+        split4(&model, 2),
         &store,
         &plain,
         Some(dir.path()),
@@ -832,7 +821,7 @@ fn router_steps_follow_the_saved_blocks_and_the_reports_measure_recall() {
     )
     .unwrap();
     assert!(obs.starts.is_empty() && obs.router_starts.is_empty());
-    let (unfitted, _) = construct(split_top2(&model), &store, &plain, None, &mut obs).unwrap();
+    let (unfitted, _) = construct(split4(&model, 2), &store, &plain, None, &mut obs).unwrap();
     assert_vec_close(
         &logits(&resumed, &device),
         &logits(&unfitted, &device),
