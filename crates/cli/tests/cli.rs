@@ -283,34 +283,50 @@ fn convert_writes_models_that_evaluate_like_the_dense_one() {
     assert_eq!(summary["layers"].as_array().unwrap().len(), 2);
     assert!(!lw_dir.join(".moekit-work").exists());
     assert!(perplexity(&lw_dir.display().to_string(), &eval_text).is_finite());
-    // A trained split with router-only steps reports each router's recall of the oracle.
+    // A trained split with router-only steps reports each router's recall of the oracle; a
+    // rerun with other router settings reuses the kept work directory's trained blocks.
     let fit_dir = root.path().join("fit").display().to_string();
-    let summary = success_json(moekit(&[
-        "convert",
-        &dense,
-        "--method",
-        "split-random",
-        "--experts",
-        "4",
-        "--top-k",
-        "2",
-        "--calib",
-        &text,
-        "--seq-len",
-        "32",
-        "--layerwise-steps",
-        "3",
-        "--router-steps",
-        "5",
-        "--batch-tokens",
-        "64",
-        "--json",
-        "--out",
-        &fit_dir,
-    ]));
-    for layer in summary["layers"].as_array().unwrap() {
-        let recall = layer["oracle_recall"].as_f64().unwrap();
-        assert!((0.0..=1.0).contains(&recall), "{layer}");
+    let work = root.path().join("work").display().to_string();
+    let fit = |router: &[&str]| {
+        let mut args = vec![
+            "convert",
+            &dense,
+            "--method",
+            "split-random",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--calib",
+            &text,
+            "--seq-len",
+            "32",
+            "--layerwise-steps",
+            "3",
+            "--batch-tokens",
+            "64",
+            "--work-dir",
+            &work,
+            "--keep-work",
+            "--json",
+            "--out",
+            &fit_dir,
+        ];
+        args.extend_from_slice(router);
+        success_json(moekit(&args))["layers"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    for (router, resumed) in [
+        (&["--router-steps", "5"][..], false),
+        (&["--router-steps", "7", "--router-lr", "0.01"][..], true),
+    ] {
+        for layer in fit(router) {
+            let recall = layer["oracle_recall"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&recall), "{layer}");
+            assert_eq!(layer["resumed"], resumed, "{router:?}: {layer}");
+        }
     }
 }
 

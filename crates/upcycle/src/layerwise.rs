@@ -58,7 +58,7 @@ pub struct LayerwiseConfig {
 }
 
 impl LayerwiseConfig {
-    /// Checks the settings before any work: a positive learning rate and batch, a hold-out
+    /// Checks the settings before any work: positive learning rates and batch, a hold-out
     /// fraction in `[0, 1)`, finite non-negative loss weights.
     pub fn validate(&self) -> Result<()> {
         let bad = |what: &str, value: f64| {
@@ -90,6 +90,16 @@ impl LayerwiseConfig {
         }
         Ok(())
     }
+
+    /// The settings a trained block depends on: these, with the router-only ones reset to
+    /// their defaults. [`construct`] saves each block before its router-only steps, so blocks
+    /// saved under one router setting serve every other (key a work directory with this).
+    pub fn block_settings(&self) -> Self {
+        let defaults = Self::new();
+        self.clone()
+            .with_router_steps(defaults.router_steps)
+            .with_router_lr(defaults.router_lr)
+    }
 }
 
 /// What happened to one layer.
@@ -105,9 +115,10 @@ pub struct LayerReport {
     pub seconds: f64,
     /// Loaded from an earlier, interrupted run instead of trained.
     pub resumed: bool,
-    /// Held-out recall of the router against the oracle: the fraction of the `k` experts with
-    /// the largest outputs on a token that the router also picks (top-k routers only; 1 means
-    /// the router routes as the oracle would).
+    /// Recall of the router against the oracle on the held-out rows (on the training rows when
+    /// none are held out): the fraction of the `k` experts with the largest outputs on a token
+    /// that the router also picks; 1 means the router routes as the oracle would. `None` for
+    /// top-p routers and for blocks that were not trained (they reproduce their FFN exactly).
     pub oracle_recall: Option<f64>,
 }
 
@@ -227,15 +238,15 @@ fn oracle_k(moe: &MoeLayer, layer: usize) -> Result<usize> {
     }
 }
 
-/// Row slices of at most 2,048 of the `n` rows.
-fn chunks(n: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
-    (0..n).step_by(2048).map(move |s| s..(s + 2048).min(n))
+/// Row slices of at most `size` of the `n` rows.
+fn chunks(n: usize, size: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..n).step_by(size).map(move |s| s..(s + size).min(n))
 }
 
 /// The oracle's `k` experts per row of the host rows `x` (`[N·H]`), as `[N·k]`, row-major.
 fn oracle_ids(moe: &MoeLayer, x: &[f32], h: usize, k: usize, device: &Device) -> Vec<i64> {
     let mut ids = Vec::with_capacity(x.len() / h * k);
-    for range in chunks(x.len() / h) {
+    for range in chunks(x.len() / h, 2048) {
         let xb = slice_rows(x, h, range, device);
         ids.extend(moe.oracle_experts(xb, k).into_data().iter::<i64>());
     }
@@ -251,7 +262,7 @@ fn oracle_recall(moe: &MoeLayer, data: &Rows, device: &Device) -> Option<f64> {
     let h = data.hidden;
     let oracle = oracle_ids(moe, data.x, h, k, device);
     let mut routed = Vec::with_capacity(oracle.len());
-    for range in chunks(data.len()) {
+    for range in chunks(data.len(), 2048) {
         let xb = slice_rows(data.x, h, range, device);
         routed.extend(moe.router.forward(xb).experts.into_data().iter::<i64>());
     }
@@ -265,11 +276,11 @@ fn oracle_recall(moe: &MoeLayer, data: &Rows, device: &Device) -> Option<f64> {
 
 /// Relative squared error of `moe` on the rows, in slices.
 fn relative_error(moe: &MoeLayer, data: &Rows, device: &Device) -> Result<f64> {
-    let (n, h) = (data.len(), data.hidden);
+    let h = data.hidden;
     let (mut err, mut norm) = (0f64, 0f64);
-    for start in (0..n).step_by(4096) {
-        let rows = 4096.min(n - start);
-        let (xb, yb) = data.slice(start..start + rows, device);
+    for range in chunks(data.len(), 4096) {
+        let rows = range.len();
+        let (xb, yb) = data.slice(range, device);
         let out = moe
             .forward(xb.reshape([1, rows, h]))?
             .output
@@ -337,11 +348,9 @@ pub fn train_block(
     let data = Rows { x, y, hidden };
     let (n, h) = (data.len(), hidden);
     config.validate()?;
-    // Checked before any step, also for the router-only steps that follow.
-    let k = (config.router_loss > 0.0 || config.router_steps > 0)
+    let supervised_k = (config.router_loss > 0.0)
         .then(|| oracle_k(&moe, layer))
         .transpose()?;
-    let supervised_k = k.filter(|_| config.router_loss > 0.0);
     if n == 0 || y.len() != x.len() {
         return Err(UpcycleError::Config(format!(
             "layer {layer}: {} input and {} output values do not make rows of width {h}",
@@ -396,11 +405,20 @@ pub fn fit_router(
     config.validate()?;
     let k = oracle_k(&moe, layer)?;
     let (n, e) = (x.len() / hidden.max(1), moe.router.num_experts());
+    if hidden != moe.hidden_size() {
+        return Err(UpcycleError::Config(format!(
+            "layer {layer}: rows of width {hidden} for a block of width {}",
+            moe.hidden_size()
+        )));
+    }
     if n == 0 || !x.len().is_multiple_of(hidden) {
         return Err(UpcycleError::Config(format!(
             "layer {layer}: {} input values do not make rows of width {hidden}",
             x.len()
         )));
+    }
+    if config.router_steps == 0 {
+        return Ok(moe);
     }
     let chosen = oracle_ids(&moe, x, hidden, k, device);
     let train = device.clone().autodiff();

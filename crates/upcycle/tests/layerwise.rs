@@ -778,19 +778,21 @@ fn fit_router_trains_the_router_alone_towards_the_oracle() {
              {after:.2}"
         );
     }
-    // Rows that do not fit the width are an error.
+    // Rows that do not fit the width, or rows of another width than the block's, are errors.
     let (x, _) = store.layer_host(0).unwrap();
-    let err = moekit_upcycle::fit_router(
-        common::moe(&built, 0).clone(),
-        &x[..h + 1],
-        h,
-        &device,
-        &fit,
-        0,
-        &mut Counter::default(),
-    )
-    .unwrap_err();
-    assert!(matches!(err, UpcycleError::Config(_)), "{err}");
+    for (rows, width) in [(&x[..h + 1], h), (&x[..4 * h], 2 * h), (&x[..0], h)] {
+        let err = moekit_upcycle::fit_router(
+            common::moe(&built, 0).clone(),
+            rows,
+            width,
+            &device,
+            &fit,
+            0,
+            &mut Counter::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, UpcycleError::Config(_)), "{err}");
+    }
 }
 
 #[test]
@@ -828,6 +830,19 @@ fn router_steps_follow_the_saved_blocks_and_the_reports_measure_recall() {
         1e-4,
         "resumed without router steps",
     );
+    // A rerun with the router steps loads the blocks and fits their routers again, to the
+    // same result.
+    let mut obs = Counter::default();
+    let (refitted, _) =
+        construct(split4(&model, 2), &store, &fit, Some(dir.path()), &mut obs).unwrap();
+    assert!(obs.starts.is_empty());
+    assert_eq!(obs.router_starts, [(0, 40), (1, 40)]);
+    assert_vec_close(
+        &logits(&refitted, &device),
+        &logits(&fitted, &device),
+        1e-5,
+        "refitted from the saved blocks",
+    );
 
     let n = store.tokens();
     let held = n / 4;
@@ -837,6 +852,11 @@ fn router_steps_follow_the_saved_blocks_and_the_reports_measure_recall() {
         let (f, r) = (common::moe(&fitted, l), common::moe(&resumed, l));
         let w = |m: &moekit_moe::MoeLayer| values(m.experts.weights().w_out);
         assert_eq!(w(f), w(r), "layer {l}: the router fit changed the experts");
+        let gate = |m: &moekit_moe::MoeLayer| values(m.router.gate.val());
+        assert!(
+            max_diff(&gate(f), &gate(r)) > 1e-3,
+            "layer {l}: the fitted router is the saved one"
+        );
         // Each report's recall is the held-out recall of its own router (one near-tie may
         // rank the other way in the two computations).
         for (m, report) in [(f, reports[l]), (r, resumed_reports[l])] {

@@ -302,6 +302,7 @@ impl LayerObserver for Bars {
             after = r.error_after,
             seconds = r.seconds,
             resumed = r.resumed,
+            recall = ?r.oracle_recall,
             "layer constructed"
         );
     }
@@ -407,11 +408,9 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
                 current: None,
             };
             // Finished layers are kept per configuration, so that one work directory (one
-            // recording) serves several conversions. They are saved before the router-only
-            // steps, which are therefore not part of their key.
-            let block = lw.clone().with_router_steps(0).with_router_lr(1e-3);
+            // recording) serves several conversions, whatever their router-only steps.
             let mut hasher = std::hash::DefaultHasher::new();
-            format!("{config:?} {block:?}").hash(&mut hasher);
+            format!("{config:?} {:?}", lw.block_settings()).hash(&mut hasher);
             let layers = work.join(format!("layers-{:016x}", hasher.finish()));
             construct(model, store, &lw, Some(&layers), &mut bars)?
         }
