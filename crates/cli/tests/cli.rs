@@ -320,7 +320,17 @@ fn convert_writes_models_that_evaluate_like_the_dense_one() {
     };
     for (router, resumed) in [
         (&["--router-steps", "5"][..], false),
-        (&["--router-steps", "7", "--router-lr", "0.01"][..], true),
+        (
+            &[
+                "--router-steps",
+                "7",
+                "--router-lr",
+                "0.01",
+                "--refine-steps",
+                "2",
+            ][..],
+            true,
+        ),
     ] {
         for layer in fit(router) {
             let recall = layer["oracle_recall"].as_f64().unwrap();

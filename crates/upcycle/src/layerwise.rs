@@ -49,6 +49,11 @@ pub struct LayerwiseConfig {
     /// Peak learning rate of the router-only steps (same warm-up and cosine decay).
     #[config(default = 1e-3)]
     pub router_lr: f64,
+    /// Steps that train the block's experts again after the router-only steps, the router
+    /// frozen ([`refine_experts`]; 0: none), so that they work with the fitted router's
+    /// combine weights. Like the router-only steps they run after the block is saved.
+    #[config(default = 0)]
+    pub refine_steps: usize,
     /// Fraction of the recorded tokens held out to measure the error (at most 8192 tokens).
     #[config(default = 0.05)]
     pub holdout: f64,
@@ -99,6 +104,7 @@ impl LayerwiseConfig {
         self.clone()
             .with_router_steps(defaults.router_steps)
             .with_router_lr(defaults.router_lr)
+            .with_refine_steps(defaults.refine_steps)
     }
 }
 
@@ -358,30 +364,105 @@ pub fn train_block(
             y.len()
         )));
     }
-    let train = device.clone().autodiff();
-    let mut moe = moe.fork(&train).train();
-    let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
-    let mut batches = Batches::new(n, config.batch_tokens, config.seed ^ layer as u64);
-    let schedule = WarmupCosine::new(config.lr, config.steps / 20, config.steps, 0.1);
-    for step in 0..config.steps {
-        let ids = batches.next();
-        let batch = ids.len();
-        let (xb, yb) = data.gather(ids, &train);
-        let out = moe.forward(xb.clone().reshape([1, batch, h]))?;
-        let mse = (out.output.clone().reshape([batch, h]) - yb)
-            .square()
-            .mean();
-        let mut loss = mse.clone() + out.aux_loss() * config.aux_weight;
-        if let Some(k) = supervised_k {
-            let target = oracle_experts(&moe, xb, k);
-            loss = loss + router_supervision(out.router_logits(), target) * config.router_loss;
-        }
-        let grads = GradientsParams::from_grads(loss.backward(), &moe);
-        moe = optim.step(schedule.lr(step), moe, grads);
-        let mse = finite(mse.into_scalar::<f32>(), layer, step + 1)?;
-        observer.step(layer, step + 1, mse);
+    let steps = BlockSteps {
+        steps: config.steps,
+        aux_weight: config.aux_weight,
+        supervision: supervised_k.map(|k| (k, config.router_loss)),
+        freeze_router: false,
+        seed: config.seed ^ layer as u64,
+    };
+    steps.run(moe, &data, device, config, layer, observer)
+}
+
+/// Trains the experts (and shared expert) of `moe` again, its router frozen, to reproduce
+/// `y = FFN(x)` (MSE only) for `config.refine_steps` steps at `config.lr`. After
+/// [`fit_router`] the experts were trained under other combine weights than the fitted
+/// router gives; these steps adapt them to it. 0 steps: `moe` as it is.
+#[allow(clippy::too_many_arguments)]
+pub fn refine_experts(
+    moe: MoeLayer,
+    x: &[f32],
+    y: &[f32],
+    hidden: usize,
+    device: &Device,
+    config: &LayerwiseConfig,
+    layer: usize,
+    observer: &mut dyn LayerObserver,
+) -> Result<MoeLayer> {
+    config.validate()?;
+    let data = Rows { x, y, hidden };
+    if data.len() == 0 || y.len() != x.len() {
+        return Err(UpcycleError::Config(format!(
+            "layer {layer}: {} input and {} output values do not make rows of width {hidden}",
+            x.len(),
+            y.len()
+        )));
     }
-    Ok(moe.valid())
+    let steps = BlockSteps {
+        steps: config.refine_steps,
+        aux_weight: 0.0,
+        supervision: None,
+        freeze_router: true,
+        seed: (config.seed ^ layer as u64).rotate_left(32),
+    };
+    steps.run(moe, &data, device, config, layer, observer)
+}
+
+/// A run of block training steps (see [`train_block`] and [`refine_experts`]).
+struct BlockSteps {
+    steps: usize,
+    aux_weight: f64,
+    /// Router supervision: the oracle's `k` and the loss weight.
+    supervision: Option<(usize, f64)>,
+    freeze_router: bool,
+    seed: u64,
+}
+
+impl BlockSteps {
+    fn run(
+        &self,
+        moe: MoeLayer,
+        data: &Rows,
+        device: &Device,
+        config: &LayerwiseConfig,
+        layer: usize,
+        observer: &mut dyn LayerObserver,
+    ) -> Result<MoeLayer> {
+        let (n, h) = (data.len(), data.hidden);
+        let train = device.clone().autodiff();
+        let mut moe = moe.fork(&train).train();
+        if self.freeze_router {
+            moe.router = moekit_lora::freeze(moe.router);
+        }
+        let mut optim = AdamWConfig::new().with_weight_decay(0.0).init();
+        let mut batches = Batches::new(n, config.batch_tokens, self.seed);
+        let schedule = WarmupCosine::new(config.lr, self.steps / 20, self.steps, 0.1);
+        if self.steps > 0 {
+            observer.start(layer, self.steps);
+        }
+        for step in 0..self.steps {
+            let ids = batches.next();
+            let batch = ids.len();
+            let (xb, yb) = data.gather(ids, &train);
+            let out = moe.forward(xb.clone().reshape([1, batch, h]))?;
+            let mse = (out.output.clone().reshape([batch, h]) - yb)
+                .square()
+                .mean();
+            let mut loss = mse.clone();
+            if self.aux_weight > 0.0 {
+                loss = loss + out.aux_loss() * self.aux_weight;
+            }
+            if let Some((k, weight)) = self.supervision {
+                let target = oracle_experts(&moe, xb, k);
+                loss = loss + router_supervision(out.router_logits(), target) * weight;
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &moe);
+            moe = optim.step(schedule.lr(step), moe, grads);
+            let mse = finite(mse.into_scalar::<f32>(), layer, step + 1)?;
+            observer.step(layer, step + 1, mse);
+        }
+        Ok(moe.valid())
+    }
 }
 
 /// Fits the router of `moe` alone to the oracle (host rows `x`, `[N·H]`): the `k` experts
@@ -504,6 +585,7 @@ pub fn construct(
             }
         };
         let error_before = relative_error(moe, &holdout, &device)?;
+        let (tx, ty) = (&x[..train_n * h], &y[..train_n * h]);
         let saved = work_dir.map(|d| checkpoint(d, l));
         let untouched = error_before == 0.0;
         let (trained, resumed) = match &saved {
@@ -530,8 +612,6 @@ pub fn construct(
                 (loaded, true)
             }
             _ => {
-                observer.start(l, config.steps);
-                let (tx, ty) = (&x[..train_n * h], &y[..train_n * h]);
                 let trained = train_block(moe.clone(), tx, ty, h, &device, config, l, observer)?;
                 if let Some(path) = &saved {
                     let tmp = path.with_extension("bpk.tmp");
@@ -547,11 +627,15 @@ pub fn construct(
                 (trained, false)
             }
         };
-        // The saved layer holds the trained block; the router fit runs on it every time, so
-        // that one work directory serves several router settings.
+        // The saved layer holds the trained block; the router fit and the refinement run on
+        // it every time, so that one work directory serves several of their settings.
         let trained = if config.router_steps > 0 && !untouched {
-            let tx = &x[..train_n * h];
             fit_router(trained, tx, h, &device, config, l, observer)?
+        } else {
+            trained
+        };
+        let trained = if config.refine_steps > 0 && !untouched {
+            refine_experts(trained, tx, ty, h, &device, config, l, observer)?
         } else {
             trained
         };

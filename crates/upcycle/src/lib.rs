@@ -31,7 +31,7 @@ pub use convert::{convert, convert_ffn};
 pub use error::{Result, UpcycleError};
 pub use layerwise::{
     LayerObserver, LayerReport, LayerwiseConfig, LogObserver, construct, fit_router,
-    oracle_experts, router_supervision,
+    oracle_experts, refine_experts, router_supervision,
 };
 pub use profile::{NeuronProfile, profile};
 pub use record::{ActivationStore, RecordConfig};

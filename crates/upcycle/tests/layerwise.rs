@@ -778,6 +778,47 @@ fn fit_router_trains_the_router_alone_towards_the_oracle() {
              {after:.2}"
         );
     }
+    // Refining the experts under the fitted router changes only the experts and lowers the
+    // error the router fit left (a large router learning rate moved the combine weights).
+    let (x, y) = store.layer_host(0).unwrap();
+    let jolt = layerwise().with_router_steps(150).with_router_lr(1e-1);
+    let fitted = moekit_upcycle::fit_router(
+        common::moe(&built, 0).clone(),
+        &x,
+        h,
+        &device,
+        &jolt,
+        0,
+        &mut Counter::default(),
+    )
+    .unwrap();
+    let mut obs = Counter::default();
+    let refined = moekit_upcycle::refine_experts(
+        fitted.clone(),
+        &x,
+        &y,
+        h,
+        &device,
+        &jolt.clone().with_refine_steps(40),
+        0,
+        &mut obs,
+    )
+    .unwrap();
+    assert_eq!((obs.starts.as_slice(), obs.steps), (&[(0, 40)][..], 40));
+    assert_eq!(
+        values(refined.router.gate.val()),
+        values(fitted.router.gate.val()),
+        "the router moved"
+    );
+    let (xt, yt) = store.layer(0, &device).unwrap();
+    let error = |m: &moekit_moe::MoeLayer| {
+        let out = m.forward(xt.clone().unsqueeze()).unwrap().output;
+        let d = out.squeeze_dim::<2>(0) - yt.clone();
+        d.square().sum().into_scalar::<f32>() / yt.clone().square().sum().into_scalar::<f32>()
+    };
+    let (before, after) = (error(&fitted), error(&refined));
+    assert!(after < 0.9 * before, "error {before} -> {after}");
+
     // Rows that do not fit the width, or rows of another width than the block's, are errors.
     let (x, _) = store.layer_host(0).unwrap();
     for (rows, width) in [(&x[..h + 1], h), (&x[..4 * h], 2 * h), (&x[..0], h)] {
@@ -802,12 +843,17 @@ fn router_steps_follow_the_saved_blocks_and_the_reports_measure_recall() {
     let store = record(&model, 8);
     let dir = tempfile::tempdir().unwrap();
     let plain = layerwise().with_steps(20);
-    let fit = plain.clone().with_router_steps(40).with_router_lr(1e-2);
+    let fit = plain
+        .clone()
+        .with_router_steps(40)
+        .with_router_lr(1e-2)
+        .with_refine_steps(5);
 
     let mut obs = Counter::default();
     let (fitted, reports) =
         construct(split4(&model, 2), &store, &fit, Some(dir.path()), &mut obs).unwrap();
-    assert_eq!(obs.starts, [(0, 20), (1, 20)]);
+    // Each layer: the block's steps, then (after it is saved) the refinement's.
+    assert_eq!(obs.starts, [(0, 20), (0, 5), (1, 20), (1, 5)]);
     assert_eq!(obs.router_starts, [(0, 40), (1, 40)]);
     assert_eq!(obs.router_steps, 80);
 
@@ -835,7 +881,7 @@ fn router_steps_follow_the_saved_blocks_and_the_reports_measure_recall() {
     let mut obs = Counter::default();
     let (refitted, _) =
         construct(split4(&model, 2), &store, &fit, Some(dir.path()), &mut obs).unwrap();
-    assert!(obs.starts.is_empty());
+    assert_eq!(obs.starts, [(0, 5), (1, 5)]);
     assert_eq!(obs.router_starts, [(0, 40), (1, 40)]);
     assert_vec_close(
         &logits(&refitted, &device),
@@ -851,7 +897,10 @@ fn router_steps_follow_the_saved_blocks_and_the_reports_measure_recall() {
         let holdout = x.narrow(0, n - held, held);
         let (f, r) = (common::moe(&fitted, l), common::moe(&resumed, l));
         let w = |m: &moekit_moe::MoeLayer| values(m.experts.weights().w_out);
-        assert_eq!(w(f), w(r), "layer {l}: the router fit changed the experts");
+        assert!(
+            max_diff(&w(f), &w(r)) > 1e-6,
+            "layer {l}: the refinement left the experts as saved"
+        );
         let gate = |m: &moekit_moe::MoeLayer| values(m.router.gate.val());
         assert!(
             max_diff(&gate(f), &gate(r)) > 1e-3,

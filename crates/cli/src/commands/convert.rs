@@ -154,6 +154,10 @@ pub struct ConvertArgs {
     /// Layer-wise construction: peak learning rate of the router-only steps.
     #[arg(long, default_value_t = 1e-3)]
     router_lr: f64,
+    /// Layer-wise construction: steps that train each block's experts again after the
+    /// router-only steps, the router frozen, at --lr (0: none).
+    #[arg(long, default_value_t = 0)]
+    refine_steps: usize,
     /// Activations kept in memory up to this many MiB; the rest streams to the work directory.
     #[arg(long, default_value_t = 2048)]
     memory_budget_mb: usize,
@@ -191,6 +195,7 @@ impl ConvertArgs {
             .with_router_loss(self.router_loss)
             .with_router_steps(self.router_steps)
             .with_router_lr(self.router_lr)
+            .with_refine_steps(self.refine_steps)
             .with_seed(self.seed)
     }
 
