@@ -164,7 +164,20 @@ struct Rows<'a> {
     hidden: usize,
 }
 
-impl Rows<'_> {
+impl<'a> Rows<'a> {
+    /// Layer `layer`'s rows, or an error when `x` and `y` do not make the same non-empty rows.
+    fn checked(x: &'a [f32], y: &'a [f32], hidden: usize, layer: usize) -> Result<Self> {
+        let rows = Rows { x, y, hidden };
+        if hidden == 0 || rows.len() == 0 || y.len() != x.len() {
+            return Err(UpcycleError::Config(format!(
+                "layer {layer}: {} input and {} output values do not make rows of width {hidden}",
+                x.len(),
+                y.len()
+            )));
+        }
+        Ok(rows)
+    }
+
     fn len(&self) -> usize {
         self.x.len() / self.hidden
     }
@@ -351,19 +364,11 @@ pub fn train_block(
     layer: usize,
     observer: &mut dyn LayerObserver,
 ) -> Result<MoeLayer> {
-    let data = Rows { x, y, hidden };
-    let (n, h) = (data.len(), hidden);
     config.validate()?;
     let supervised_k = (config.router_loss > 0.0)
         .then(|| oracle_k(&moe, layer))
         .transpose()?;
-    if n == 0 || y.len() != x.len() {
-        return Err(UpcycleError::Config(format!(
-            "layer {layer}: {} input and {} output values do not make rows of width {h}",
-            x.len(),
-            y.len()
-        )));
-    }
+    let data = Rows::checked(x, y, hidden, layer)?;
     let steps = BlockSteps {
         steps: config.steps,
         aux_weight: config.aux_weight,
@@ -390,14 +395,7 @@ pub fn refine_experts(
     observer: &mut dyn LayerObserver,
 ) -> Result<MoeLayer> {
     config.validate()?;
-    let data = Rows { x, y, hidden };
-    if data.len() == 0 || y.len() != x.len() {
-        return Err(UpcycleError::Config(format!(
-            "layer {layer}: {} input and {} output values do not make rows of width {hidden}",
-            x.len(),
-            y.len()
-        )));
-    }
+    let data = Rows::checked(x, y, hidden, layer)?;
     let steps = BlockSteps {
         steps: config.refine_steps,
         aux_weight: 0.0,
