@@ -87,6 +87,39 @@ fn read_f32(path: &Path, expected: usize) -> Result<Vec<f32>> {
     Ok(decode(&bytes).collect())
 }
 
+/// Bytes the current user may still write on the file system holding `dir`; `None` where
+/// it cannot be asked.
+fn available_bytes(dir: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        rustix::fs::statvfs(dir)
+            .ok()
+            .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
+/// Refuses a recording of `need` bytes in `dir` when only `free` bytes can be written there,
+/// before any of the model has run (a full disk mid-recording wastes the run).
+fn check_space(dir: &Path, need: u64, free: u64) -> Result<()> {
+    if need > free {
+        return Err(UpcycleError::WorkDir {
+            path: dir.into(),
+            reason: format!(
+                "the recording needs {} MiB but only {} MiB are free there; give a work \
+                 directory on a larger disk, or fewer calibration tokens",
+                need.div_ceil(1 << 20),
+                free >> 20
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// The little-endian `f32`s of a recording file's bytes.
 fn decode(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
     bytes
@@ -98,7 +131,9 @@ impl ActivationStore {
     /// Runs `model` over `tokens` (cut into `config.seq_len` windows; a last window of fewer
     /// than 2 tokens is dropped) and records every layer's FFN input and output. When they
     /// exceed `config.memory_budget` they are written to `work_dir` (required then), with a
-    /// manifest; [`ActivationStore::open`] reuses them. `progress(done, total)` reports tokens.
+    /// manifest; [`ActivationStore::open`] reuses them. A recording larger than the space
+    /// left on `work_dir`'s file system is an [`UpcycleError::WorkDir`] before the model runs.
+    /// `progress(done, total)` reports tokens.
     pub fn record(
         model: &Llama,
         tokens: &[u32],
@@ -127,6 +162,14 @@ impl ActivationStore {
             })?;
             std::fs::create_dir_all(dir).map_err(|e| UpcycleError::io(dir, e))?;
             let _ = std::fs::remove_file(dir.join(MANIFEST));
+            if let Some(free) = available_bytes(dir) {
+                // Files of an earlier, unusable recording are truncated and count as free.
+                let stale: u64 = (0..layers)
+                    .flat_map(|l| ["x", "y"].map(|w| file(dir, l, w)))
+                    .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+                    .sum();
+                check_space(dir, bytes as u64, free + stale)?;
+            }
             Backing::Disk(dir.to_path_buf())
         };
         let mut writers = match &backing {
@@ -333,5 +376,26 @@ impl ActivationStore {
             }
         };
         Ok(Tensor::from_data(TensorData::new(rows, [m, h]), device))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recordings_larger_than_the_free_space_are_refused_up_front() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_space(dir.path(), 5 << 20, 5 << 20).is_ok());
+        let err = check_space(dir.path(), (5 << 20) + 1, 5 << 20).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, UpcycleError::WorkDir { .. }), "{msg}");
+        assert!(msg.contains("needs 6 MiB but only 5 MiB are free"), "{msg}");
+        #[cfg(unix)]
+        {
+            // The real file system answers.
+            let free = available_bytes(dir.path()).expect("statvfs on a temp dir");
+            assert!(free > 0);
+        }
     }
 }

@@ -162,7 +162,8 @@ pub struct ConvertArgs {
     #[arg(long, default_value_t = 2048)]
     memory_budget_mb: usize,
     /// Recorded activations and finished layers (default: OUT/.moekit-work). Rerunning the
-    /// same command resumes from it; it is removed after success unless --keep-work.
+    /// same command resumes from it; it is removed after success unless --keep-work. A
+    /// recording that would not fit in its free space is refused before the model runs.
     #[arg(long)]
     work_dir: Option<PathBuf>,
     /// Keep the work directory after success.
