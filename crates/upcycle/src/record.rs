@@ -64,6 +64,13 @@ fn file(dir: &Path, layer: usize, what: &str) -> PathBuf {
     dir.join(format!("layer{layer:03}.{what}.f32"))
 }
 
+/// Every recording file in write order: layer 0's `x`, layer 0's `y`, layer 1's `x`, ...
+fn recording_files(dir: &Path, layers: usize) -> Vec<PathBuf> {
+    (0..layers)
+        .flat_map(|l| ["x", "y"].map(|w| file(dir, l, w)))
+        .collect()
+}
+
 fn to_vec(t: &Tensor<3>) -> Vec<f32> {
     t.clone()
         .into_data()
@@ -151,6 +158,8 @@ impl ActivationStore {
         }
         let (hidden, layers) = (model.config.hidden_size, model.layers.len());
         let bytes = n * hidden * layers * 2 * 4;
+        // The files written, in `writers`' order (none in memory).
+        let mut paths = Vec::new();
         let backing = if bytes <= config.memory_budget {
             Backing::Memory(vec![(Vec::new(), Vec::new()); layers])
         } else {
@@ -162,27 +171,25 @@ impl ActivationStore {
             })?;
             std::fs::create_dir_all(dir).map_err(|e| UpcycleError::io(dir, e))?;
             let _ = std::fs::remove_file(dir.join(MANIFEST));
+            paths = recording_files(dir, layers);
             if let Some(free) = available_bytes(dir) {
                 // Files of an earlier, unusable recording are truncated and count as free.
-                let stale: u64 = (0..layers)
-                    .flat_map(|l| ["x", "y"].map(|w| file(dir, l, w)))
+                let stale: u64 = paths
+                    .iter()
                     .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
                     .sum();
                 check_space(dir, bytes as u64, free + stale)?;
             }
             Backing::Disk(dir.to_path_buf())
         };
-        let mut writers = match &backing {
-            Backing::Disk(dir) => (0..layers)
-                .flat_map(|l| ["x", "y"].map(|w| file(dir, l, w)))
-                .map(|p| {
-                    std::fs::File::create(&p)
-                        .map(std::io::BufWriter::new)
-                        .map_err(|e| UpcycleError::io(&p, e))
-                })
-                .collect::<Result<Vec<_>>>()?,
-            Backing::Memory(_) => Vec::new(),
-        };
+        let mut writers = paths
+            .iter()
+            .map(|p| {
+                std::fs::File::create(p)
+                    .map(std::io::BufWriter::new)
+                    .map_err(|e| UpcycleError::io(p, e))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut backing = backing;
         tracing::info!(
             tokens = n,
@@ -216,14 +223,11 @@ impl ActivationStore {
                         layers[l].0.extend(xs);
                         layers[l].1.extend(ys);
                     }
-                    Backing::Disk(dir) => {
+                    Backing::Disk(_) => {
                         for (k, v) in [(2 * l, xs), (2 * l + 1, ys)] {
                             let bytes: Vec<u8> = v.iter().flat_map(|f| f.to_le_bytes()).collect();
                             if let Err(e) = writers[k].write_all(&bytes) {
-                                failure.get_or_insert(UpcycleError::io(
-                                    file(dir, l, if k % 2 == 0 { "x" } else { "y" }),
-                                    e,
-                                ));
+                                failure.get_or_insert(UpcycleError::io(&paths[k], e));
                             }
                         }
                     }
@@ -238,12 +242,11 @@ impl ActivationStore {
             start = end;
         }
         if let Backing::Disk(dir) = &backing {
-            for (k, w) in writers.into_iter().enumerate() {
-                let path = file(dir, k / 2, if k % 2 == 0 { "x" } else { "y" });
+            for (w, path) in writers.into_iter().zip(&paths) {
                 w.into_inner()
-                    .map_err(|e| UpcycleError::io(&path, e.into_error()))?
+                    .map_err(|e| UpcycleError::io(path, e.into_error()))?
                     .sync_all()
-                    .map_err(|e| UpcycleError::io(&path, e))?;
+                    .map_err(|e| UpcycleError::io(path, e))?;
             }
             let manifest = Manifest {
                 fingerprint: config.fingerprint.clone(),
@@ -276,14 +279,13 @@ impl ActivationStore {
         if m.fingerprint != fingerprint {
             return Ok(None);
         }
-        for l in 0..m.layers {
-            for w in ["x", "y"] {
-                // A missing or cut file is an incomplete recording: record again.
-                let len = std::fs::metadata(file(dir, l, w)).map_or(0, |m| m.len());
-                if len != (m.tokens * m.hidden * 4) as u64 {
-                    return Ok(None);
-                }
-            }
+        // A missing or cut file is an incomplete recording: record again.
+        let want = (m.tokens * m.hidden * 4) as u64;
+        if recording_files(dir, m.layers)
+            .iter()
+            .any(|p| std::fs::metadata(p).map_or(0, |m| m.len()) != want)
+        {
+            return Ok(None);
         }
         Ok(Some(Self {
             tokens: m.tokens,

@@ -3,11 +3,7 @@
 # top-13 in every layer (top13.json, 79.7% activated: the whole 80% budget), at half the peak
 # learning rate and another data order (seed 1). Rerun to resume.
 set -euo pipefail
-OUT=$HOME/.cache/moekit/recipes/ladimo-e32-fit
-BIN=$HOME/.cache/moekit/target/release/moekit
-DOC=/usr/share/doc/python3.11/html/_sources
-GGUF=$HOME/.cache/moekit/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-TEXT=$HOME/.cache/moekit/recipes/ladimo-shared/tutorial.txt
+. "$(dirname "$0")/env.sh"
 "$BIN" distill --teacher "$GGUF" --student "$OUT/distilled/model" --policy "$OUT/top13.json" \
     --data "$DOC/library" --eval-data "$DOC/tutorial" --eval-tokens 4096 --loss kl:1 \
     --trainable router,experts,shared --steps 400 --lr 1.5e-4 --batch-size 4 --seq-len 256 \

@@ -3,11 +3,7 @@
 # settings as the 8-part model's 700-step run (ladimo-shared/distill-long.sh). Rerun to resume
 # from OUT/distilled/checkpoints.
 set -euo pipefail
-OUT=$HOME/.cache/moekit/recipes/ladimo-e32-fit
-BIN=$HOME/.cache/moekit/target/release/moekit
-DOC=/usr/share/doc/python3.11/html/_sources
-GGUF=$HOME/.cache/moekit/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-TEXT=$HOME/.cache/moekit/recipes/ladimo-shared/tutorial.txt
+. "$(dirname "$0")/env.sh"
 "$BIN" distill --teacher "$GGUF" --student "$OUT/rs1000-lr1e-3" \
     --data "$DOC/library" --eval-data "$DOC/tutorial" --eval-tokens 4096 --loss kl:1 \
     --trainable router,experts,shared --steps 700 --lr 3e-4 --batch-size 4 --seq-len 256 \

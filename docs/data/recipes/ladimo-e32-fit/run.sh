@@ -4,11 +4,7 @@
 # settings reuse the recording and the trained blocks. Usage: run.sh STEPS LR [REFINE]
 set -euo pipefail
 STEPS=$1 LR=$2 REFINE=${3:-0}
-OUT=$HOME/.cache/moekit/recipes/ladimo-e32-fit
-BIN=$HOME/.cache/moekit/target/release/moekit
-DOC=/usr/share/doc/python3.11/html/_sources
-GGUF=$HOME/.cache/moekit/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-TEXT=$HOME/.cache/moekit/recipes/ladimo-shared/tutorial.txt
+. "$(dirname "$0")/env.sh"
 NAME=rs$STEPS-lr$LR
 [ "$REFINE" = 0 ] || NAME=$NAME-refine$REFINE
 start=$(date +%s)
