@@ -13,5 +13,5 @@ POLICY=${POLICY-$OUT/top13.json}
     > "$OUT/distill-top13-more.json"
 "$BIN" eval "$OUT/distilled-top13-more/model" --text "$TEXT" --max-tokens 8192 --window 1024 \
     ${POLICY:+--policy "$OUT/distilled-top13-more/model/policy.json"} --json \
-    | sed "s/^{/{\"name\":\"distilled 700 steps, then 400 at ${POLICY:+top-13}${POLICY:-its own top-k}\",/" \
+    | sed "s/^{/{\"name\":\"distilled 700 steps, then 400 under ${POLICY:+top-13}${POLICY:-its own top-k}\",/" \
     >> "$OUT/results.jsonl"
