@@ -13,5 +13,5 @@ start=$(date +%s)
 echo "layerwise convert $(( $(date +%s) - start )) s" >> "$OUT/times.txt"
 for routing in "" "--oracle 26"; do
     "$BIN" eval "$OUT/layerwise" --text "$TEXT" --max-tokens 8192 --window 1024 $routing --json \
-        | sed "s/^{/{\"name\":\"layerwise $routing\",/" >> "$OUT/results.jsonl"
+        | sed "s/^{/{\"name\":\"layerwise${routing:+ $routing}\",/" >> "$OUT/results.jsonl"
 done
