@@ -2,7 +2,7 @@
 # Second stage: the 32-part model after distill.sh's 700 steps, distilled 400 more steps under
 # top-13 in every layer (top13.json, 79.7% activated: the whole 80% budget), at half the peak
 # learning rate and another data order (seed 1). Rerun to resume. MOEKIT_RECIPE_OUT names another
-# model folder; POLICY another policy file, or none when set empty (the model's own top-k).
+# model folder; POLICY set empty runs without top13.json (the model's own top-k).
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 POLICY=${POLICY-$OUT/top13.json}

@@ -3,5 +3,5 @@
 # half the peak learning rate, seed 1; ladimo-e32-fit/distill-top13-more.sh with this OUT and no
 # policy. Output in OUT/distilled-top13-more. Rerun to resume.
 set -euo pipefail
-export MOEKIT_RECIPE_OUT=${MOEKIT_RECIPE_OUT:-$HOME/.cache/moekit/recipes/ladimo-e64} POLICY=
-exec "$(dirname "$0")/../ladimo-e32-fit/distill-top13-more.sh"
+. "$(dirname "$0")/env.sh"
+POLICY= exec "$(dirname "$0")/../ladimo-e32-fit/distill-top13-more.sh"
