@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Third stage, long: the 64-part model after both stages (distill.sh, distill-more.sh), distilled
+# 6,000 more steps at its own top-26 on all of python3.11-doc but tutorial/ (~2 passes), held-out
+# evaluation every 200 steps. extrapolate.py estimates that the 80% target needs ~7,000 steps of
+# the first stage's schedule; ~23 h on 2 cores, so this runs over many sessions: rerun to resume
+# from OUT/distilled-long/checkpoints (the newest, every 20 steps). LR overrides the peak rate
+# (lr-ab/run.sh compares rates).
+set -euo pipefail
+. "$(dirname "$0")/env.sh"
+DATA=$(ls -d "$DOC"/*/ | grep -v -e tutorial -e includes)
+"$BIN" distill --teacher "$GGUF" --student "$OUT/distilled-top13-more/model" \
+    --data $DATA --eval-data "$DOC/tutorial" --eval-tokens 4096 --loss kl:1 \
+    --trainable router,experts,shared --steps 6000 --lr "${LR:-3e-4}" --warmup-steps 50 \
+    --batch-size 4 --seq-len 256 --eval-every 200 --checkpoint-every 20 --seed 3 --json \
+    --out "$OUT/distilled-long" > "$OUT/distill-long.json"
+"$BIN" eval "$OUT/distilled-long/model" --text "$TEXT" --max-tokens 8192 --window 1024 --json \
+    | sed 's/^{/{"name":"distilled 700 + 400 + 6,000 steps",/' >> "$OUT/results.jsonl"
