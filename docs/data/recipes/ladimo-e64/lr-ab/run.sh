@@ -8,7 +8,7 @@ set -euo pipefail
 M=$OUT/distilled-top13-more/model
 DATA=$(ls -d "$DOC"/*/ | grep -v -e tutorial -e includes)
 mkdir -p "$OUT/lr-ab"
-for lr in ${LRS:-1.5e-4 6e-4 1.5e-3}; do
+for lr in ${LRS:-1.5e-4 6e-4}; do
   "$BIN" distill --teacher "$GGUF" --student "$M" \
     --data $DATA --eval-data "$DOC/tutorial" --eval-tokens 4096 --loss kl:1 \
     --trainable router,experts,shared --steps 40 --lr "$lr" --min-lr-ratio 1 --batch-size 4 \
