@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Third stage, long: the 64-part model after both stages (distill.sh, distill-more.sh), distilled
 # 6,000 more steps at its own top-26 on all of python3.11-doc but tutorial/ (~2 passes), held-out
-# evaluation every 200 steps. extrapolate.py estimates that the 80% target needs ~7,400 steps of
-# the first stage's schedule; ~23 h on 2 cores, so this runs over many sessions: rerun to resume
-# from OUT/distilled-long/checkpoints (the newest, every 20 steps). LR overrides the peak rate
-# (lr-ab/run.sh compares rates).
+# evaluation every 200 steps: it tells apart extrapolate.py's two fits (one reaches the 80%
+# target at ~7,400 steps in all, the other levels off above it). ~21 h on 2 cores, so it runs
+# over many sessions: rerun to resume from OUT/distilled-long/checkpoints (the newest, every 20
+# steps). LR overrides the peak rate (lr-ab/run.sh compares rates).
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 DATA=$(ls -d "$DOC"/*/ | grep -v -e tutorial -e includes)

@@ -3,10 +3,13 @@
 
 1. Perplexity against KL: ln(perplexity / dense) on the 8,192 tutorial tokens, fitted as a line
    in the held-out KL of `moekit distill`'s own evaluation, over every model that has both.
-2. KL against steps: the 64-part run's held-out KL from step 160 on, fitted as a - b * ln(step)
-   (a power law a + b * step^-c fitted to the same points drives c to 0, i.e. to this form).
-3. The steps at which the fitted KL reaches the KL the target needs, and their time at the
-   median measured seconds per step. Run from anywhere: python3 extrapolate.py
+2. KL against steps: the 64-part run's held-out KL from step 160 on, fitted two ways: a line
+   in ln(step), and a power law floor + b * step^-c (least squares; c on a grid of 0.01). The
+   two fit these points about equally well and disagree far past them: the log line has no
+   floor, the power law has one.
+3. For each: the KL it predicts at step 1,100 (where the second stage measured), and the step
+   at which it reaches the KL the target needs (with its time at the median measured seconds
+   per step), or that it never does. Run from anywhere: python3 extrapolate.py
 """
 import json
 import math
@@ -61,12 +64,37 @@ print(f"ln(ppl/dense) = {c:.4f} + {d:.4f} * KL; the target (ln 1.1 = {TARGET:.4f
 
 train = lines(e64 / "distill-train.jsonl")
 evals = [(r["report"]["step"], r["report"]["kl"]) for r in train if r["event"] == "eval" and r["report"]["step"] >= 160]
-a, slope = fit_line([math.log(t) for t, _ in evals], [kl for _, kl in evals])
-b = -slope
-print(f"64 parts, steps {evals[0][0]}-{evals[-1][0]}: KL = {a:.4f} - {b:.4f} * ln(step) "
-      f"({b * math.log(2):.4f} per doubling; residual max "
-      f"{max(abs(a - b * math.log(t) - kl) for t, kl in evals):.4f})")
-steps = math.exp((a - kl_needed) / b)
 seconds = statistics.median(r["report"]["seconds"] for r in train if r["event"] == "step")
-print(f"KL {kl_needed:.4f} at step ~{steps:,.0f} of that schedule: "
-      f"{steps * seconds / 3600:,.0f} h at {seconds:.1f} s a step on these 2 cores")
+measured = s64b["after"]["kl"]
+print(f"64 parts, first stage, held-out KL at steps {evals[0][0]}-{evals[-1][0]}; "
+      f"the second stage measured {measured:.4f} at step 1,100 (at half the learning rate)")
+
+
+def sse(predict):
+    return sum((predict(t) - kl) ** 2 for t, kl in evals)
+
+
+def report(name, predict, floor):
+    line = f"{name}: SSE {sse(predict):.2e}, predicts {predict(1100):.4f} at step 1,100; "
+    if floor >= kl_needed:
+        print(line + f"never reaches {kl_needed:.4f} (floor {floor:.4f}, ln(ppl/dense) "
+              f"{c + d * floor:.4f}, perplexity {DENSE * math.exp(c + d * floor):.2f})")
+        return
+    lo, hi = 1.0, 1e12
+    while hi / lo > 1.001:  # predict decreases in the step
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if predict(mid) > kl_needed else (lo, mid)
+    print(line + f"reaches {kl_needed:.4f} at step ~{hi:,.0f}: "
+          f"{hi * seconds / 3600:,.0f} h at {seconds:.1f} s a step on these 2 cores")
+
+
+a, slope = fit_line([math.log(t) for t, _ in evals], [kl for _, kl in evals])
+report(f"KL = {a:.4f} - {-slope:.4f} * ln(step) ({-slope * math.log(2):.4f} per doubling)",
+       lambda t: a + slope * math.log(t), -math.inf)
+fits = []
+for c100 in range(1, 301):
+    power = c100 / 100
+    floor, b = fit_line([t ** -power for t, _ in evals], [kl for _, kl in evals])
+    fits.append((sse(lambda t: floor + b * t ** -power), floor, b, power))
+_, floor, b, power = min(fits)
+report(f"KL = {floor:.4f} + {b:.4f} * step^-{power:.2f}", lambda t: floor + b * t ** -power, floor)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# 64 parts (16 shared + top-26 of 48: 65.6% of each FFN, 79.7% of the parameters, the whole
+# 64 parts (16 shared + top-26 of 48: 65.6% of each FFN, 79.8% of the parameters, the whole
 # 80% budget from the start), built like ladimo-e32-fit's best model: router supervision,
 # 100 layer-wise steps, 1,000 router-only steps. Then evaluated with its own and oracle routing.
 set -euo pipefail
