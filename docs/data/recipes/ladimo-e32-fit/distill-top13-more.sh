@@ -6,12 +6,9 @@
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 POLICY=${POLICY-$OUT/top13.json}
-"$BIN" distill --teacher "$GGUF" --student "$OUT/distilled/model" ${POLICY:+--policy "$POLICY"} \
-    --data "$DOC/library" --eval-data "$DOC/tutorial" --eval-tokens 4096 --loss kl:1 \
-    --trainable router,experts,shared --steps 400 --lr 1.5e-4 --batch-size 4 --seq-len 256 \
-    --eval-every 80 --checkpoint-every 20 --seed 1 --json --out "$OUT/distilled-top13-more" \
-    > "$OUT/distill-top13-more.json"
-"$BIN" eval "$OUT/distilled-top13-more/model" --text "$TEXT" --max-tokens 8192 --window 1024 \
-    ${POLICY:+--policy "$OUT/distilled-top13-more/model/policy.json"} --json \
-    | sed "s/^{/{\"name\":\"distilled 700 steps, then 400 under ${POLICY:+top-13}${POLICY:-its own top-k}\",/" \
-    >> "$OUT/results.jsonl"
+distil --student "$OUT/distilled/model" ${POLICY:+--policy "$POLICY"} --data "$DOC/library" \
+    --trainable router,experts,shared --steps 400 --lr 1.5e-4 --eval-every 80 --checkpoint-every 20 \
+    --seed 1 --out "$OUT/distilled-top13-more" > "$OUT/distill-top13-more.json"
+UNDER=${POLICY:+top-13}
+record "distilled 700 steps, then 400 under ${UNDER:-its own top-k}" \
+    "$OUT/distilled-top13-more/model" ${POLICY:+--policy "$OUT/distilled-top13-more/model/policy.json"}

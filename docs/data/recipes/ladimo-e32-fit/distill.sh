@@ -4,9 +4,7 @@
 # from OUT/distilled/checkpoints. STUDENT names another model to distil.
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
-"$BIN" distill --teacher "$GGUF" --student "${STUDENT:-$OUT/rs1000-lr1e-3}" \
-    --data "$DOC/library" --eval-data "$DOC/tutorial" --eval-tokens 4096 --loss kl:1 \
-    --trainable router,experts,shared --steps 700 --lr 3e-4 --batch-size 4 --seq-len 256 \
-    --eval-every 80 --checkpoint-every 20 --seed 0 --json --out "$OUT/distilled" > "$OUT/distill.json"
-"$BIN" eval "$OUT/distilled/model" --text "$TEXT" --max-tokens 8192 --window 1024 --json \
-    | sed 's/^{/{"name":"distilled 700 steps",/' >> "$OUT/results.jsonl"
+distil --student "${STUDENT:-$OUT/rs1000-lr1e-3}" --data "$DOC/library" \
+    --trainable router,experts,shared --steps 700 --lr 3e-4 --eval-every 80 --checkpoint-every 20 \
+    --seed 0 --out "$OUT/distilled" > "$OUT/distill.json"
+record "distilled 700 steps" "$OUT/distilled/model"

@@ -14,6 +14,5 @@ start=$(date +%s)
     --work-dir "$OUT/work" --keep-work --json --out "$OUT/$NAME" > "$OUT/$NAME.convert.json"
 echo "$NAME convert $(( $(date +%s) - start )) s" >> "$OUT/times.txt"
 start=$(date +%s)
-"$BIN" eval "$OUT/$NAME" --text "$TEXT" --max-tokens 8192 --window 1024 --json \
-    | sed "s/^{/{\"name\":\"$NAME\",/" >> "$OUT/results.jsonl"
+record "$NAME" "$OUT/$NAME"
 echo "$NAME eval $(( $(date +%s) - start )) s" >> "$OUT/times.txt"

@@ -7,11 +7,8 @@
 # steps). LR overrides the peak rate (lr-ab/run.sh compares rates).
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
-DATA=$(ls -d "$DOC"/*/ | grep -v -e tutorial -e includes)
-"$BIN" distill --teacher "$GGUF" --student "$OUT/distilled-top13-more/model" \
-    --data $DATA --eval-data "$DOC/tutorial" --eval-tokens 4096 --loss kl:1 \
+distil --student "$OUT/distilled-top13-more/model" --data $FRESH \
     --trainable router,experts,shared --steps 6000 --lr "${LR:-1.5e-4}" --warmup-steps 50 \
-    --batch-size 4 --seq-len 256 --eval-every 200 --checkpoint-every 20 --seed 3 --json \
-    --out "$OUT/distilled-long" > "$OUT/distill-long.json"
-"$BIN" eval "$OUT/distilled-long/model" --text "$TEXT" --max-tokens 8192 --window 1024 --json \
-    | sed 's/^{/{"name":"distilled 700 + 400 + 6,000 steps",/' >> "$OUT/results.jsonl"
+    --eval-every 200 --checkpoint-every 20 --seed 3 --out "$OUT/distilled-long" \
+    > "$OUT/distill-long.json"
+record "distilled 700 + 400 + 6,000 steps" "$OUT/distilled-long/model"

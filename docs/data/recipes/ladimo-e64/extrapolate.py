@@ -23,18 +23,20 @@ TARGET = math.log(1.1)  # at most 10% above dense
 
 
 def lines(path):
-    return [json.loads(line) for line in open(path) if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def perplexity(folder, name):
-    found = [r["perplexity"] for r in lines(folder / "results.jsonl") if r.get("name") == name]
-    if len(found) != 1:
-        raise SystemExit(f"{folder}/results.jsonl: expected one result named {name!r}, found {len(found)}")
-    return found[0]
+def perplexities(folder):
+    """Perplexity by result name in FOLDER/results.jsonl; names must be unique."""
+    results = lines(folder / "results.jsonl")
+    by_name = {r["name"]: r["perplexity"] for r in results}
+    if len(by_name) != len(results):
+        raise SystemExit(f"{folder}/results.jsonl: result names repeat")
+    return by_name
 
 
 def summary(path):
-    return json.load(open(path))
+    return json.loads(path.read_text())
 
 
 def fit_line(xs, ys):
@@ -47,13 +49,14 @@ e32, e64 = RECIPES / "ladimo-e32-fit", HERE
 # (held-out KL, perplexity) of the same model under the same routing.
 s32, s32b = summary(e32 / "distill-summary.json"), summary(e32 / "distill-top13-more-summary.json")
 s64, s64b = summary(e64 / "distill-summary.json"), summary(e64 / "distill-more-summary.json")
+p32, p64 = perplexities(e32), perplexities(e64)
 pairs = [
-    ("32 parts, before distillation", s32["before"]["kl"], perplexity(e32, "rs1000-lr1e-3")),
-    ("32 parts, 700 steps", s32["after"]["kl"], perplexity(e32, "distilled 700 steps")),
-    ("32 parts, 700 + 400 steps", s32b["after"]["kl"], perplexity(e32, "distilled 700 steps, then 400 under top-13")),
-    ("64 parts, before distillation", s64["before"]["kl"], perplexity(e64, "layerwise")),
-    ("64 parts, 700 steps", s64["after"]["kl"], perplexity(e64, "distilled 700 steps")),
-    ("64 parts, 700 + 400 steps", s64b["after"]["kl"], perplexity(e64, "distilled 700 steps, then 400 under its own top-k")),
+    ("32 parts, before distillation", s32["before"]["kl"], p32["rs1000-lr1e-3"]),
+    ("32 parts, 700 steps", s32["after"]["kl"], p32["distilled 700 steps"]),
+    ("32 parts, 700 + 400 steps", s32b["after"]["kl"], p32["distilled 700 steps, then 400 under top-13"]),
+    ("64 parts, before distillation", s64["before"]["kl"], p64["layerwise"]),
+    ("64 parts, 700 steps", s64["after"]["kl"], p64["distilled 700 steps"]),
+    ("64 parts, 700 + 400 steps", s64b["after"]["kl"], p64["distilled 700 steps, then 400 under its own top-k"]),
 ]
 c, d = fit_line([kl for _, kl, _ in pairs], [math.log(p / DENSE) for _, _, p in pairs])
 print("model | held-out KL | perplexity | ln(ppl/dense) | fitted")

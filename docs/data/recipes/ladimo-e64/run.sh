@@ -12,6 +12,5 @@ start=$(date +%s)
     --work-dir "$OUT/work" --json --out "$OUT/layerwise" > "$OUT/layerwise.convert.json"
 echo "layerwise convert $(( $(date +%s) - start )) s" >> "$OUT/times.txt"
 for routing in "" "--oracle 26"; do
-    "$BIN" eval "$OUT/layerwise" --text "$TEXT" --max-tokens 8192 --window 1024 $routing --json \
-        | sed "s/^{/{\"name\":\"layerwise${routing:+ $routing}\",/" >> "$OUT/results.jsonl"
+    record "layerwise${routing:+ $routing}" "$OUT/layerwise" $routing
 done

@@ -5,13 +5,9 @@
 # Each run ~9 minutes on 2 cores; outputs in OUT/lr-ab/LR.
 set -euo pipefail
 . "$(dirname "$0")/../env.sh"
-M=$OUT/distilled-top13-more/model
-DATA=$(ls -d "$DOC"/*/ | grep -v -e tutorial -e includes)
 mkdir -p "$OUT/lr-ab"
 for lr in ${LRS:-1.5e-4 6e-4}; do
-  "$BIN" distill --teacher "$GGUF" --student "$M" \
-    --data $DATA --eval-data "$DOC/tutorial" --eval-tokens 4096 --loss kl:1 \
-    --trainable router,experts,shared --steps 40 --lr "$lr" --min-lr-ratio 1 --batch-size 4 \
-    --seq-len 256 --checkpoint-every 1000 --seed 2 --json --out "$OUT/lr-ab/$lr" \
-    > "$OUT/lr-ab/$lr.json"
+  distil --student "$OUT/distilled-top13-more/model" --data $FRESH \
+    --trainable router,experts,shared --steps 40 --lr "$lr" --min-lr-ratio 1 \
+    --checkpoint-every 1000 --seed 2 --out "$OUT/lr-ab/$lr" > "$OUT/lr-ab/$lr.json"
 done
