@@ -5,6 +5,8 @@ BIN=$HOME/.cache/moekit/target/release/moekit
 DOC=/usr/share/doc/python3.11/html/_sources
 GGUF=$HOME/.cache/moekit/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 TEXT=$HOME/.cache/moekit/recipes/ladimo-shared/tutorial.txt
+# Made here when missing (a new machine): tutorial/'s files concatenated in name order.
+[ -s "$TEXT" ] || { mkdir -p "$(dirname "$TEXT")" && cat "$DOC"/tutorial/*.rst.txt > "$TEXT"; }
 # All of python3.11-doc but the held-out tutorial/ (and the 267-byte includes/): fresh text.
 FRESH=$(ls -d "$DOC"/*/ | grep -v -e tutorial -e includes)
 
