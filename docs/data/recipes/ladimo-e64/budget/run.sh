@@ -5,8 +5,9 @@
 # least 10 layer-steps of 41,472 parameters must go. `moekit profile` chooses where, on the
 # layer-wise model (../run.sh) before any distillation, for a budget of
 # 107,612,006 / 135,390,528 = 0.79482 of the all-experts model; then the layer-wise model is
-# evaluated under top-26, top-25 (79.38% of dense) and the policy, and distilled under the policy
-# with the first stage's settings (../distill.sh), to compare with that run's evaluations.
+# evaluated under top-25 (79.38% of dense; ../run.sh evaluates top-26) and the policy, and
+# distilled under the policy with the first stage's settings
+# (ladimo-e32-fit/distill.sh), to compare with that run's evaluations.
 # Outputs in OUT/budget. STAGE=profile or STAGE=distill runs one half.
 set -euo pipefail
 . "$(dirname "$0")/../env.sh"
@@ -21,9 +22,6 @@ if [ "${STAGE:-profile}" = profile ]; then
     record "layerwise, profiled policy (80% of dense)" "$OUT/layerwise" --policy "$B/policy.json"
 fi
 if [ "${STAGE:-distill}" = distill ]; then
-    distil --student "$OUT/layerwise" --policy "$B/policy.json" --data "$DOC/library" \
-        --trainable router,experts,shared --steps 700 --lr 3e-4 --eval-every 80 \
-        --checkpoint-every 20 --seed 0 --out "$B/distilled" > "$B/distill.json"
-    record "distilled 700 steps under the profiled policy" "$B/distilled/model" \
-        --policy "$B/distilled/model/policy.json"
+    STUDENT=$OUT/layerwise POLICY=$B/policy.json DIST=$B/distilled \
+        "$(dirname "$0")/../../ladimo-e32-fit/distill.sh"
 fi
