@@ -495,7 +495,7 @@ fn profile_chooses_a_policy_that_eval_applies() {
         args.extend_from_slice(extra);
         moekit(&args)
     };
-    let summary = success_json(profile(&[
+    let summary_09 = success_json(profile(&[
         "--target-active-params",
         "0.9",
         "--plot",
@@ -504,13 +504,13 @@ fn profile_chooses_a_policy_that_eval_applies() {
         &candidates,
         "--json",
     ]));
-    let predicted = summary["predicted_fraction"].as_f64().unwrap();
-    assert!(predicted <= 0.9, "{summary}");
-    assert!(summary["kl"].as_f64().unwrap() >= 0.0);
-    let proposals = summary["proposals"].as_array().unwrap();
-    let nll = summary["nll"].as_f64().unwrap();
+    let predicted = summary_09["predicted_fraction"].as_f64().unwrap();
+    assert!(predicted <= 0.9, "{summary_09}");
+    assert!(summary_09["kl"].as_f64().unwrap() >= 0.0);
+    let proposals = summary_09["proposals"].as_array().unwrap();
+    let nll = summary_09["nll"].as_f64().unwrap();
     assert!(proposals.iter().all(|p| p["nll"].as_f64().unwrap() >= nll));
-    assert_eq!(summary["layers"].as_array().unwrap().len(), 2);
+    assert_eq!(summary_09["layers"].as_array().unwrap().len(), 2);
     assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
     // Evaluating on the calibration text activates what the policy predicted.
     let calib = format!("{text}/0.txt");
@@ -549,6 +549,59 @@ fn profile_chooses_a_policy_that_eval_applies() {
     ]));
     assert!(summary["predicted_fraction"].as_f64().unwrap() <= 0.7);
 
+    // Budgets against the dense model (--reference) and as a count (--max-active-params). The
+    // split's all-experts model is the dense one plus two routers of 16 x 4.
+    let against_dense = eval(&["--reference", &dense]);
+    let dense_params = against_dense["reference_params"].as_f64().unwrap();
+    let all_experts = against_dense["activated_params"].as_f64().unwrap();
+    assert_eq!(all_experts, dense_params + 2.0 * 16.0 * 4.0);
+    let f = against_dense["reference_fraction"].as_f64().unwrap();
+    assert!(
+        (f - all_experts / dense_params).abs() < 1e-12,
+        "{against_dense}"
+    );
+    let reused = [
+        "--candidates-in",
+        candidates.as_str(),
+        "--select-tokens",
+        "64",
+        "--json",
+    ];
+    let of_dense = success_json(profile(
+        &[
+            &["--reference", &dense, "--target-active-params", "0.9"],
+            &reused[..],
+        ]
+        .concat(),
+    ));
+    assert_eq!(of_dense["reference_params"].as_f64().unwrap(), dense_params);
+    assert!((of_dense["target_params"].as_f64().unwrap() - 0.9 * dense_params).abs() <= 1.0);
+    let predicted = of_dense["predicted_params"].as_f64().unwrap();
+    assert!(predicted <= 0.9 * dense_params, "{of_dense}");
+    let f = of_dense["reference_fraction"].as_f64().unwrap();
+    assert!((f - predicted / dense_params).abs() < 1e-9, "{of_dense}");
+    // The same fraction of the all-experts model allows more.
+    assert!(summary_09["target_params"].as_f64().unwrap() > 0.9 * dense_params);
+    let n = predicted.to_string();
+    let counted = success_json(profile(
+        &[&["--max-active-params", &n], &reused[..]].concat(),
+    ));
+    assert_eq!(counted["target_params"].as_f64().unwrap(), predicted);
+    assert!(counted["predicted_params"].as_f64().unwrap() <= predicted);
+    assert!(counted["reference_params"].is_null());
+    // More than the model has: the whole model is the budget, and every expert is proposed.
+    let all = success_json(profile(
+        &[&["--max-active-params", "1e12"], &reused[..]].concat(),
+    ));
+    assert_eq!(all["target_fraction"].as_f64().unwrap(), 1.0);
+    let offered = all["proposals"].as_array().unwrap();
+    assert!(
+        offered
+            .iter()
+            .any(|p| p["fraction"].as_f64().unwrap() == 1.0),
+        "{all}"
+    );
+
     // Bad input: one error line each.
     let other = root.path().join("other.json");
     std::fs::write(
@@ -574,6 +627,22 @@ fn profile_chooses_a_policy_that_eval_applies() {
     assert_clean_failure(
         &profile(&["--target-active-params", "0.01"]),
         "below the least",
+    );
+    let both = profile(&[
+        "--max-active-params",
+        "100",
+        "--target-active-params",
+        "0.5",
+    ]);
+    assert!(!both.status.success());
+    assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
+    assert_clean_failure(
+        &profile(&["--max-active-params", "0"]),
+        "--max-active-params: the budget must be a positive number",
+    );
+    assert_clean_failure(
+        &profile(&["--reference", &calib, "--target-active-params", "0.5"]),
+        "0.txt",
     );
 }
 

@@ -44,6 +44,10 @@ pub struct EvalArgs {
     /// reach with these experts at K per token.
     #[arg(long, value_name = "K", conflicts_with_all = ["policy", "top_k", "top_p"])]
     oracle: Option<usize>,
+    /// Also report the activated parameters as a fraction of this model's (typically the
+    /// dense model MODEL was converted from, under its own routing).
+    #[arg(long, value_name = "MODEL")]
+    reference: Option<PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -75,6 +79,11 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
         path: args.text.clone(),
         source,
     })?;
+    let reference = args
+        .reference
+        .as_deref()
+        .map(super::reference_params)
+        .transpose()?;
     let (_, model, tokenizer) = super::load(&args.model, args.adapter.as_deref())?;
     let model = routed(model, args)?;
     let mut ids = tokenizer.encode(&text)?;
@@ -102,6 +111,10 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
         let mut out = json!(result);
         out["activated_params"] = json!(active.activated().round());
         out["activated_fraction"] = json!(active.fraction());
+        if let Some(r) = reference {
+            out["reference_params"] = json!(r);
+            out["reference_fraction"] = json!(active.activated() / r);
+        }
         println!("{out}");
     } else {
         println!("perplexity: {:.4}", result.perplexity);
@@ -109,12 +122,17 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
             "tokens: {} ({} predicted), {:.1} tokens/s",
             result.tokens, result.predictions, result.tokens_per_second
         );
-        if !k.is_empty() {
+        if !k.is_empty() || reference.is_some() {
+            let of_reference = reference.map_or(String::new(), |r| {
+                format!(", {:.2}% of the reference", 100.0 * active.activated() / r)
+            });
             println!(
-                "activated parameters per token: {:.0} ({:.1}% of the model with every expert)",
+                "activated parameters per token: {:.0} ({:.1}% of the model with every expert{of_reference})",
                 active.activated(),
                 100.0 * active.fraction()
             );
+        }
+        if !k.is_empty() {
             let per_layer: Vec<String> = result
                 .experts_per_token
                 .iter()

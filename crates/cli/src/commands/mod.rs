@@ -10,6 +10,7 @@ pub mod profile;
 use std::path::Path;
 
 use moekit::llama::{Checkpoint, ExportFormat, Llama, Tokenizer, check_export, load_adapter};
+use moekit::router::ActiveParams;
 
 use crate::error::CliError;
 use crate::progress;
@@ -37,6 +38,14 @@ pub fn load(
         model = adapted.merge_lora();
     }
     Ok((ckpt, model, tokenizer))
+}
+
+/// Activated parameters per token of the model at `path` under its own routing (the dense
+/// model's are all of its parameters, a tied embedding once): what `--reference` budgets and
+/// reports are fractions of.
+pub fn reference_params(path: &Path) -> Result<f64, CliError> {
+    let (_, model, _) = load(path, None)?;
+    Ok(ActiveParams::of(&model, None)?.activated())
 }
 
 /// The layout `model` is written in: dense LLaMA when it has no MoE layer, Mixtral where it

@@ -1,4 +1,5 @@
-//! `moekit profile MODEL --calib FILE... --target-active-params F --out policy.json`.
+//! `moekit profile MODEL --calib FILE... [--target-active-params F [--reference DENSE] |
+//! --max-active-params N] --out policy.json`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -6,8 +7,8 @@ use std::time::Instant;
 use clap::Args;
 use moekit::router::file::{load_json, save_json};
 use moekit::router::{
-    Candidates, RoutingPolicy, SearchConfig, TOP1_THRESHOLDS, measure, profile, profile_svg,
-    proposals, select,
+    ActiveParams, Candidates, RoutingPolicy, SearchConfig, TOP1_THRESHOLDS, measure, profile,
+    profile_svg, proposals, select,
 };
 use moekit::upcycle::calibration;
 use serde_json::json;
@@ -30,9 +31,18 @@ pub struct ProfileArgs {
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
     /// Budget: activated parameters per token as a fraction of the model with every routed
-    /// expert active (0, 1].
+    /// expert active (0, 1], or of `--reference`'s when given.
     #[arg(long, default_value_t = 0.8)]
     target_active_params: f64,
+    /// The model `--target-active-params` is a fraction of, typically the dense model MODEL
+    /// was converted from: `--reference DENSE --target-active-params 0.8` keeps at most 80% of
+    /// DENSE's parameters per token (a neuron split's all-experts model is the dense one plus
+    /// its routers, so its own fraction would allow slightly more).
+    #[arg(long, value_name = "MODEL")]
+    reference: Option<PathBuf>,
+    /// Budget as a count: at most N activated parameters per token.
+    #[arg(long, value_name = "N", conflicts_with_all = ["target_active_params", "reference"])]
+    max_active_params: Option<f64>,
     /// Top-p thresholds tried in every layer (besides top-k for every k).
     #[arg(long, value_delimiter = ',', default_values_t = SearchConfig::default().top_p)]
     top_p: Vec<f64>,
@@ -83,7 +93,31 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
     if args.select_tokens < 2 {
         return Err(CliError::Usage("--select-tokens must be at least 2".into()));
     }
+    let budget = args.max_active_params.unwrap_or(args.target_active_params);
+    if !(budget.is_finite() && budget > 0.0) {
+        return Err(CliError::Usage(format!(
+            "{}: the budget must be a positive number",
+            if args.max_active_params.is_some() {
+                "--max-active-params"
+            } else {
+                "--target-active-params"
+            }
+        )));
+    }
+    let reference = args
+        .reference
+        .as_deref()
+        .map(super::reference_params)
+        .transpose()?;
     let (_, model, tokenizer) = super::load(&args.model, None)?;
+    let full = ActiveParams::of(&model, None)?.full() as f64;
+    // As a fraction of the all-experts model. A count, or a fraction of another model, may
+    // allow more than the all-experts model has: then every expert fits.
+    let target = match (args.max_active_params, reference) {
+        (Some(n), _) => (n / full).min(1.0),
+        (None, Some(r)) => (budget * r / full).min(1.0),
+        (None, None) => budget,
+    };
     let files = calibration::files(&args.calib)?;
     let ids = calibration::tokens(&tokenizer, &files, args.calib_tokens)?;
 
@@ -126,7 +160,7 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
     if let Some(path) = &args.candidates_out {
         save_json(&candidates, path)?;
     }
-    let offered = proposals(&candidates, args.target_active_params, args.resolution)?;
+    let offered = proposals(&candidates, target, args.resolution)?;
     let bar = progress::bar("select", "tokens");
     let (policy, scored) = select(
         &model,
@@ -154,6 +188,10 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
                 "tokens": candidates.tokens,
                 "target_fraction": chosen.target_fraction,
                 "predicted_fraction": chosen.predicted_fraction,
+                "target_params": (chosen.target_fraction * full).round(),
+                "predicted_params": (chosen.predicted_fraction * full).round(),
+                "reference_params": reference,
+                "reference_fraction": reference.map(|r| chosen.predicted_fraction * full / r),
                 "error": chosen.error,
                 "selected": selected.proposal,
                 "nll": selected.score.nll,
@@ -175,10 +213,17 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
         policy.layers.len(),
         selected.proposal
     );
+    let of_reference = reference.map_or(String::new(), |r| {
+        format!(
+            ", {:.2}% of the reference",
+            100.0 * chosen.predicted_fraction * full / r
+        )
+    });
     println!(
-        "activated parameters: {:.1}% of the model with every expert (target {:.1}%)",
+        "activated parameters: {:.0} per token ({:.2}% of the model with every expert{of_reference}; at most {:.0})",
+        chosen.predicted_fraction * full,
         100.0 * chosen.predicted_fraction,
-        100.0 * chosen.target_fraction
+        chosen.target_fraction * full
     );
     let rules: Vec<String> = policy
         .layers
