@@ -26,7 +26,11 @@ split-importance 32 16 4
 split-importance 32 8 12
 split-cluster 32 0 20
 split-importance 64 32 8
-split-importance 64 16 24"}
+split-importance 64 16 24
+split-importance 128 32 48
+split-importance 256 64 96
+split-importance 256 32 128
+split-importance 512 128 192"}
 mkdir -p "$OUT"
 cat "$DOC"/tutorial/*.rst.txt > "$OUT/tutorial.txt"
 
