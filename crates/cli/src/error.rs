@@ -64,9 +64,9 @@ impl CliError {
             Self::Router(RouterError::Policy(_) | RouterError::Parse { .. }) => {
                 Some("a policy file comes from `moekit profile` run on this same model")
             }
-            Self::Router(RouterError::Target(_)) => {
-                Some("raise --target-active-params, or convert with more experts per token")
-            }
+            Self::Router(RouterError::Target(_)) => Some(
+                "raise the budget (--target-active-params or --max-active-params), or convert with more experts per token",
+            ),
             Self::Router(RouterError::NoMoeLayers) => {
                 Some("convert the model first (moekit convert), or give a MoE checkpoint")
             }

@@ -309,7 +309,7 @@ pub fn choose_weighted(
         .sum();
     if budget + 1e-9 * full < least {
         return Err(RouterError::Target(format!(
-            "{:.1}% activated parameters is below the least any policy activates here ({:.1}%)",
+            "{:.1}% of the all-experts model's activated parameters is below the least any policy activates here ({:.1}%)",
             100.0 * target,
             100.0 * (candidates.always as f64 + least) / full
         )));
@@ -377,7 +377,7 @@ pub fn choose_weighted(
         .find(|picks| fits(picks))
         .ok_or_else(|| {
             RouterError::Target(format!(
-                "no policy fits {:.1}% at this resolution; raise the target or the resolution",
+                "no policy fits {:.1}% of the all-experts model at this resolution; raise the target or the resolution",
                 100.0 * target
             ))
         })?;

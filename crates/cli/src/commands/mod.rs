@@ -44,7 +44,8 @@ pub fn load(
 /// model's are all of its parameters, a tied embedding once): what `--reference` budgets and
 /// reports are fractions of.
 pub fn reference_params(path: &Path) -> Result<f64, CliError> {
-    let (_, model, _) = load(path, None)?;
+    let (_, model, _) = load(path, None)
+        .map_err(|e| CliError::Usage(format!("--reference {}: {e}", path.display())))?;
     Ok(ActiveParams::of(&model, None)?.activated())
 }
 

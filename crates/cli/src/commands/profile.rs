@@ -7,8 +7,8 @@ use std::time::Instant;
 use clap::Args;
 use moekit::router::file::{load_json, save_json};
 use moekit::router::{
-    ActiveParams, Candidates, RoutingPolicy, SearchConfig, TOP1_THRESHOLDS, measure, profile,
-    profile_svg, proposals, select,
+    ActiveParams, Candidates, RouterError, RoutingPolicy, SearchConfig, TOP1_THRESHOLDS, measure,
+    profile, profile_svg, proposals, select,
 };
 use moekit::upcycle::calibration;
 use serde_json::json;
@@ -31,7 +31,8 @@ pub struct ProfileArgs {
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
     /// Budget: activated parameters per token as a fraction of the model with every routed
-    /// expert active (0, 1], or of `--reference`'s when given.
+    /// expert active (0, 1], or of `--reference`'s when given (then a budget above the
+    /// all-experts model's allows every expert).
     #[arg(long, default_value_t = 0.8)]
     target_active_params: f64,
     /// The model `--target-active-params` is a fraction of, typically the dense model MODEL
@@ -104,11 +105,23 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
             }
         )));
     }
+    if args.max_active_params.is_none() && args.reference.is_none() && budget > 1.0 {
+        return Err(CliError::Usage(format!(
+            "--target-active-params {budget}: a fraction of the model with every expert is at most 1 \
+             (--reference DENSE budgets against another model)"
+        )));
+    }
     let reference = args
         .reference
         .as_deref()
         .map(super::reference_params)
         .transpose()?;
+    // The budget as the user gave it, for errors.
+    let given = match (args.max_active_params, &args.reference) {
+        (Some(n), _) => format!("--max-active-params {n}"),
+        (None, Some(r)) => format!("--target-active-params {budget} of {}", r.display()),
+        (None, None) => format!("--target-active-params {budget}"),
+    };
     let (_, model, tokenizer) = super::load(&args.model, None)?;
     let full = ActiveParams::of(&model, None)?.full() as f64;
     // As a fraction of the all-experts model. A count, or a fraction of another model, may
@@ -160,7 +173,10 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
     if let Some(path) = &args.candidates_out {
         save_json(&candidates, path)?;
     }
-    let offered = proposals(&candidates, target, args.resolution)?;
+    let offered = proposals(&candidates, target, args.resolution).map_err(|e| match e {
+        RouterError::Target(why) => RouterError::Target(format!("{given}: {why}")),
+        e => e,
+    })?;
     let bar = progress::bar("select", "tokens");
     let (policy, scored) = select(
         &model,
@@ -181,17 +197,13 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
 
     let fraction = |p: &RoutingPolicy| p.chosen.as_ref().map_or(f64::NAN, |c| c.predicted_fraction);
     if args.json {
-        println!(
-            "{}",
-            json!({
+        let mut out = json!({
                 "policy": args.out,
                 "tokens": candidates.tokens,
                 "target_fraction": chosen.target_fraction,
                 "predicted_fraction": chosen.predicted_fraction,
                 "target_params": (chosen.target_fraction * full).round(),
                 "predicted_params": (chosen.predicted_fraction * full).round(),
-                "reference_params": reference,
-                "reference_fraction": reference.map(|r| chosen.predicted_fraction * full / r),
                 "error": chosen.error,
                 "selected": selected.proposal,
                 "nll": selected.score.nll,
@@ -203,8 +215,12 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
                     "layer": l.layer, "rule": l.rule.to_string(),
                 })).collect::<Vec<_>>(),
                 "seconds": seconds,
-            })
-        );
+        });
+        if let Some(r) = reference {
+            out["reference_params"] = json!(r);
+            out["reference_fraction"] = json!(chosen.predicted_fraction * full / r);
+        }
+        println!("{out}");
         return Ok(());
     }
     println!(
