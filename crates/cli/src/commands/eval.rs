@@ -79,11 +79,7 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
         path: args.text.clone(),
         source,
     })?;
-    let reference = args
-        .reference
-        .as_deref()
-        .map(super::reference_params)
-        .transpose()?;
+    let reference = super::reference_params(args.reference.as_deref())?;
     let (_, model, tokenizer) = super::load(&args.model, args.adapter.as_deref())?;
     let model = routed(model, args)?;
     let mut ids = tokenizer.encode(&text)?;
@@ -111,10 +107,7 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
         let mut out = json!(result);
         out["activated_params"] = json!(active.activated().round());
         out["activated_fraction"] = json!(active.fraction());
-        if let Some(r) = reference {
-            out["reference_params"] = json!(r);
-            out["reference_fraction"] = json!(active.activated() / r);
-        }
+        super::json_reference(&mut out, active.activated(), reference);
         println!("{out}");
     } else {
         println!("perplexity: {:.4}", result.perplexity);
@@ -123,9 +116,7 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
             result.tokens, result.predictions, result.tokens_per_second
         );
         if !k.is_empty() || reference.is_some() {
-            let of_reference = reference.map_or(String::new(), |r| {
-                format!(", {:.2}% of the reference", 100.0 * active.activated() / r)
-            });
+            let of_reference = super::text_reference(active.activated(), reference);
             println!(
                 "activated parameters per token: {:.0} ({:.1}% of the model with every expert{of_reference})",
                 active.activated(),

@@ -40,13 +40,30 @@ pub fn load(
     Ok((ckpt, model, tokenizer))
 }
 
-/// Activated parameters per token of the model at `path` under its own routing (the dense
-/// model's are all of its parameters, a tied embedding once): what `--reference` budgets and
-/// reports are fractions of.
-pub fn reference_params(path: &Path) -> Result<f64, CliError> {
+/// Activated parameters per token of the `--reference` model at `path`, if given, under its own
+/// routing (the dense model's are all of its parameters, a tied embedding once): what
+/// `--reference` budgets and reports are fractions of.
+pub fn reference_params(path: Option<&Path>) -> Result<Option<f64>, CliError> {
+    let Some(path) = path else { return Ok(None) };
     let (_, model, _) = load(path, None)
         .map_err(|e| CliError::Usage(format!("--reference {}: {e}", path.display())))?;
-    Ok(ActiveParams::of(&model, None)?.activated())
+    Ok(Some(ActiveParams::of(&model, None)?.activated()))
+}
+
+/// Adds `reference_params` and `reference_fraction` (of `activated` parameters) to a JSON
+/// summary when there is a reference.
+pub fn json_reference(out: &mut serde_json::Value, activated: f64, reference: Option<f64>) {
+    if let Some(r) = reference {
+        out["reference_params"] = serde_json::json!(r);
+        out["reference_fraction"] = serde_json::json!(activated / r);
+    }
+}
+
+/// `", X% of the reference"` for text output, or nothing without a reference.
+pub fn text_reference(activated: f64, reference: Option<f64>) -> String {
+    reference.map_or(String::new(), |r| {
+        format!(", {:.2}% of the reference", 100.0 * activated / r)
+    })
 }
 
 /// The layout `model` is written in: dense LLaMA when it has no MoE layer, Mixtral where it

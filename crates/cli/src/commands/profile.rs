@@ -94,33 +94,26 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
     if args.select_tokens < 2 {
         return Err(CliError::Usage("--select-tokens must be at least 2".into()));
     }
-    let budget = args.max_active_params.unwrap_or(args.target_active_params);
+    let (flag, budget) = match args.max_active_params {
+        Some(n) => ("--max-active-params", n),
+        None => ("--target-active-params", args.target_active_params),
+    };
     if !(budget.is_finite() && budget > 0.0) {
         return Err(CliError::Usage(format!(
-            "{}: the budget must be a positive number",
-            if args.max_active_params.is_some() {
-                "--max-active-params"
-            } else {
-                "--target-active-params"
-            }
+            "{flag}: the budget must be a positive number"
         )));
     }
     if args.max_active_params.is_none() && args.reference.is_none() && budget > 1.0 {
         return Err(CliError::Usage(format!(
-            "--target-active-params {budget}: a fraction of the model with every expert is at most 1 \
+            "{flag} {budget}: a fraction of the model with every expert is at most 1 \
              (--reference DENSE budgets against another model)"
         )));
     }
-    let reference = args
-        .reference
-        .as_deref()
-        .map(super::reference_params)
-        .transpose()?;
-    // The budget as the user gave it, for errors.
-    let given = match (args.max_active_params, &args.reference) {
-        (Some(n), _) => format!("--max-active-params {n}"),
-        (None, Some(r)) => format!("--target-active-params {budget} of {}", r.display()),
-        (None, None) => format!("--target-active-params {budget}"),
+    let reference = super::reference_params(args.reference.as_deref())?;
+    // The budget as the user gave it, for errors (--max-active-params excludes --reference).
+    let given = match &args.reference {
+        Some(r) => format!("{flag} {budget} of {}", r.display()),
+        None => format!("{flag} {budget}"),
     };
     let (_, model, tokenizer) = super::load(&args.model, None)?;
     let full = ActiveParams::of(&model, None)?.full() as f64;
@@ -216,10 +209,7 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
                 })).collect::<Vec<_>>(),
                 "seconds": seconds,
         });
-        if let Some(r) = reference {
-            out["reference_params"] = json!(r);
-            out["reference_fraction"] = json!(chosen.predicted_fraction * full / r);
-        }
+        super::json_reference(&mut out, chosen.predicted_fraction * full, reference);
         println!("{out}");
         return Ok(());
     }
@@ -229,12 +219,7 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
         policy.layers.len(),
         selected.proposal
     );
-    let of_reference = reference.map_or(String::new(), |r| {
-        format!(
-            ", {:.2}% of the reference",
-            100.0 * chosen.predicted_fraction * full / r
-        )
-    });
+    let of_reference = super::text_reference(chosen.predicted_fraction * full, reference);
     println!(
         "activated parameters: {:.0} per token ({:.2}% of the model with every expert{of_reference}; at most {:.0})",
         chosen.predicted_fraction * full,
