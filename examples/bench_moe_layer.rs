@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! RAYON_NUM_THREADS=2 cargo run --release --example bench_moe_layer -- \
-//!     [--dispatch auto|fused|composed|dense] [--runs N] [--only CASE]
+//!     [--dispatch auto|fused|composed|masked|dense] [--runs N] [--only CASE]
 //! ```
 
 use std::time::Instant;
@@ -44,9 +44,10 @@ fn args() -> Args {
                     "auto" => DispatchMode::Auto,
                     "fused" => DispatchMode::Fused,
                     "composed" => DispatchMode::Composed,
+                    "masked" => DispatchMode::Masked,
                     "dense" => DispatchMode::Dense,
                     other => exit(&format!(
-                        "unknown dispatch '{other}': use auto, fused, composed or dense"
+                        "unknown dispatch '{other}': use auto, fused, composed, masked or dense"
                     )),
                 }
             }
@@ -148,7 +149,18 @@ fn main() {
     };
     let wanted = |name: &str| args.only.as_deref().is_none_or(|o| o == name);
     let gflop = |flop_per_token: usize| (flop_per_token * T) as f64 / 1e9;
-    for (e, i, k) in [(8, 1536, 2), (8, 192, 2), (16, 96, 4), (64, 24, 8)] {
+    // The anchor's Mixtral shapes, then the routed parts of fine neuron splits of SmolLM2's FFN
+    // (I = 1536): 48 of 24 neurons (64 parts, 16 shared), 192 of 6 (256 parts, 64 shared),
+    // 384 of 3 (512 parts, 128 shared), half of them chosen.
+    for (e, i, k) in [
+        (8, 1536, 2),
+        (8, 192, 2),
+        (16, 96, 4),
+        (64, 24, 8),
+        (48, 24, 24),
+        (192, 6, 96),
+        (384, 3, 192),
+    ] {
         let name = format!("mixtral_E{e}_I{i}_k{k}");
         if !wanted(&name) {
             continue;

@@ -341,6 +341,62 @@ fn convert_writes_models_that_evaluate_like_the_dense_one() {
 }
 
 #[test]
+fn factored_routers_train_export_and_count() {
+    let root = tempfile::tempdir().unwrap();
+    let (dense, text) = dense_model_and_text(root.path());
+    let convert = |name: &str, rank: &[&str]| {
+        let out = root.path().join(name).display().to_string();
+        let mut args = vec![
+            "convert",
+            &dense,
+            "--method",
+            "split-random",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--calib",
+            &text,
+            "--seq-len",
+            "32",
+            "--layerwise-steps",
+            "3",
+            "--router-steps",
+            "3",
+            "--batch-tokens",
+            "64",
+            "--json",
+            "--out",
+            &out,
+        ];
+        args.extend_from_slice(rank);
+        success_json(moekit(&args));
+        out
+    };
+    let (full, factored) = (
+        convert("full", &[]),
+        convert("factored", &["--router-rank", "2"]),
+    );
+    assert!(!Path::new(&full).join("router_factors.safetensors").exists());
+    assert!(
+        Path::new(&factored)
+            .join("router_factors.safetensors")
+            .exists()
+    );
+    let eval_text = format!("{text}/0.txt");
+    let eval = |model: &str| {
+        success_json(moekit(&["eval", model, "--text", &eval_text, "--json"]))["activated_params"]
+            .as_f64()
+            .unwrap()
+    };
+    // Two layers, H = 16, 4 routed experts: each router 16·4 full, 2·(16 + 4) factored.
+    assert_eq!(
+        eval(&full) - eval(&factored),
+        (2 * (16 * 4 - 2 * (16 + 4))) as f64
+    );
+}
+
+#[test]
 fn convert_refuses_bad_settings_in_one_line() {
     let root = tempfile::tempdir().unwrap();
     let (dense, text) = dense_model_and_text(root.path());
@@ -422,6 +478,19 @@ fn convert_refuses_bad_settings_in_one_line() {
     assert_clean_failure(
         &layerwise(&["--router-steps", "3", "--router-lr=0"]),
         "router learning rate",
+    );
+    assert_clean_failure(
+        &run(&[
+            "--method",
+            "split-random",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--router-rank",
+            "4",
+        ]),
+        "router rank 4",
     );
     assert_clean_failure(
         &run(&[

@@ -22,6 +22,23 @@ pub enum MoeError {
         /// Number of experts.
         experts: usize,
     },
+    /// A factored router gate's rank must lie in `1..min(H, E)`.
+    #[error(
+        "router rank {rank} is invalid for hidden size {hidden} and {experts} experts: choose \
+         1 <= rank < {min} (at {min} or more a full gate is smaller)",
+        min = hidden.min(experts)
+    )]
+    InvalidRank {
+        /// Requested rank.
+        rank: usize,
+        /// Model width `H`.
+        hidden: usize,
+        /// Number of experts `E`.
+        experts: usize,
+    },
+    /// A weight holds NaN or infinite values.
+    #[error("{0} holds NaN or infinite values")]
+    NonFinite(&'static str),
     /// Top-p mass must lie in (0, 1].
     #[error("top-p threshold {0} is outside (0, 1]")]
     InvalidTopP(f64),

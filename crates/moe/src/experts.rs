@@ -199,6 +199,50 @@ impl ExpertWeights {
         self.activation.apply(h).matmul(self.w_out.clone())
     }
 
+    /// Every expert's activations on every token, from one GEMM with the bank laid out as a
+    /// single FFN of `E·I` neurons (no `[E, T, H]` intermediate).
+    ///
+    /// # Shapes
+    /// - x: `[T, H]`
+    /// - output: `[T, E, I]`
+    pub fn activations_all(&self, x: Tensor<2>) -> Tensor<3> {
+        let [e, h, w] = self.w_in.dims();
+        let t = x.dims()[0];
+        // [E, H, W] → [H, E·W]: column block e is expert e's `[gate | up]`.
+        let w_in = self.w_in.clone().swap_dims(0, 1).reshape([h, e * w]);
+        self.activation.apply(x.matmul(w_in).reshape([t, e, w]))
+    }
+
+    /// Squared norm of every expert's output on every token, `‖Eₑ(x)‖²`, computed as
+    /// `aₑᵀ·(W_outₑ·W_outₑᵀ)·aₑ` from the activations `aₑ` ([`ExpertWeights::activations_all`])
+    /// when experts are narrower than the model (`I < H`), which needs `T·E·I` memory instead of
+    /// the `T·E·H` of running every expert to its output (what it does otherwise).
+    ///
+    /// # Shapes
+    /// - x: `[T, H]`
+    /// - output: `[T, E]`
+    pub fn output_norms(&self, x: Tensor<2>) -> Tensor<2> {
+        let [_, h, _] = self.w_in.dims();
+        let i = self.w_out.dims()[1];
+        if i >= h {
+            return self
+                .forward_all(x)
+                .square()
+                .sum_dim(2)
+                .squeeze_dim::<2>(2)
+                .transpose();
+        }
+        let act = self.activations_all(x).swap_dims(0, 1); // [E, T, I]
+        let gram = self
+            .w_out
+            .clone()
+            .matmul(self.w_out.clone().swap_dims(1, 2)); // [E, I, I]
+        (act.clone().matmul(gram) * act)
+            .sum_dim(2)
+            .squeeze_dim::<2>(2)
+            .transpose()
+    }
+
     /// Number of experts `E`.
     pub fn num_experts(&self) -> usize {
         self.w_in.dims()[0]
@@ -292,6 +336,43 @@ impl Experts {
         match self {
             Self::Full(b) => b.activation,
             Self::LowRank(b) => b.activation,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use moekit_testing::{device, normal, values};
+
+    use super::*;
+
+    #[test]
+    fn output_norms_equal_the_norms_of_every_experts_output() {
+        let device = device(7);
+        // Narrow experts (I < H: through the Gram matrices) and wide ones (I >= H: directly).
+        for (e, h, i, act) in [
+            (6, 10, 3, Activation::SwiGlu),
+            (5, 8, 2, Activation::Gelu),
+            (3, 4, 6, Activation::SwiGlu),
+        ] {
+            let bank = ExpertWeights {
+                w_in: normal([e, h, act.in_width(i)], 0.5, &device),
+                w_out: normal([e, i, h], 0.5, &device),
+                activation: act,
+            };
+            let x = normal([7, h], 1.0, &device);
+            let all = values(bank.forward_all(x.clone())); // [E, T, H]
+            let got = values(bank.output_norms(x)); // [T, E]
+            for t in 0..7 {
+                for k in 0..e {
+                    let want: f32 = (0..h).map(|c| all[(k * 7 + t) * h + c].powi(2)).sum();
+                    let g = got[t * e + k];
+                    assert!(
+                        (g - want).abs() <= 1e-4 * (1.0 + want),
+                        "{e}x{i}: {g} vs {want}"
+                    );
+                }
+            }
         }
     }
 }

@@ -35,6 +35,9 @@ pub struct MoeLayerConfig {
     /// Router training noise.
     #[config(default = "RouterNoise::None")]
     pub noise: RouterNoise,
+    /// Rank of a factored router gate ([`RouterConfig::rank`]); `None`: a full gate.
+    #[config(default = "None")]
+    pub router_rank: Option<usize>,
     /// Always-on shared expert.
     #[config(default = "None")]
     pub shared_expert: Option<SharedExpertConfig>,
@@ -169,6 +172,7 @@ impl MoeLayerConfig {
             .with_scoring(self.scoring)
             .with_selection(self.selection)
             .with_noise(self.noise)
+            .with_rank(self.router_rank)
             .init(device)?;
         let experts =
             ExpertBankConfig::new(self.num_experts, self.hidden_size, self.intermediate_size)
@@ -269,13 +273,7 @@ impl MoeLayer {
             w_out: w.w_out.detach(),
             activation: w.activation,
         };
-        // [E, T, H] -> [T, E] squared output norms.
-        let norms = w
-            .forward_all(input.detach())
-            .square()
-            .sum_dim(2)
-            .squeeze_dim::<2>(2)
-            .transpose();
+        let norms = w.output_norms(input.detach()); // [T, E]
         // A row-major copy: top-k on the transposed view gave wrong values on WGPU.
         let norms = Tensor::<2>::from_data(norms.into_data(), &device);
         let k = k.clamp(1, norms.dims()[1]);

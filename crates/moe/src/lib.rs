@@ -40,6 +40,8 @@ pub use ffn::{FeedForward, FeedForwardConfig};
 pub use layer::{ExpertInput, MoeLayer, MoeLayerConfig, MoeOutput};
 pub use losses::{AuxLossConfig, AuxLosses};
 pub use low_rank::{LowRankBank, LowRankBankConfig};
-pub use router::{Router, RouterConfig, RouterNoise, Routing, Scoring, Selection};
+pub use router::{
+    Router, RouterConfig, RouterNoise, Routing, Scoring, Selection, low_rank_factors,
+};
 pub use shared::{SharedExpert, SharedExpertConfig};
 pub use stats::RoutingStats;

@@ -65,7 +65,11 @@ fn check(c: Case, seed: u64) {
     let x = normal([1, c.tokens, c.hidden], 1.0, &device);
     let r = normal([1, c.tokens, c.hidden], 1.0, &device);
     let oracle = run(&layer, &x, &r, DispatchMode::Dense);
-    for mode in [DispatchMode::Fused, DispatchMode::Composed] {
+    for mode in [
+        DispatchMode::Fused,
+        DispatchMode::Composed,
+        DispatchMode::Masked,
+    ] {
         let got = run(&layer, &x, &r, mode);
         let names = ["output", "d input", "d router", "d w_in", "d w_out"];
         for ((g, o), name) in got.into_iter().zip(oracle.clone()).zip(names) {
@@ -225,4 +229,42 @@ fn capacity_drops_the_latest_tokens() {
         .expert(0)
         .forward(x.narrow(1, 0, 2));
     assert_close(out.output.narrow(1, 0, 2), e0, 1e-5, 1e-6);
+}
+
+#[test]
+fn auto_masks_many_narrow_experts_and_matches_the_oracle() {
+    let device = device(5);
+    let case = |experts, inter, k| Case {
+        tokens: 12,
+        hidden: 8,
+        inter,
+        experts,
+        selection: Selection::TopK {
+            k,
+            renormalize: true,
+        },
+        activation: Activation::SwiGlu,
+    };
+    let narrow = case(16, 2, 8);
+    let layer_narrow = layer(&narrow, &device);
+    let x = normal([1, 12, 8], 1.0, &device);
+    let oracle = with_mode(&layer_narrow, DispatchMode::Dense)
+        .forward(x.clone())
+        .unwrap()
+        .output;
+    let auto = layer_narrow.forward(x.clone()).unwrap().output;
+    assert_close(auto, oracle, 1e-4, 1e-5);
+    // Which one Auto takes: masked for 16 experts of 2 neurons, half chosen; not for 4 of 16,
+    // nor for 16 of 2 with one chosen.
+    let takes_masked = |c: &Case| {
+        let l = layer(c, &device);
+        let x2 = x.clone().reshape([12, 8]);
+        let routing = l.router.forward(x2.clone());
+        let plan = moekit_moe::DispatchPlan::new(&routing, None, None).unwrap();
+        let bank = l.experts.weights();
+        DispatchMode::Auto.choose(&x2, &bank, &plan) == DispatchMode::Masked
+    };
+    assert!(takes_masked(&narrow));
+    assert!(!takes_masked(&case(4, 16, 2)));
+    assert!(!takes_masked(&case(16, 2, 1)));
 }

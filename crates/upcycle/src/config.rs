@@ -95,6 +95,11 @@ pub struct ConvertConfig {
     /// Router initialisation.
     #[config(default = "RouterInit::Random")]
     pub router_init: RouterInit,
+    /// Rank `r` of a factored router gate `[H, r]·[r, E]` ([`moekit_moe::RouterConfig::rank`]):
+    /// `r·(H + E)` activated parameters per layer instead of `H·E`. The initialisation above
+    /// is computed in full and factored by truncated SVD. `None`: a full gate.
+    #[config(default = "None")]
+    pub router_rank: Option<usize>,
     /// Factor on the routed output (`None`: for a split, the factor that gives every chosen
     /// expert weight 1 under a uniform router, `k` with renormalised weights and `E` without,
     /// so that `k = E` with a uniform router reproduces the dense FFN; 1 for upcycling and

@@ -142,24 +142,25 @@ pub fn convert_ffn(
             (bank.into(), Some(frozen(ffn)), ExpertInput::Hidden, *alpha)
         }
     };
-    let mut router = RouterConfig::new(h, routed)
-        .with_selection(Selection::TopK {
-            k: config.top_k,
-            renormalize: config.renormalized(),
-        })
-        .init(&w.device())?;
     let routed_inputs = inputs.map(|x| {
         let n = x.dims()[0].min(PROFILE_TOKENS);
         x.narrow(0, 0, n)
     });
-    router.gate = Param::from_tensor(router_gate(
-        config.router_init,
-        ffn,
-        routed,
-        groups.as_deref(),
-        routed_inputs,
-        &mut rng,
-    )?);
+    let router = RouterConfig::new(h, routed)
+        .with_selection(Selection::TopK {
+            k: config.top_k,
+            renormalize: config.renormalized(),
+        })
+        .with_rank(config.router_rank)
+        .init(&w.device())?
+        .with_weight(router_gate(
+            config.router_init,
+            ffn,
+            routed,
+            groups.as_deref(),
+            routed_inputs,
+            &mut rng,
+        )?)?;
     Ok(MoeLayer::from_parts(router, experts, shared)?
         .with_output_scale(config.output_scale.unwrap_or(default_scale))?
         .with_expert_input(input)?)

@@ -330,3 +330,42 @@ fn calibration_of_another_width_is_an_error_not_a_panic() {
     let err = convert(model, &config, Some(&store), &mut |_, _| {}).unwrap_err();
     assert!(matches!(err, UpcycleError::Config(_)), "{err}");
 }
+
+#[test]
+fn a_factored_router_starts_from_the_best_rank_r_approximation_of_its_init() {
+    let device = device(29);
+    let ffn = ffn(&device);
+    let calib = normal([30, HIDDEN], 1.0, &device);
+    let e = 8;
+    for init in [
+        RouterInit::Centroids,
+        RouterInit::HiddenStates,
+        RouterInit::Random,
+    ] {
+        let config = split(SplitStrategy::Cluster, e, 2, init);
+        let full = convert_ffn(&ffn, &config, Some(calib.clone()), 5).unwrap();
+        let rank = 2;
+        let factored = convert_ffn(
+            &ffn,
+            &config.clone().with_router_rank(Some(rank)),
+            Some(calib.clone()),
+            5,
+        )
+        .unwrap();
+        assert_eq!(factored.router.rank(), Some(rank), "{init:?}");
+        // The same partition and full initialisation, factored: its product is the truncated
+        // SVD of the full gate.
+        assert_eq!(groups(&ffn, &full), groups(&ffn, &factored), "{init:?}");
+        let (down, up) = moekit_moe::low_rank_factors(full.router.weight(), rank).unwrap();
+        let want = values(down.matmul(up));
+        let got = values(factored.router.weight());
+        let scale = want.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-4 * scale, "{init:?}: {g} vs {w}");
+        }
+    }
+    // A rank the layer cannot use is refused with the layer's sizes in the message.
+    let config = split(SplitStrategy::Random, e, 2, RouterInit::Random).with_router_rank(Some(e));
+    let message = convert_ffn(&ffn, &config, None, 5).unwrap_err().to_string();
+    assert!(message.contains("router rank 8"), "{message}");
+}

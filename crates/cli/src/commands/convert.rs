@@ -104,6 +104,11 @@ pub struct ConvertArgs {
     /// Router initialisation.
     #[arg(long, value_enum, default_value = "random")]
     router_init: RouterInitArg,
+    /// Factor each router's gate through rank R (`H·R + R·E` parameters instead of `H·E`; the
+    /// initialisation is factored by truncated SVD). The export holds the product, which
+    /// transformers loads; the factors go to router_factors.safetensors beside it.
+    #[arg(long, value_name = "R")]
+    router_rank: Option<usize>,
     /// Upcycle: Gaussian noise on each copy, relative to the weights' standard deviation.
     #[arg(long, default_value_t = 0.0)]
     noise: f64,
@@ -238,6 +243,7 @@ impl ConvertArgs {
                 RouterInitArg::Centroids => RouterInit::Centroids,
                 RouterInitArg::HiddenStates => RouterInit::HiddenStates,
             })
+            .with_router_rank(self.router_rank)
             .with_output_scale(self.output_scale)
             .with_seed(self.seed)
     }

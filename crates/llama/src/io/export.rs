@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::host::HostTensor;
 use super::names::{Scheme, Weight, name};
+use super::router_factors;
 use super::safetensors::{SaveDtype, write};
 use crate::config::{Architecture, LlamaConfig};
 use crate::ffn::FfnSlot;
@@ -294,7 +295,7 @@ fn collect(model: &Llama, config: &LlamaConfig, scheme: Scheme) -> Vec<(String, 
             FfnSlot::Moe(moe) => {
                 out.push(
                     Weight::Router(l),
-                    HostTensor::from_tensor(moe.router.gate.val()).transpose(),
+                    HostTensor::from_tensor(moe.router.weight()).transpose(),
                 );
                 let bank = moe
                     .plain_experts()
@@ -358,7 +359,8 @@ fn collect(model: &Llama, config: &LlamaConfig, scheme: Scheme) -> Vec<(String, 
 /// Writes `model` into `dir` (created if needed) as a Hugging Face checkpoint in `format`,
 /// with the tokenizer files when a tokenizer is given. Returns the written configuration.
 /// LoRA adapters are folded into the weights they update (see [`Llama::merge_lora`]); to keep
-/// them apart, write them with [`crate::io::adapter::save_adapter`] instead.
+/// them apart, write them with [`crate::io::adapter::save_adapter`] instead. Factored routers
+/// are written as their product, their factors beside it ([`router_factors`]).
 pub fn save_pretrained(
     model: &Llama,
     tokenizer: Option<&Tokenizer>,
@@ -376,6 +378,7 @@ pub fn save_pretrained(
         std::fs::remove_file(&index).map_err(|e| LlamaError::io(&index, e))?;
     }
     write(&dir.join("model.safetensors"), &tensors, dtype)?;
+    router_factors::save(model, dir, format.scheme(), dtype)?;
     if let Some(t) = tokenizer {
         t.save(dir)?;
     }

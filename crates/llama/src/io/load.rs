@@ -13,6 +13,7 @@ use super::gguf::{GgufFile, unpermute_rows};
 use super::host::HostTensor;
 use super::names::{Scheme, Weight, name};
 use super::quant::GgmlType;
+use super::router_factors;
 use super::safetensors::SafetensorsDir;
 use super::source::TensorSource;
 use crate::config::{Architecture, FfnSpec, LlamaConfig};
@@ -34,7 +35,9 @@ pub struct Checkpoint {
 
 #[derive(Debug)]
 enum Files {
-    Hf(SafetensorsDir),
+    /// The model's safetensors, and the factors of factored routers if the directory holds
+    /// [`router_factors::ROUTER_FACTORS`].
+    Hf(SafetensorsDir, Option<SafetensorsDir>),
     Gguf(GgufFile),
 }
 
@@ -47,7 +50,7 @@ impl Checkpoint {
                 return Err(LlamaError::NotAModel(path.to_path_buf()));
             }
             let config = LlamaConfig::from_file(&config_path)?;
-            let files = Files::Hf(SafetensorsDir::open(path)?);
+            let files = Files::Hf(SafetensorsDir::open(path)?, router_factors::open(path)?);
             Ok(Self {
                 path: path.to_path_buf(),
                 config,
@@ -83,7 +86,7 @@ impl Checkpoint {
     /// How many tensors the file stores in each type (`Q4_1`, `BF16`, ...), most common first.
     pub fn tensor_types(&self) -> Vec<(String, usize)> {
         let names: Vec<String> = match &self.files {
-            Files::Hf(dir) => dir.dtypes(),
+            Files::Hf(dir, _) => dir.dtypes(),
             Files::Gguf(g) => g
                 .tensors
                 .values()
@@ -102,7 +105,7 @@ impl Checkpoint {
     /// The tokenizer: `tokenizer.json` beside `config.json`, or the GGUF metadata.
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         match &self.files {
-            Files::Hf(_) => {
+            Files::Hf(..) => {
                 let file = self.path.join("tokenizer.json");
                 if !file.exists() {
                     return Err(LlamaError::NoTokenizer(self.path.clone()));
@@ -115,19 +118,21 @@ impl Checkpoint {
 
     /// Loads the weights onto `device`. `progress(done, total)` is called as layers load.
     pub fn load(&self, device: &Device, progress: &mut dyn FnMut(usize, usize)) -> Result<Llama> {
-        let (source, scheme, permuted): (&dyn TensorSource, Scheme, bool) = match &self.files {
-            Files::Hf(dir) => {
-                let scheme = match self.config.architecture()? {
-                    Architecture::Mixtral => Scheme::Mixtral,
-                    Architecture::Qwen2Moe => Scheme::Qwen2Moe,
-                    _ => Scheme::Hf,
-                };
-                (dir, scheme, false)
-            }
-            Files::Gguf(g) => (g, Scheme::Gguf, g.qk_permuted()),
-        };
+        let (source, factors, scheme, permuted): (&dyn TensorSource, _, Scheme, bool) =
+            match &self.files {
+                Files::Hf(dir, factors) => {
+                    let scheme = match self.config.architecture()? {
+                        Architecture::Mixtral => Scheme::Mixtral,
+                        Architecture::Qwen2Moe => Scheme::Qwen2Moe,
+                        _ => Scheme::Hf,
+                    };
+                    (dir, factors.as_ref(), scheme, false)
+                }
+                Files::Gguf(g) => (g, None, Scheme::Gguf, g.qk_permuted()),
+            };
         let reader = Reader {
             source,
+            factors,
             scheme,
             qk_permuted: permuted,
             config: &self.config,
@@ -140,6 +145,8 @@ impl Checkpoint {
 /// Reads weights by [`Weight`] and checks their shapes.
 struct Reader<'a> {
     source: &'a dyn TensorSource,
+    /// The side file of factored routers, if any.
+    factors: Option<&'a SafetensorsDir>,
     scheme: Scheme,
     qk_permuted: bool,
     config: &'a LlamaConfig,
@@ -281,14 +288,17 @@ impl Reader<'_> {
                 renormalize,
                 shared_intermediate_size,
             } => {
+                let gate = self.take(Weight::Router(l), &[num_experts, h])?.transpose();
                 let mut router = RouterConfig::new(h, num_experts)
                     .with_selection(Selection::TopK {
                         k: top_k,
                         renormalize,
                     })
-                    .init(self.device)?;
-                let gate = self.take(Weight::Router(l), &[num_experts, h])?.transpose();
-                router.gate = Param::from_tensor(gate.to_tensor(self.device));
+                    .init(self.device)?
+                    .with_weight(gate.to_tensor(self.device))?;
+                if let Some(factors) = self.factors {
+                    router = router_factors::apply(router, factors, self.scheme, l, self.device)?;
+                }
                 let experts = self.experts(l, num_experts, intermediate_size)?;
                 let shared = match shared_intermediate_size {
                     Some(s) => Some(SharedExpert {

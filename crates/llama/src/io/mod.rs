@@ -8,5 +8,6 @@ pub mod host;
 pub mod load;
 pub mod names;
 pub mod quant;
+pub mod router_factors;
 pub mod safetensors;
 pub mod source;

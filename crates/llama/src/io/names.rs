@@ -41,6 +41,10 @@ pub enum Weight {
     Down(usize),
     /// Router `[E, H]`.
     Router(usize),
+    /// First factor of a factored router, `[r, H]` (`router_factors.safetensors`).
+    RouterDown(usize),
+    /// Second factor of a factored router, `[E, r]`: `Router = RouterUp · RouterDown`.
+    RouterUp(usize),
     /// Expert `e`'s gate projection `[I, H]`.
     ExpertGate(usize, usize),
     /// Expert `e`'s up projection `[I, H]`.
@@ -124,6 +128,12 @@ pub fn name(weight: Weight, scheme: Scheme) -> Option<String> {
         (Router(i), Gguf) => l(i, "ffn_gate_inp.weight"),
         (Router(i), Mixtral) => l(i, "block_sparse_moe.gate.weight"),
         (Router(i), Qwen2Moe) => l(i, "mlp.gate.weight"),
+        // The factors as PyTorch's `nn.Sequential(Linear(H, r), Linear(r, E))` names them in
+        // place of the gate's single `Linear(H, E)`.
+        (RouterDown(i), Mixtral) => l(i, "block_sparse_moe.gate.0.weight"),
+        (RouterUp(i), Mixtral) => l(i, "block_sparse_moe.gate.1.weight"),
+        (RouterDown(i), Qwen2Moe) => l(i, "mlp.gate.0.weight"),
+        (RouterUp(i), Qwen2Moe) => l(i, "mlp.gate.1.weight"),
         (ExpertGate(i, e), Mixtral) => l(i, &format!("block_sparse_moe.experts.{e}.w1.weight")),
         (ExpertDown(i, e), Mixtral) => l(i, &format!("block_sparse_moe.experts.{e}.w2.weight")),
         (ExpertUp(i, e), Mixtral) => l(i, &format!("block_sparse_moe.experts.{e}.w3.weight")),
@@ -142,6 +152,7 @@ pub fn name(weight: Weight, scheme: Scheme) -> Option<String> {
         (SharedScale(i), Gguf) => l(i, "ffn_gate_inp_shexp.weight"),
         (SharedScale(i), Qwen2Moe) => l(i, "mlp.shared_expert_gate.weight"),
         (Router(_) | ExpertGate(..) | ExpertUp(..) | ExpertDown(..), Hf)
+        | (RouterDown(_) | RouterUp(_), Hf | Gguf)
         | (ExpertGates(_) | ExpertUps(_) | ExpertDowns(_), Hf | Mixtral | Qwen2Moe)
         | (ExpertGate(..) | ExpertUp(..) | ExpertDown(..), Gguf)
         | (SharedGate(_) | SharedUp(_) | SharedDown(_) | SharedScale(_), Hf | Mixtral) => {

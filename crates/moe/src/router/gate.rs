@@ -1,4 +1,5 @@
-//! The router module: `logits = x·W_g (+ b)`, then scoring and selection.
+//! The router module: `logits = x·W_g (+ b)`, then scoring and selection. `W_g` is one
+//! `[H, E]` matrix or a low-rank product `W_down·W_up` ([`RouterConfig::rank`]).
 
 use burn::config::Config;
 use burn::module::{Flag, Module, Param};
@@ -6,6 +7,7 @@ use burn::nn::Initializer;
 use burn::tensor::activation::softplus;
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
 
+use super::factor::low_rank_factors;
 use super::selection::{RouterNoise, Scoring, Selection};
 use crate::error::MoeError;
 
@@ -28,16 +30,24 @@ pub struct RouterConfig {
     /// Learned bias on the logits.
     #[config(default = false)]
     pub bias: bool,
-    /// Initialiser of the gate weight.
+    /// Initialiser of the gate weight (of `W_down` when the gate is factored).
     #[config(default = "Initializer::Normal { mean: 0.0, std: 0.02 }")]
     pub initializer: Initializer,
+    /// Rank `r` of a factored gate `W_g = W_down·W_up` (`[H, r]·[r, E]`): `r·(H + E)`
+    /// parameters per layer instead of `H·E`, which matters when experts are many and small
+    /// (hundreds of few-neuron parts of a split FFN). Must lie in `1..min(H, E)`. `None`: one
+    /// full `[H, E]` gate.
+    #[config(default = "None")]
+    pub rank: Option<usize>,
 }
 
 /// A linear router.
 #[derive(Module, Debug)]
 pub struct Router {
-    /// Gate weight `[H, E]`.
+    /// Gate weight `W_g` `[H, E]`; for a factored gate its first factor `W_down` `[H, r]`.
     pub gate: Param<Tensor<2>>,
+    /// Second factor `W_up` `[r, E]` of a factored gate (`W_g = gate·gate_up`).
+    pub gate_up: Option<Param<Tensor<2>>>,
     /// Optional gate bias `[E]`.
     pub bias: Option<Param<Tensor<1>>>,
     /// Noise weight `[H, E]` of noisy top-k gating.
@@ -91,8 +101,28 @@ impl RouterConfig {
         }
         let noise_gate = matches!(self.noise, RouterNoise::NoisyTopK)
             .then(|| Initializer::Zeros.init_with([h, e], Some(h), Some(e), device));
+        let (gate, gate_up) = match self.rank {
+            None => (
+                self.initializer.init_with([h, e], Some(h), Some(e), device),
+                None,
+            ),
+            Some(r) => {
+                check_rank(r, h, e)?;
+                // `W_up ~ N(0, 1/r)` keeps the entries of `W_down·W_up` at the scale of
+                // `W_down`'s, i.e. of a full gate drawn from the same initialiser.
+                let up = Initializer::Normal {
+                    mean: 0.0,
+                    std: 1.0 / (r as f64).sqrt(),
+                };
+                (
+                    self.initializer.init_with([h, r], Some(h), Some(r), device),
+                    Some(up.init_with([r, e], Some(r), Some(e), device)),
+                )
+            }
+        };
         Ok(Router {
-            gate: self.initializer.init_with([h, e], Some(h), Some(e), device),
+            gate,
+            gate_up,
             bias: self
                 .bias
                 .then(|| Initializer::Zeros.init_with([e], Some(h), Some(e), device)),
@@ -105,10 +135,89 @@ impl RouterConfig {
     }
 }
 
+/// `1 <= r < min(H, E)`: at `min(H, E)` or more the factors cost more than the full gate.
+fn check_rank(r: usize, h: usize, e: usize) -> crate::Result<()> {
+    if r == 0 || r >= h.min(e) {
+        return Err(MoeError::InvalidRank {
+            rank: r,
+            hidden: h,
+            experts: e,
+        });
+    }
+    Ok(())
+}
+
 impl Router {
     /// Number of experts `E`.
     pub fn num_experts(&self) -> usize {
-        self.gate.dims()[1]
+        match &self.gate_up {
+            Some(up) => up.dims()[1],
+            None => self.gate.dims()[1],
+        }
+    }
+
+    /// Model width `H`.
+    pub fn hidden_size(&self) -> usize {
+        self.gate.dims()[0]
+    }
+
+    /// Rank `r` of a factored gate; `None` for a full one.
+    pub fn rank(&self) -> Option<usize> {
+        self.gate_up.as_ref().map(|up| up.dims()[0])
+    }
+
+    /// The gate `W_g` `[H, E]` (for a factored gate, the product of its factors).
+    pub fn weight(&self) -> Tensor<2> {
+        match &self.gate_up {
+            Some(up) => self.gate.val().matmul(up.val()),
+            None => self.gate.val(),
+        }
+    }
+
+    /// Sets the gate to `w` `[H, E]`; a factored router keeps its rank `r` and takes the best
+    /// rank-`r` approximation of `w` ([`low_rank_factors`]), so any full-gate initialisation
+    /// (centroids, hidden states) also initialises a factored router.
+    pub fn with_weight(mut self, w: Tensor<2>) -> crate::Result<Self> {
+        let expected = [self.hidden_size(), self.num_experts()];
+        if w.dims() != expected {
+            return Err(MoeError::WeightShape {
+                what: "router gate",
+                expected: expected.to_vec(),
+                got: w.dims().to_vec(),
+            });
+        }
+        match self.rank() {
+            None => self.gate = Param::from_tensor(w),
+            Some(r) => {
+                let (down, up) = low_rank_factors(w, r)?;
+                self.gate = Param::from_tensor(down);
+                self.gate_up = Some(Param::from_tensor(up));
+            }
+        }
+        Ok(self)
+    }
+
+    /// Makes the gate the product `down·up` (`[H, r]`, `[r, E]`) of the given factors, with
+    /// `E` and `H` unchanged (e.g. factors read back from a file).
+    pub fn with_factors(mut self, down: Tensor<2>, up: Tensor<2>) -> crate::Result<Self> {
+        let (h, e) = (self.hidden_size(), self.num_experts());
+        let r = down.dims()[1];
+        check_rank(r, h, e)?;
+        for (what, expected, got) in [
+            ("router gate factor W_down", [h, r], down.dims()),
+            ("router gate factor W_up", [r, e], up.dims()),
+        ] {
+            if got != expected {
+                return Err(MoeError::WeightShape {
+                    what,
+                    expected: expected.to_vec(),
+                    got: got.to_vec(),
+                });
+            }
+        }
+        self.gate = Param::from_tensor(down);
+        self.gate_up = Some(Param::from_tensor(up));
+        Ok(self)
     }
 
     /// Expert slots per token (`k`, or the top-p bound).
@@ -142,6 +251,9 @@ impl Router {
             _ => x,
         };
         let mut logits = x.clone().matmul(self.gate.val());
+        if let Some(up) = &self.gate_up {
+            logits = logits.matmul(up.val());
+        }
         if let Some(bias) = &self.bias {
             logits = logits + bias.val().unsqueeze();
         }
