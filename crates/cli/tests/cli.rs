@@ -211,6 +211,34 @@ fn perplexity(model: &str, text: &str) -> f64 {
         .unwrap()
 }
 
+/// `dense` split at random into 4 experts, top-2, trained layer-wise for 3 steps of 64 tokens
+/// on `text`, written to `out` with `extra` settings; the printed JSON.
+fn trained_split(dense: &str, text: &str, out: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "convert",
+        dense,
+        "--method",
+        "split-random",
+        "--experts",
+        "4",
+        "--top-k",
+        "2",
+        "--calib",
+        text,
+        "--seq-len",
+        "32",
+        "--layerwise-steps",
+        "3",
+        "--batch-tokens",
+        "64",
+        "--json",
+        "--out",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    success_json(moekit(&args))
+}
+
 #[test]
 fn convert_writes_models_that_evaluate_like_the_dense_one() {
     let root = tempfile::tempdir().unwrap();
@@ -288,32 +316,9 @@ fn convert_writes_models_that_evaluate_like_the_dense_one() {
     let fit_dir = root.path().join("fit").display().to_string();
     let work = root.path().join("work").display().to_string();
     let fit = |router: &[&str]| {
-        let mut args = vec![
-            "convert",
-            &dense,
-            "--method",
-            "split-random",
-            "--experts",
-            "4",
-            "--top-k",
-            "2",
-            "--calib",
-            &text,
-            "--seq-len",
-            "32",
-            "--layerwise-steps",
-            "3",
-            "--batch-tokens",
-            "64",
-            "--work-dir",
-            &work,
-            "--keep-work",
-            "--json",
-            "--out",
-            &fit_dir,
-        ];
-        args.extend_from_slice(router);
-        success_json(moekit(&args))["layers"]
+        let mut extra = vec!["--work-dir", &work, "--keep-work"];
+        extra.extend_from_slice(router);
+        trained_split(&dense, &text, &fit_dir, &extra)["layers"]
             .as_array()
             .unwrap()
             .clone()
@@ -346,31 +351,9 @@ fn factored_routers_train_export_and_count() {
     let (dense, text) = dense_model_and_text(root.path());
     let convert = |name: &str, rank: &[&str]| {
         let out = root.path().join(name).display().to_string();
-        let mut args = vec![
-            "convert",
-            &dense,
-            "--method",
-            "split-random",
-            "--experts",
-            "4",
-            "--top-k",
-            "2",
-            "--calib",
-            &text,
-            "--seq-len",
-            "32",
-            "--layerwise-steps",
-            "3",
-            "--router-steps",
-            "3",
-            "--batch-tokens",
-            "64",
-            "--json",
-            "--out",
-            &out,
-        ];
-        args.extend_from_slice(rank);
-        success_json(moekit(&args));
+        let mut extra = vec!["--router-steps", "3"];
+        extra.extend_from_slice(rank);
+        trained_split(&dense, &text, &out, &extra);
         out
     };
     let (full, factored) = (

@@ -5,24 +5,11 @@ use burn::module::{Module, Param};
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{Device, Tensor};
 use moekit_lora::{LinearSlot, LoraAdapter, LoraConfig, LoraInit, LoraLinear};
-use moekit_testing::{assert_close, device, normal, tensor, values};
+use moekit_testing::{assert_close, device, matmul, normal, tensor, values};
 
 const IN: usize = 12;
 const OUT: usize = 7;
 const R: usize = 3;
-
-/// `[rows, cols]` row-major f64 matmul.
-fn matmul(a: &[f64], b: &[f64], rows: usize, inner: usize, cols: usize) -> Vec<f64> {
-    let mut out = vec![0.0; rows * cols];
-    for i in 0..rows {
-        for k in 0..inner {
-            for j in 0..cols {
-                out[i * cols + j] += a[i * inner + k] * b[k * cols + j];
-            }
-        }
-    }
-    out
-}
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f64> {
     values(t).into_iter().map(f64::from).collect()

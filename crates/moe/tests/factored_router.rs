@@ -3,20 +3,7 @@
 use burn::module::Module;
 use burn::tensor::Tensor;
 use moekit_moe::{MoeError, RouterConfig, low_rank_factors};
-use moekit_testing::{device, normal, tensor, values};
-
-/// `a [n, m] · b [m, p]`, naively.
-fn matmul(a: &[f32], b: &[f32], n: usize, m: usize, p: usize) -> Vec<f32> {
-    let mut out = vec![0f32; n * p];
-    for i in 0..n {
-        for k in 0..m {
-            for j in 0..p {
-                out[i * p + j] += a[i * m + k] * b[k * p + j];
-            }
-        }
-    }
-    out
-}
+use moekit_testing::{device, matmul, normal, tensor, values};
 
 /// The Householder reflection `I − 2·v·vᵀ/‖v‖²` `[n, n]`: orthogonal, in closed form.
 fn householder(v: &[f32]) -> Vec<f32> {

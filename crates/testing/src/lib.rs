@@ -79,6 +79,23 @@ pub fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data().iter::<f32>().collect()
 }
 
+/// Naive row-major matmul `a [rows, inner] · b [inner, cols]`: the independent reference that
+/// tests compare tensor code with.
+pub fn matmul<T>(a: &[T], b: &[T], rows: usize, inner: usize, cols: usize) -> Vec<T>
+where
+    T: Copy + Default + std::ops::Add<Output = T> + std::ops::Mul<Output = T>,
+{
+    let mut out = vec![T::default(); rows * cols];
+    for i in 0..rows {
+        for k in 0..inner {
+            for j in 0..cols {
+                out[i * cols + j] = out[i * cols + j] + a[i * inner + k] * b[k * cols + j];
+            }
+        }
+    }
+    out
+}
+
 /// Asserts `|a - b| <= atol + rtol·|b|` elementwise, reporting the worst element.
 #[track_caller]
 pub fn assert_close<const D: usize>(a: Tensor<D>, b: Tensor<D>, rtol: f32, atol: f32) {

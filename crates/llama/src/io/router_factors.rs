@@ -117,7 +117,8 @@ pub(crate) fn apply(
         gap.into_scalar::<f32>(),
         full.square().sum().sqrt().into_scalar::<f32>(),
     );
-    if !(gap <= MATCH_TOLERANCE * norm) {
+    // A NaN gap (non-finite factors) fails too.
+    if gap.is_nan() || gap > MATCH_TOLERANCE * norm {
         return Err(LlamaError::corrupt(
             &path,
             format!(
