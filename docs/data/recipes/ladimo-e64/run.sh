@@ -2,9 +2,9 @@
 # 64 parts (16 shared + top-26 of 48: 65.6% of each FFN, 79.8% of the parameters, the whole
 # 80% budget from the start), built like ladimo-e32-fit's best model: router supervision,
 # 100 layer-wise steps, 1,000 router-only steps. Then evaluated with its own and oracle routing.
-# PARTS, SHARED and TOP_K build another split the same way (../ladimo-e256/run.sh), ROUTER_RANK
-# factors its routers (../ladimo-e512/run.sh), KEEP_WORK=1 keeps OUT/work (the recording and
-# trained blocks) after success.
+# PARTS, SHARED and TOP_K build another split the same way, ROUTER_RANK factors its routers
+# (../ladimo-e512/run.sh), KEEP_WORK=1 keeps OUT/work (the recording and trained blocks) after
+# success.
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 PARTS=${PARTS:-64} SHARED=${SHARED:-16} TOP_K=${TOP_K:-26}
