@@ -17,7 +17,7 @@ use burn::module::{Module, Param};
 use burn::nn::Initializer;
 use burn::tensor::{Device, Distribution, Tensor};
 use moekit::moe::{
-    DispatchMode, FeedForward, FeedForwardConfig, MoeLayer, MoeLayerConfig, Selection,
+    DispatchMode, DispatchPlan, FeedForward, FeedForwardConfig, MoeLayer, MoeLayerConfig, Selection,
 };
 
 const H: usize = 576;
@@ -188,9 +188,14 @@ fn main() {
         );
         let ((f, fb), (df, dfb)) = (m[0], m[1]);
         let g = gflop(k * 6 * H * i + 2 * H * e);
+        // What runs: Auto's choice depends on the bank and the routing of a batch.
+        let probe = Tensor::<2>::random([T, H], Distribution::Normal(0.0, 1.0), &device);
+        let plan = DispatchPlan::new(&layer.router.forward(probe.clone()), None, None)
+            .unwrap_or_else(|err| exit(&err.to_string()));
         let dispatch = format!(
             "{:?}",
-            args.dispatch.resolve(&Tensor::zeros([1, H], &device))
+            args.dispatch
+                .choose(&probe, &layer.experts.weights(), &plan)
         )
         .to_lowercase();
         println!(

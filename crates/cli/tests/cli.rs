@@ -211,8 +211,8 @@ fn perplexity(model: &str, text: &str) -> f64 {
         .unwrap()
 }
 
-/// `dense` split at random into 4 experts, top-2, trained layer-wise for 3 steps of 64 tokens
-/// on `text`, written to `out` with `extra` settings; the printed JSON.
+/// `dense` split at random into 4 experts, top-2, calibrated on `text` (batches of 64 tokens),
+/// with `extra` settings (e.g. `--layerwise-steps 3`), written to `out`; the printed JSON.
 fn trained_split(dense: &str, text: &str, out: &str, extra: &[&str]) -> serde_json::Value {
     let mut args = vec![
         "convert",
@@ -227,8 +227,6 @@ fn trained_split(dense: &str, text: &str, out: &str, extra: &[&str]) -> serde_js
         text,
         "--seq-len",
         "32",
-        "--layerwise-steps",
-        "3",
         "--batch-tokens",
         "64",
         "--json",
@@ -316,7 +314,7 @@ fn convert_writes_models_that_evaluate_like_the_dense_one() {
     let fit_dir = root.path().join("fit").display().to_string();
     let work = root.path().join("work").display().to_string();
     let fit = |router: &[&str]| {
-        let mut extra = vec!["--work-dir", &work, "--keep-work"];
+        let mut extra = vec!["--layerwise-steps", "3", "--work-dir", &work, "--keep-work"];
         extra.extend_from_slice(router);
         trained_split(&dense, &text, &fit_dir, &extra)["layers"]
             .as_array()
@@ -351,7 +349,7 @@ fn factored_routers_train_export_and_count() {
     let (dense, text) = dense_model_and_text(root.path());
     let convert = |name: &str, rank: &[&str]| {
         let out = root.path().join(name).display().to_string();
-        let mut extra = vec!["--router-steps", "3"];
+        let mut extra = vec!["--layerwise-steps", "3", "--router-steps", "3"];
         extra.extend_from_slice(rank);
         trained_split(&dense, &text, &out, &extra);
         out
@@ -377,6 +375,40 @@ fn factored_routers_train_export_and_count() {
         eval(&full) - eval(&factored),
         (2 * (16 * 4 - 2 * (16 + 4))) as f64
     );
+}
+
+#[test]
+fn router_steps_alone_fit_routers_to_the_converted_experts() {
+    use moekit::llama::io::safetensors::SafetensorsDir;
+    use moekit::llama::io::source::TensorSource;
+    let root = tempfile::tempdir().unwrap();
+    let (dense, text) = dense_model_and_text(root.path());
+    let convert = |name: &str, extra: &[&str]| {
+        let out = root.path().join(name).display().to_string();
+        let summary = trained_split(&dense, &text, &out, extra);
+        (summary, SafetensorsDir::open(Path::new(&out)).unwrap())
+    };
+    let (_, plain) = convert("plain", &[]);
+    let (summary, fitted) = convert("fitted", &["--router-steps", "5", "--router-lr", "0.05"]);
+    // One report per layer, with the fitted router's recall.
+    let layers = summary["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    for layer in layers {
+        let recall = layer["oracle_recall"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&recall), "{layer}");
+    }
+    // The experts are the converted ones, bit for bit; the routers moved.
+    let read = |dir: &SafetensorsDir, name: &str| dir.read(name).unwrap().unwrap().data;
+    for l in 0..2 {
+        for e in 0..4 {
+            for w in ["w1", "w2", "w3"] {
+                let name = format!("model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight");
+                assert_eq!(read(&plain, &name), read(&fitted, &name), "{name}");
+            }
+        }
+        let gate = format!("model.layers.{l}.block_sparse_moe.gate.weight");
+        assert_ne!(read(&plain, &gate), read(&fitted, &gate), "{gate}");
+    }
 }
 
 #[test]

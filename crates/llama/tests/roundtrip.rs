@@ -263,6 +263,10 @@ fn factored_routers_roundtrip_through_both_formats() {
             // (As Qwen2-MoE the model gains a zero shared expert and zero biases.)
             assert_eq!(back.num_params(), model.num_params());
         }
+        // What `moekit info` counts without loading weights: the factors, not the product.
+        let counted = |dir: &Path| Checkpoint::open(dir).unwrap().param_counts().unwrap();
+        let factored_counts = counted(dir.path());
+        assert_eq!(factored_counts.total, back.num_params(), "{format:?}");
         let (a, b) = (logits(&model, &device), logits(&back, &device));
         for (x, y) in a.iter().zip(&b) {
             assert!(
@@ -289,10 +293,11 @@ fn factored_routers_roundtrip_through_both_formats() {
         std::fs::remove_file(dir.path().join(ROUTER_FACTORS)).unwrap();
         let full = reload(dir.path(), &device).unwrap();
         assert_eq!(ranks(&full), [None, None]);
-        assert_eq!(
-            full.num_params(),
-            back.num_params() + 2 * (32 * 8 - RANK * (32 + 8))
-        );
+        let saved = 2 * (32 * 8 - RANK * (32 + 8));
+        assert_eq!(full.num_params(), back.num_params() + saved);
+        let full_counts = counted(dir.path());
+        assert_eq!(full_counts.total, factored_counts.total + saved);
+        assert_eq!(full_counts.active, factored_counts.active + saved);
         for (x, y) in a.iter().zip(logits(&full, &device)) {
             assert!(
                 (x - y).abs() <= 1e-4 * (1.0 + x.abs()),

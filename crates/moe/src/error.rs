@@ -22,11 +22,11 @@ pub enum MoeError {
         /// Number of experts.
         experts: usize,
     },
-    /// A factored router gate's rank must lie in `1..min(H, E)`.
+    /// A factored router gate needs `rank ≥ 1` and factors smaller than the full gate.
     #[error(
         "router rank {rank} is invalid for hidden size {hidden} and {experts} experts: choose \
-         1 <= rank < {min} (at {min} or more a full gate is smaller)",
-        min = hidden.min(experts)
+         1 <= rank <= {max} (above it the factors hold more than the full {hidden}x{experts} gate)",
+        max = (hidden * experts).saturating_sub(1) / (hidden + experts).max(1)
     )]
     InvalidRank {
         /// Requested rank.

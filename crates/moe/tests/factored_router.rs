@@ -180,7 +180,9 @@ fn bad_ranks_shapes_and_weights_are_errors() {
             .init(&device)
             .map(|_| ())
     };
-    for r in [0, 4, 9] {
+    // 6·4 = 24 gate parameters: rank 2 factors hold 2·(6 + 4) = 20, rank 3 already 30.
+    assert!(rank(2).is_ok());
+    for r in [0, 3, 4, 9] {
         assert_eq!(
             rank(r),
             Err(MoeError::InvalidRank {
@@ -190,8 +192,8 @@ fn bad_ranks_shapes_and_weights_are_errors() {
             })
         );
     }
-    let message = rank(4).unwrap_err().to_string();
-    assert!(message.contains("1 <= rank < 4"), "{message}");
+    let message = rank(3).unwrap_err().to_string();
+    assert!(message.contains("1 <= rank <= 2"), "{message}");
     let router = RouterConfig::new(6, 4)
         .with_rank(Some(2))
         .init(&device)
@@ -212,9 +214,11 @@ fn bad_ranks_shapes_and_weights_are_errors() {
         router.with_weight(tensor(nan, [6, 4], &device)).map(|_| ()),
         Err(MoeError::NonFinite("router gate"))
     );
+    // The best rank-r factors themselves exist up to min(H, E).
+    assert!(low_rank_factors(normal([6, 4], 1.0, &device), 4).is_ok());
     assert!(matches!(
         low_rank_factors(normal([6, 4], 1.0, &device), 5),
-        Err(MoeError::InvalidRank { .. })
+        Err(MoeError::OutOfRange { .. })
     ));
 }
 

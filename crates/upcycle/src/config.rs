@@ -1,7 +1,7 @@
 //! What a conversion does: the method, the expert layout and the router initialisation.
 
 use burn::config::Config;
-use moekit_moe::Activation;
+use moekit_moe::{Activation, RouterConfig};
 
 use crate::error::{Result, UpcycleError};
 
@@ -134,8 +134,9 @@ impl ConvertConfig {
             .unwrap_or(!matches!(self.method, Method::LoraExperts { .. }))
     }
 
-    /// Checks the settings against an FFN of intermediate width `intermediate`.
-    pub fn validate(&self, intermediate: usize) -> Result<()> {
+    /// Checks the settings against an FFN of width `hidden` and intermediate width
+    /// `intermediate`.
+    pub fn validate(&self, hidden: usize, intermediate: usize) -> Result<()> {
         let bad = |m: String| Err(UpcycleError::Config(m));
         let (e, s, k) = (self.num_experts, self.shared_experts, self.top_k);
         if e == 0 {
@@ -195,6 +196,9 @@ impl ConvertConfig {
             && !f.is_finite()
         {
             return bad(format!("output scale {f} must be finite"));
+        }
+        if let Some(r) = self.router_rank {
+            RouterConfig::check_rank(r, hidden, e - s)?;
         }
         Ok(())
     }

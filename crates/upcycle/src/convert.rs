@@ -42,7 +42,7 @@ pub fn convert_ffn(
     inputs: Option<Tensor<2>>,
     seed: u64,
 ) -> Result<MoeLayer> {
-    config.validate(ffn.intermediate_size())?;
+    config.validate(ffn.hidden_size(), ffn.intermediate_size())?;
     if config.needs_calibration() && inputs.is_none() {
         return Err(UpcycleError::NeedsCalibration(
             "this split strategy, shared experts or hidden-state router init",

@@ -139,7 +139,8 @@ pub struct ConvertArgs {
     /// Tokens per calibration sequence.
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
-    /// Layer-wise construction: training steps per layer (0: convert only).
+    /// Layer-wise construction: training steps per layer (0: convert only; with --router-steps,
+    /// fit only the routers to the experts as converted, which --refine-steps then adapts).
     #[arg(long, default_value_t = 0)]
     layerwise_steps: usize,
     /// Layer-wise construction: tokens per step.
@@ -372,7 +373,11 @@ fn calibrate(
 /// Converts, optionally constructs layer-wise, and writes the checkpoint.
 pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
     let config = args.config();
-    let needs_calib = config.needs_calibration() || args.layerwise_steps > 0;
+    // Router-only steps without block training fit routers to the converted experts (for a
+    // split, exactly the dense neurons; MoEfication's recipe); refinement steps then adapt the
+    // experts to them.
+    let layerwise = args.layerwise_steps > 0 || args.router_steps > 0 || args.refine_steps > 0;
+    let needs_calib = config.needs_calibration() || layerwise;
     if needs_calib && args.calib.is_empty() {
         return Err(CliError::Usage(
             "this conversion needs calibration text: add --calib FILE_OR_DIR...".into(),
@@ -380,7 +385,7 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
     }
     args.layerwise(args.layerwise_steps).validate()?;
     let (_, dense, tokenizer) = super::load(&args.dense, None)?;
-    config.validate(dense.config.intermediate_size)?;
+    config.validate(dense.config.hidden_size, dense.config.intermediate_size)?;
     let dense_counts = dense.param_counts();
     let work = args
         .work_dir
@@ -413,7 +418,7 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
 
     let t = Instant::now();
     let (model, reports) = match (&store, args.layerwise_steps) {
-        (Some(store), steps) if steps > 0 => {
+        (Some(store), steps) if layerwise => {
             let lw = args.layerwise(steps);
             let mut bars = Bars {
                 multi: MultiProgress::new(),

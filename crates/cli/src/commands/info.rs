@@ -39,7 +39,7 @@ pub fn run(path: &Path, as_json: bool) -> Result<(), CliError> {
     let ckpt = Checkpoint::open(path)?;
     let c = ckpt.config();
     let arch = c.architecture()?;
-    let counts = c.param_counts();
+    let counts = ckpt.param_counts()?;
     // Runs of equal layer kinds, in order.
     let mut kinds: Vec<(FfnSpec, Vec<usize>)> = Vec::new();
     for l in 0..c.num_hidden_layers {

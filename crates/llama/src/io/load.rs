@@ -16,7 +16,7 @@ use super::quant::GgmlType;
 use super::router_factors;
 use super::safetensors::SafetensorsDir;
 use super::source::TensorSource;
-use crate::config::{Architecture, FfnSpec, LlamaConfig};
+use crate::config::{Architecture, FfnSpec, LlamaConfig, ParamCounts};
 use crate::ffn::FfnSlot;
 use crate::layer::DecoderLayer;
 use crate::model::Llama;
@@ -78,6 +78,36 @@ impl Checkpoint {
         &self.config
     }
 
+    /// Parameter counts from the configuration, with the routers that
+    /// [`router_factors::ROUTER_FACTORS`] factors counted as their factors (`r·(H + E)` instead
+    /// of `H·E`), as the loaded model holds them; reads the factors, not the weights.
+    pub fn param_counts(&self) -> Result<ParamCounts> {
+        let mut counts = self.config.param_counts();
+        if let Files::Hf(_, Some(factors)) = &self.files {
+            let scheme = self.scheme()?;
+            let h = self.config.hidden_size;
+            let ranks = router_factors::ranks(factors, scheme, self.config.num_hidden_layers)?;
+            for (l, r) in ranks.into_iter().enumerate() {
+                if let (Some(r), FfnSpec::Moe { num_experts: e, .. }) = (r, self.config.ffn_spec(l))
+                {
+                    let saved = (h * e).saturating_sub(r * (h + e));
+                    counts.total -= saved;
+                    counts.active -= saved;
+                }
+            }
+        }
+        Ok(counts)
+    }
+
+    /// The naming scheme of a Hugging Face directory's tensors.
+    fn scheme(&self) -> Result<Scheme> {
+        Ok(match self.config.architecture()? {
+            Architecture::Mixtral => Scheme::Mixtral,
+            Architecture::Qwen2Moe => Scheme::Qwen2Moe,
+            _ => Scheme::Hf,
+        })
+    }
+
     /// The checkpoint path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -120,14 +150,7 @@ impl Checkpoint {
     pub fn load(&self, device: &Device, progress: &mut dyn FnMut(usize, usize)) -> Result<Llama> {
         let (source, factors, scheme, permuted): (&dyn TensorSource, _, Scheme, bool) =
             match &self.files {
-                Files::Hf(dir, factors) => {
-                    let scheme = match self.config.architecture()? {
-                        Architecture::Mixtral => Scheme::Mixtral,
-                        Architecture::Qwen2Moe => Scheme::Qwen2Moe,
-                        _ => Scheme::Hf,
-                    };
-                    (dir, factors.as_ref(), scheme, false)
-                }
+                Files::Hf(dir, factors) => (dir, factors.as_ref(), self.scheme()?, false),
                 Files::Gguf(g) => (g, None, Scheme::Gguf, g.qk_permuted()),
             };
         let reader = Reader {

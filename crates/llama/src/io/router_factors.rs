@@ -70,6 +70,23 @@ pub(crate) fn open(dir: &Path) -> Result<Option<SafetensorsDir>> {
         .transpose()
 }
 
+/// The rank of each layer's factored router that `factors` holds (`None`: a full gate), for
+/// `layers` layers; read from the stored factors' shapes.
+pub(crate) fn ranks(
+    factors: &SafetensorsDir,
+    scheme: Scheme,
+    layers: usize,
+) -> Result<Vec<Option<usize>>> {
+    (0..layers)
+        .map(|l| {
+            let Some(n) = name(Weight::RouterDown(l), scheme) else {
+                return Ok(None);
+            };
+            Ok(factors.read(&n)?.and_then(|t| t.shape.first().copied()))
+        })
+        .collect()
+}
+
 /// `router` (layer `l`, its full gate read from the main file) with the factors `factors`
 /// holds for it; unchanged if it holds none.
 pub(crate) fn apply(
@@ -96,6 +113,12 @@ pub(crate) fn apply(
     };
     let (h, e) = (router.hidden_size(), router.num_experts());
     let r = down.1.shape.first().copied().unwrap_or(0);
+    if r == 0 {
+        return Err(LlamaError::corrupt(
+            &path,
+            format!("layer {l}: `{}` has rank 0", down.0),
+        ));
+    }
     for ((n, t), expected) in [(&down, [r, h]), (&up, [e, r])] {
         if t.shape != expected {
             return Err(LlamaError::TensorShape {

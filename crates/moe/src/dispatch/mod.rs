@@ -24,8 +24,10 @@ use crate::experts::ExpertWeights;
 /// Which implementation evaluates the experts.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
 pub enum DispatchMode {
-    /// The fastest available: [`DispatchMode::Masked`] for many narrow experts of which a large
-    /// share is chosen ([`masked_pays`]), else fused on Flex (f32), composed elsewhere.
+    /// The fastest available: on Flex (f32), [`DispatchMode::Masked`] for many narrow experts
+    /// of which a large share is chosen ([`masked_pays`]) and the fused kernel otherwise;
+    /// composed elsewhere (the masked dispatch runs on every backend when asked for, but was
+    /// measured on Flex only).
     Auto,
     /// The fused grouped-GEMM kernel; falls back to composed where it is unavailable.
     Fused,
@@ -53,7 +55,9 @@ impl DispatchMode {
     /// The implementation that runs for this input, bank and plan.
     pub fn choose(self, x: &Tensor<2>, bank: &ExpertWeights, plan: &DispatchPlan) -> DispatchMode {
         match self {
-            DispatchMode::Auto if masked_pays(bank, plan) => DispatchMode::Masked,
+            DispatchMode::Auto if fused_available(x) && masked_pays(bank, plan) => {
+                DispatchMode::Masked
+            }
             other => other.resolve(x),
         }
     }
@@ -84,7 +88,7 @@ const MASKED_MAX_WIDTH: usize = 8;
 /// 48 of 24 (too wide): 310 against 157.
 pub fn masked_pays(bank: &ExpertWeights, plan: &DispatchPlan) -> bool {
     let [e, i, _] = bank.w_out.dims();
-    i <= MASKED_MAX_WIDTH && 4 * plan.assignments() >= plan.tokens * e
+    i <= MASKED_MAX_WIDTH && plan.assignments() > 0 && 4 * plan.assignments() >= plan.tokens * e
 }
 
 fn fused_available(x: &Tensor<2>) -> bool {

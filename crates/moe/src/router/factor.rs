@@ -17,14 +17,14 @@ const SVD_SWEEPS: usize = 100;
 /// not require gradients.
 ///
 /// # Errors
-/// A rank outside `1..=min(H, E)`, or `w` holding NaN or infinite values.
+/// A rank outside `[1, min(H, E)]`, or `w` holding NaN or infinite values.
 pub fn low_rank_factors(w: Tensor<2>, rank: usize) -> crate::Result<(Tensor<2>, Tensor<2>)> {
     let [h, e] = w.dims();
     if rank == 0 || rank > h.min(e) {
-        return Err(MoeError::InvalidRank {
-            rank,
-            hidden: h,
-            experts: e,
+        return Err(MoeError::OutOfRange {
+            what: "rank of the factors",
+            value: rank as f64,
+            range: "[1, min(H, E)]",
         });
     }
     let w = w.detach();

@@ -35,8 +35,9 @@ pub struct RouterConfig {
     pub initializer: Initializer,
     /// Rank `r` of a factored gate `W_g = W_down·W_up` (`[H, r]·[r, E]`): `r·(H + E)`
     /// parameters per layer instead of `H·E`, which matters when experts are many and small
-    /// (hundreds of few-neuron parts of a split FFN). Must lie in `1..min(H, E)`. `None`: one
-    /// full `[H, E]` gate.
+    /// (hundreds of few-neuron parts of a split FFN). Must give factors smaller than the full
+    /// gate ([`RouterConfig::check_rank`]). A noisy top-k router's noise gate stays a full
+    /// `[H, E]` (training only). `None`: one full `[H, E]` gate.
     #[config(default = "None")]
     pub rank: Option<usize>,
 }
@@ -81,6 +82,19 @@ pub struct Routing {
 }
 
 impl RouterConfig {
+    /// Whether a factored gate of rank `rank` makes sense for width `hidden` and `experts`
+    /// experts: `rank ≥ 1` and factors smaller than the full gate, `rank·(H + E) < H·E`.
+    pub fn check_rank(rank: usize, hidden: usize, experts: usize) -> crate::Result<()> {
+        if rank == 0 || rank * (hidden + experts) >= hidden * experts {
+            return Err(MoeError::InvalidRank {
+                rank,
+                hidden,
+                experts,
+            });
+        }
+        Ok(())
+    }
+
     /// Validates the configuration and builds the router.
     pub fn init(&self, device: &Device) -> crate::Result<Router> {
         let (h, e) = (self.hidden_size, self.num_experts);
@@ -107,7 +121,7 @@ impl RouterConfig {
                 None,
             ),
             Some(r) => {
-                check_rank(r, h, e)?;
+                Self::check_rank(r, h, e)?;
                 // `W_up ~ N(0, 1/r)` keeps the entries of `W_down·W_up` at the scale of
                 // `W_down`'s, i.e. of a full gate drawn from the same initialiser.
                 let up = Initializer::Normal {
@@ -133,18 +147,6 @@ impl RouterConfig {
             training: Param::from_bool(true),
         })
     }
-}
-
-/// `1 <= r < min(H, E)`: at `min(H, E)` or more the factors cost more than the full gate.
-fn check_rank(r: usize, h: usize, e: usize) -> crate::Result<()> {
-    if r == 0 || r >= h.min(e) {
-        return Err(MoeError::InvalidRank {
-            rank: r,
-            hidden: h,
-            experts: e,
-        });
-    }
-    Ok(())
 }
 
 impl Router {
@@ -202,7 +204,7 @@ impl Router {
     pub fn with_factors(mut self, down: Tensor<2>, up: Tensor<2>) -> crate::Result<Self> {
         let (h, e) = (self.hidden_size(), self.num_experts());
         let r = down.dims()[1];
-        check_rank(r, h, e)?;
+        RouterConfig::check_rank(r, h, e)?;
         for (what, expected, got) in [
             ("router gate factor W_down", [h, r], down.dims()),
             ("router gate factor W_up", [r, e], up.dims()),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# 512 parts of 3 neurons: 128 shared + top-199 of 384 routed (64.8% of each FFN), routers
+# 512 parts of 3 neurons: 128 shared + top-199 of 384 routed (63.9% of each FFN's neurons), routers
 # factored through rank 64 (576·64 + 64·384 = 61,440 parameters per layer instead of 221,184),
 # which keeps the model within 80% of the dense one's activated parameters (the untrained
 # oracle at 128 + 192 of 384 is 13.52, below the target: docs/results.md, "Granularity").
