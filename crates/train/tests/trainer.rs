@@ -443,8 +443,12 @@ fn lora_experts_on_a_depth_pruned_student_learn_from_their_zero_start() {
                 after.nll
             );
         } else {
+            // Forward KL falls by ~24% in these 40 steps, skew reverse KL (whose target mixes in
+            // the student's own distribution) by 17-20%: which side of 20% it lands on moved
+            // with an unrelated code change (the 40 steps amplify last-bit rounding), so the
+            // bar is 15%, well above the noise.
             assert!(
-                after.kl < 0.8 * before.kl,
+                after.kl < 0.85 * before.kl,
                 "{loss}: KL {} -> {}",
                 before.kl,
                 after.kl
