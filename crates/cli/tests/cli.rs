@@ -421,6 +421,12 @@ fn convert_refuses_bad_settings_in_one_line() {
         args.extend_from_slice(extra);
         moekit(&args)
     };
+    // A random split into 4 experts, top-2, with `extra` settings.
+    let split = |extra: &[&str]| {
+        let mut args = vec!["--method", "split-random", "--experts", "4", "--top-k", "2"];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
     assert_clean_failure(
         &run(&[
             "--method",
@@ -458,13 +464,7 @@ fn convert_refuses_bad_settings_in_one_line() {
     let empty = root.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     assert_clean_failure(
-        &run(&[
-            "--method",
-            "split-random",
-            "--experts",
-            "4",
-            "--top-k",
-            "2",
+        &split(&[
             "--layerwise-steps",
             "3",
             "--calib",
@@ -474,39 +474,16 @@ fn convert_refuses_bad_settings_in_one_line() {
     );
     // Layer-wise settings of a split that would otherwise train.
     let layerwise = |extra: &[&str]| {
-        let mut args = vec![
-            "--method",
-            "split-random",
-            "--experts",
-            "4",
-            "--top-k",
-            "2",
-            "--layerwise-steps",
-            "3",
-            "--calib",
-            &text,
-        ];
+        let mut args = vec!["--layerwise-steps", "3", "--calib", &text];
         args.extend_from_slice(extra);
-        run(&args)
+        split(&args)
     };
     assert_clean_failure(&layerwise(&["--router-loss=-1"]), "router supervision");
     assert_clean_failure(
         &layerwise(&["--router-steps", "3", "--router-lr=0"]),
         "router learning rate",
     );
-    assert_clean_failure(
-        &run(&[
-            "--method",
-            "split-random",
-            "--experts",
-            "4",
-            "--top-k",
-            "2",
-            "--router-rank",
-            "4",
-        ]),
-        "router rank 4",
-    );
+    assert_clean_failure(&split(&["--router-rank", "4"]), "router rank 4");
     assert_clean_failure(
         &run(&[
             "--method",
