@@ -211,9 +211,8 @@ fn perplexity(model: &str, text: &str) -> f64 {
         .unwrap()
 }
 
-/// `dense` split at random into 4 experts, top-2, calibrated on `text` (batches of 64 tokens),
-/// with `extra` settings (e.g. `--layerwise-steps 3`), written to `out`; the printed JSON.
-fn trained_split(dense: &str, text: &str, out: &str, extra: &[&str]) -> serde_json::Value {
+/// `moekit convert DENSE --method split-random --experts 4 --out OUT` with `extra` settings.
+fn convert_random_split(dense: &str, out: &str, extra: &[&str]) -> Output {
     let mut args = vec![
         "convert",
         dense,
@@ -221,6 +220,17 @@ fn trained_split(dense: &str, text: &str, out: &str, extra: &[&str]) -> serde_js
         "split-random",
         "--experts",
         "4",
+        "--out",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    moekit(&args)
+}
+
+/// `dense` split at random into 4 experts, top-2, calibrated on `text` (batches of 64 tokens),
+/// with `extra` settings (e.g. `--layerwise-steps 3`), written to `out`; the printed JSON.
+fn trained_split(dense: &str, text: &str, out: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
         "--top-k",
         "2",
         "--calib",
@@ -230,11 +240,9 @@ fn trained_split(dense: &str, text: &str, out: &str, extra: &[&str]) -> serde_js
         "--batch-tokens",
         "64",
         "--json",
-        "--out",
-        out,
     ];
     args.extend_from_slice(extra);
-    success_json(moekit(&args))
+    success_json(convert_random_split(dense, out, &args))
 }
 
 #[test]
@@ -512,19 +520,7 @@ fn success_json(out: Output) -> serde_json::Value {
 /// `dense` split at random into 4 experts, `top_k` per token, written to `root/moe`.
 fn split_random(dense: &str, root: &Path, top_k: usize) -> String {
     let moe = root.join("moe").display().to_string();
-    let k = top_k.to_string();
-    let out = moekit(&[
-        "convert",
-        dense,
-        "--method",
-        "split-random",
-        "--experts",
-        "4",
-        "--top-k",
-        &k,
-        "--out",
-        &moe,
-    ]);
+    let out = convert_random_split(dense, &moe, &["--top-k", &top_k.to_string()]);
     assert!(
         out.status.success(),
         "{}",

@@ -86,7 +86,7 @@ impl Checkpoint {
         if let Files::Hf(_, Some(factors)) = &self.files {
             let scheme = self.scheme()?;
             let h = self.config.hidden_size;
-            let ranks = router_factors::ranks(factors, scheme, self.config.num_hidden_layers)?;
+            let ranks = router_factors::ranks(factors, scheme, self.config.num_hidden_layers);
             for (l, r) in ranks.into_iter().enumerate() {
                 if let (Some(r), FfnSpec::Moe { num_experts: e, .. }) = (r, self.config.ffn_spec(l))
                 {

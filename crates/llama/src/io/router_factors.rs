@@ -71,18 +71,12 @@ pub(crate) fn open(dir: &Path) -> Result<Option<SafetensorsDir>> {
 }
 
 /// The rank of each layer's factored router that `factors` holds (`None`: a full gate), for
-/// `layers` layers; read from the stored factors' shapes.
-pub(crate) fn ranks(
-    factors: &SafetensorsDir,
-    scheme: Scheme,
-    layers: usize,
-) -> Result<Vec<Option<usize>>> {
+/// `layers` layers; from the stored factors' shapes (headers only, no data read).
+pub(crate) fn ranks(factors: &SafetensorsDir, scheme: Scheme, layers: usize) -> Vec<Option<usize>> {
     (0..layers)
         .map(|l| {
-            let Some(n) = name(Weight::RouterDown(l), scheme) else {
-                return Ok(None);
-            };
-            Ok(factors.read(&n)?.and_then(|t| t.shape.first().copied()))
+            let n = name(Weight::RouterDown(l), scheme)?;
+            factors.shape(&n)?.first().copied()
         })
         .collect()
 }

@@ -124,6 +124,15 @@ impl SafetensorsDir {
         names
     }
 
+    /// The shape of `name` from the file's header (no data read), or `None` if it is absent.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let &s = self.index.get(name)?;
+        self.shards[s]
+            .metadata
+            .info(name)
+            .map(|info| info.shape.clone())
+    }
+
     /// The storage type of every tensor (`F32`, `BF16`, ...).
     pub fn dtypes(&self) -> Vec<String> {
         self.index
