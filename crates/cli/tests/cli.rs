@@ -899,3 +899,65 @@ fn distill_trains_resumes_and_exports() {
         "give more text",
     );
 }
+
+#[test]
+fn a_combine_temperature_is_written_into_the_gates_and_the_config() {
+    use moekit::llama::io::safetensors::SafetensorsDir;
+    use moekit::llama::io::source::TensorSource;
+    let root = tempfile::tempdir().unwrap();
+    let (dense, text) = dense_model_and_text(root.path());
+    let convert = |name: &str, extra: &[&str]| {
+        let out = root.path().join(name).display().to_string();
+        let mut args = vec!["--top-k", "2"];
+        args.extend_from_slice(extra);
+        let done = convert_random_split(&dense, &out, &args);
+        assert!(
+            done.status.success(),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+        out
+    };
+    let (plain, flat) = (
+        convert("plain", &[]),
+        convert("flat", &["--combine-temperature", "1000"]),
+    );
+    // The same seed gives the same router; the file holds it divided by the temperature.
+    let read = |dir: &str, name: &str| {
+        SafetensorsDir::open(Path::new(dir))
+            .unwrap()
+            .read(name)
+            .unwrap()
+            .unwrap()
+            .data
+    };
+    for l in 0..2 {
+        let gate = format!("model.layers.{l}.block_sparse_moe.gate.weight");
+        for (a, b) in read(&plain, &gate).iter().zip(read(&flat, &gate)) {
+            assert!(
+                (a / 1000.0 - b).abs() <= 1e-6 * (a / 1000.0).abs().max(1e-12),
+                "{a} {b}"
+            );
+        }
+    }
+    let config = std::fs::read_to_string(Path::new(&flat).join("config.json")).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["moekit_combine_temperature"], 1000.0);
+    let info = moekit(&["info", &flat]);
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("combine temperature 1000"),
+        "{}",
+        String::from_utf8_lossy(&info.stdout)
+    );
+    let eval_text = format!("{text}/0.txt");
+    let ppl = success_json(moekit(&["eval", &flat, "--text", &eval_text, "--json"]));
+    assert!(ppl["perplexity"].as_f64().unwrap().is_finite(), "{ppl}");
+    for bad in ["0", "-2", "inf"] {
+        let out = root.path().join("bad").display().to_string();
+        let arg = format!("--combine-temperature={bad}");
+        assert_clean_failure(
+            &convert_random_split(&dense, &out, &["--top-k", "2", arg.as_str()]),
+            "combine temperature",
+        );
+    }
+}

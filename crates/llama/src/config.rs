@@ -122,6 +122,8 @@ pub enum FfnSpec {
         renormalize: bool,
         /// Intermediate width of the sigmoid-gated shared expert, if any.
         shared_intermediate_size: Option<usize>,
+        /// Temperature of the combine weights (`moekit_combine_temperature`; 1 when absent).
+        combine_temperature: f64,
     },
 }
 
@@ -218,6 +220,17 @@ pub struct LlamaConfig {
     /// Qwen2-MoE: layers that stay dense.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlp_only_layers: Option<Vec<usize>>,
+    /// moekit: temperature `τ` of the routers' combine weights
+    /// (`moekit_moe::RouterConfig::combine_temperature`). The file's gates hold `W_g / τ`, so
+    /// that transformers, which does not know the key, routes and weighs exactly as moekit
+    /// does; moekit multiplies them back by `τ` when it loads them, so that training sees the
+    /// logits at their usual scale. Absent: 1.
+    #[serde(
+        rename = "moekit_combine_temperature",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub combine_temperature: Option<f64>,
     /// Every other field, kept for writing back.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -279,6 +292,7 @@ impl LlamaConfig {
             norm_topk_prob: None,
             decoder_sparse_step: None,
             mlp_only_layers: None,
+            combine_temperature: None,
             extra: Map::new(),
         }
     }
@@ -350,6 +364,11 @@ impl LlamaConfig {
             .unwrap_or_default()
     }
 
+    /// Temperature of the routers' combine weights (1 when the configuration names none).
+    pub fn combine_temperature(&self) -> f64 {
+        self.combine_temperature.unwrap_or(1.0)
+    }
+
     /// What layer `layer`'s FFN slot holds.
     pub fn ffn_spec(&self, layer: usize) -> FfnSpec {
         let dense = FfnSpec::Dense {
@@ -362,6 +381,7 @@ impl LlamaConfig {
                 intermediate_size: self.intermediate_size,
                 renormalize: true,
                 shared_intermediate_size: None,
+                combine_temperature: self.combine_temperature(),
             },
             Ok(Architecture::Qwen2Moe) => {
                 let step = self.decoder_sparse_step.unwrap_or(1).max(1);
@@ -380,6 +400,7 @@ impl LlamaConfig {
                     shared_intermediate_size: self
                         .shared_expert_intermediate_size
                         .filter(|&s| s > 0),
+                    combine_temperature: self.combine_temperature(),
                 }
             }
             _ => dense,
@@ -449,6 +470,13 @@ impl LlamaConfig {
             return bad(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if let Some(t) = self.combine_temperature
+            && !(t.is_finite() && t > 0.0)
+        {
+            return bad(format!(
+                "moekit_combine_temperature = {t} must be finite and positive"
             ));
         }
         let d = self.head_width();

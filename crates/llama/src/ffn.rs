@@ -41,8 +41,10 @@ impl FfnSlot {
                 intermediate_size,
                 renormalize,
                 shared_intermediate_size,
+                combine_temperature,
             } => Self::Moe(
                 MoeLayerConfig::new(hidden, intermediate_size, num_experts)
+                    .with_combine_temperature(combine_temperature)
                     .with_selection(Selection::TopK {
                         k: top_k,
                         renormalize,

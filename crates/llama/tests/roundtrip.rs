@@ -13,7 +13,7 @@ use moekit_llama::io::source::TensorSource;
 use moekit_llama::{
     Checkpoint, ExportFormat, FfnSlot, Llama, LlamaConfig, LlamaError, SaveDtype, save_pretrained,
 };
-use moekit_testing::{device, normal};
+use moekit_testing::{device, normal, values};
 use safetensors::SafeTensors;
 
 fn logits(model: &Llama, device: &Device) -> Vec<f32> {
@@ -392,4 +392,96 @@ fn a_missing_or_misshapen_factor_is_an_error() {
         }
         other => panic!("expected a shape error, got {other}"),
     }
+}
+
+/// Sets every router of `model` to the combine temperature `t`.
+fn with_temperature(mut model: Llama, t: f64) -> Llama {
+    for layer in &mut model.layers {
+        if let FfnSlot::Moe(moe) = &mut layer.ffn {
+            moe.router = moe.router.clone().with_combine_temperature(t).unwrap();
+        }
+    }
+    model
+}
+
+#[test]
+fn a_combine_temperature_is_folded_into_the_written_gates() {
+    let device = device(12);
+    let tau = 50.0;
+    for (format, model) in [
+        (ExportFormat::Mixtral, mixtral8().init(&device).unwrap()),
+        (ExportFormat::Qwen2Moe, factored(&device)),
+    ] {
+        let model = with_temperature(model, tau);
+        let dir = tempfile::tempdir().unwrap();
+        save_into(&model, dir.path(), format);
+        let back = reload(dir.path(), &device).unwrap();
+        assert_eq!(back.config.combine_temperature, Some(tau), "{format:?}");
+        let FfnSlot::Moe(moe) = &model.layers[1].ffn else {
+            unreachable!()
+        };
+        let FfnSlot::Moe(loaded) = &back.layers[1].ffn else {
+            unreachable!()
+        };
+        // moekit gets the gate at its own scale back, with the temperature.
+        assert_eq!(loaded.router.combine_temperature, tau);
+        assert_eq!(loaded.router.rank(), moe.router.rank());
+        let (w, v) = (values(moe.router.weight()), values(loaded.router.weight()));
+        for (x, y) in w.iter().zip(&v) {
+            assert!(
+                (x - y).abs() <= 1e-6 * (1.0 + x.abs()),
+                "{format:?}: {x} vs {y}"
+            );
+        }
+        // The model file holds W_g / τ: what transformers reads.
+        let files = SafetensorsDir::open(dir.path()).unwrap();
+        let name = match format {
+            ExportFormat::Mixtral => "model.layers.1.block_sparse_moe.gate.weight",
+            _ => "model.layers.1.mlp.gate.weight",
+        };
+        let gate = files.read(name).unwrap().unwrap();
+        let folded = HostTensor::from_tensor(moe.router.weight() / tau).transpose();
+        for (x, y) in gate.data.iter().zip(&folded.data) {
+            assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
+        }
+        let a = logits(&model, &device);
+        for (x, y) in a.iter().zip(logits(&back, &device)) {
+            assert!(
+                (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
+                "{format:?}: {x} vs {y}"
+            );
+        }
+        // Without the key and the side file (what transformers sees) the folded gates route
+        // and weigh the same: the same logits.
+        let mut plain = back.config.clone();
+        plain.combine_temperature = None;
+        write_config(dir.path(), &plain);
+        let _ = std::fs::remove_file(dir.path().join(ROUTER_FACTORS));
+        let folded_model = reload(dir.path(), &device).unwrap();
+        for (x, y) in a.iter().zip(logits(&folded_model, &device)) {
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + x.abs()),
+                "{format:?}: {x} vs {y}"
+            );
+        }
+    }
+    // Temperature 1 writes no key; a bad one in a config.json is refused.
+    let dir = tempfile::tempdir().unwrap();
+    save_into(
+        &mixtral8().init(&device).unwrap(),
+        dir.path(),
+        ExportFormat::Mixtral,
+    );
+    let text = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    assert!(!text.contains("moekit_combine_temperature"), "{text}");
+    let mut bad = Checkpoint::open(dir.path()).unwrap().config().clone();
+    bad.combine_temperature = Some(0.0);
+    write_config(dir.path(), &bad);
+    let err = Checkpoint::open(dir.path())
+        .err()
+        .expect("a zero temperature");
+    assert!(
+        err.to_string().contains("moekit_combine_temperature"),
+        "{err}"
+    );
 }

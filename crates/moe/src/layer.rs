@@ -38,6 +38,9 @@ pub struct MoeLayerConfig {
     /// Rank of a factored router gate ([`RouterConfig::rank`]); `None`: a full gate.
     #[config(default = "None")]
     pub router_rank: Option<usize>,
+    /// Temperature of the router's combine weights ([`RouterConfig::combine_temperature`]).
+    #[config(default = 1.0)]
+    pub combine_temperature: f64,
     /// Always-on shared expert.
     #[config(default = "None")]
     pub shared_expert: Option<SharedExpertConfig>,
@@ -173,6 +176,7 @@ impl MoeLayerConfig {
             .with_selection(self.selection)
             .with_noise(self.noise)
             .with_rank(self.router_rank)
+            .with_combine_temperature(self.combine_temperature)
             .init(device)?;
         let experts =
             ExpertBankConfig::new(self.num_experts, self.hidden_size, self.intermediate_size)

@@ -273,3 +273,138 @@ fn bad_configuration_is_a_typed_error() {
         Some(MoeError::ExpertCountMismatch { router: 3, bank: 2 })
     );
 }
+
+/// Chosen expert ids and weights of `router` on `x`.
+fn route(router: &moekit_moe::Router, x: Tensor<2>) -> (Vec<i64>, Vec<f32>) {
+    let r = router.forward(x);
+    (
+        r.experts.into_data().iter::<i64>().collect(),
+        values(r.weights),
+    )
+}
+
+#[test]
+fn combine_temperature_weighs_the_choice_of_the_raw_logits() {
+    let device = device(5);
+    let (h, e, k, t) = (6, 5, 3, 4usize);
+    let x = normal([t, h], 1.0, &device);
+    for renormalize in [true, false] {
+        let config = RouterConfig::new(h, e).with_selection(Selection::TopK { k, renormalize });
+        let plain = config.init(&device).unwrap();
+        let tau = 2.5;
+        let warm = plain.clone().with_combine_temperature(tau).unwrap();
+        let (ids, _) = route(&plain, x.clone());
+        let (warm_ids, warm_w) = route(&warm, x.clone());
+        // The choice, the logits and the probabilities (losses) do not move.
+        assert_eq!(ids, warm_ids);
+        assert_close(
+            plain.forward(x.clone()).probs,
+            warm.forward(x.clone()).probs,
+            0.0,
+            0.0,
+        );
+        // Naive reference: softmax of logits / τ over all experts, taken at the chosen ones.
+        let logits = values(plain.logits(x.clone()));
+        for row in 0..t {
+            let l = &logits[row * e..(row + 1) * e];
+            let z: f64 = l.iter().map(|v| (*v as f64 / tau).exp()).sum();
+            let chosen: Vec<f64> = ids[row * k..(row + 1) * k]
+                .iter()
+                .map(|&c| (l[c as usize] as f64 / tau).exp() / z)
+                .collect();
+            let sum: f64 = chosen.iter().sum();
+            for (slot, p) in chosen.iter().enumerate() {
+                let want = if renormalize { p / sum } else { *p };
+                let got = warm_w[row * k + slot] as f64;
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "{renormalize} {row} {slot}: {got} vs {want}"
+                );
+            }
+        }
+        // Folding: gate W with temperature τ routes exactly as gate W/τ with temperature 1.
+        let folded = plain.clone().with_weight(plain.weight() / tau).unwrap();
+        let (folded_ids, folded_w) = route(&folded, x.clone());
+        assert_eq!(folded_ids, ids);
+        assert!(
+            folded_w
+                .iter()
+                .zip(&warm_w)
+                .all(|(a, b)| (a - b).abs() < 1e-6),
+            "{folded_w:?} vs {warm_w:?}"
+        );
+    }
+}
+
+#[test]
+fn a_large_combine_temperature_gives_equal_weights_and_oracle_routing_uses_it() {
+    let device = device(6);
+    let (h, e, k, t) = (6, 8, 3, 5usize);
+    let x = normal([t, h], 1.0, &device);
+    let layer = MoeLayerConfig::new(h, 4, e)
+        .with_selection(Selection::TopK {
+            k,
+            renormalize: true,
+        })
+        .with_combine_temperature(1e4)
+        .init(&device)
+        .unwrap();
+    let (_, w) = route(&layer.router, x.clone());
+    assert!(w.iter().all(|v| (v - 1.0 / k as f32).abs() < 1e-3), "{w:?}");
+    // The oracle's experts get the same equal weights.
+    let oracle = layer.oracle_experts(x.clone(), k);
+    let routed = layer.router.route_to(x, oracle);
+    let w = values(routed.weights);
+    assert!(w.iter().all(|v| (v - 1.0 / k as f32).abs() < 1e-3), "{w:?}");
+}
+
+#[test]
+fn top_p_with_a_combine_temperature_zeroes_unused_slots() {
+    // Probabilities 0.5, 0.3, 0.15, 0.05: p = 0.75 keeps two; at τ = 2 their weights are
+    // √0.5 and √0.3 over their sum (renormalised), the other slots 0.
+    let device = device(7);
+    let p = [0.05f32, 0.5, 0.15, 0.3];
+    let router = RouterConfig::new(2, 4)
+        .with_selection(Selection::TopP {
+            p: 0.75,
+            max_k: None,
+            renormalize: true,
+        })
+        .with_combine_temperature(2.0)
+        .init(&device)
+        .unwrap();
+    let w = values(
+        router
+            .route_logits(tensor(probs_as_logits(&p), [1, 4], &device))
+            .weights,
+    );
+    let (a, b) = (0.5f32.sqrt(), 0.3f32.sqrt());
+    let want = [a / (a + b), b / (a + b), 0.0, 0.0];
+    assert!(
+        w.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-5),
+        "{w:?}"
+    );
+}
+
+#[test]
+fn a_combine_temperature_must_be_finite_and_positive() {
+    let device = device(8);
+    for tau in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+        let err = RouterConfig::new(4, 3)
+            .with_combine_temperature(tau)
+            .init(&device)
+            .map(|_| ());
+        assert!(
+            matches!(
+                err,
+                Err(MoeError::OutOfRange {
+                    what: "combine temperature",
+                    ..
+                })
+            ),
+            "{tau}: {err:?}"
+        );
+        let router = RouterConfig::new(4, 3).init(&device).unwrap();
+        assert!(router.with_combine_temperature(tau).is_err(), "{tau}");
+    }
+}

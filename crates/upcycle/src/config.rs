@@ -100,6 +100,12 @@ pub struct ConvertConfig {
     /// is computed in full and factored by truncated SVD. `None`: a full gate.
     #[config(default = "None")]
     pub router_rank: Option<usize>,
+    /// Temperature of the routers' combine weights
+    /// ([`moekit_moe::RouterConfig::combine_temperature`]): the chosen experts are weighted by
+    /// the scores of `logits / τ`. A large `τ` (e.g. 1e3) weighs the chosen parts of a split
+    /// (all but) equally, as the dense FFN sums its neurons. Export folds it into the gates.
+    #[config(default = 1.0)]
+    pub combine_temperature: f64,
     /// Factor on the routed output (`None`: for a split, the factor that gives every chosen
     /// expert weight 1 under a uniform router, `k` with renormalised weights and `E` without,
     /// so that `k = E` with a uniform router reproduces the dense FFN; 1 for upcycling and
@@ -199,6 +205,12 @@ impl ConvertConfig {
         }
         if let Some(r) = self.router_rank {
             RouterConfig::check_rank(r, hidden, e - s)?;
+        }
+        let t = self.combine_temperature;
+        if !(t.is_finite() && t > 0.0) {
+            return bad(format!(
+                "combine temperature {t} must be finite and positive"
+            ));
         }
         Ok(())
     }

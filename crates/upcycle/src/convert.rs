@@ -152,6 +152,7 @@ pub fn convert_ffn(
             renormalize: config.renormalized(),
         })
         .with_rank(config.router_rank)
+        .with_combine_temperature(config.combine_temperature)
         .init(&w.device())?
         .with_weight(router_gate(
             config.router_init,

@@ -109,6 +109,11 @@ pub struct ConvertArgs {
     /// transformers loads; the factors go to router_factors.safetensors beside it.
     #[arg(long, value_name = "R")]
     router_rank: Option<usize>,
+    /// Weigh the chosen experts by softmax(logits / T) instead of softmax(logits); the choice
+    /// stays that of the logits. A large T (e.g. 1000) gives the chosen parts of a split equal
+    /// weights, which is how they add up to the dense FFN. Written into the gates (W/T).
+    #[arg(long, value_name = "T", default_value_t = 1.0)]
+    combine_temperature: f64,
     /// Upcycle: Gaussian noise on each copy, relative to the weights' standard deviation.
     #[arg(long, default_value_t = 0.0)]
     noise: f64,
@@ -245,6 +250,7 @@ impl ConvertArgs {
                 RouterInitArg::HiddenStates => RouterInit::HiddenStates,
             })
             .with_router_rank(self.router_rank)
+            .with_combine_temperature(self.combine_temperature)
             .with_output_scale(self.output_scale)
             .with_seed(self.seed)
     }

@@ -21,6 +21,7 @@ fn describe(spec: &FfnSpec) -> String {
             intermediate_size,
             renormalize,
             shared_intermediate_size,
+            combine_temperature,
         } => {
             let mut s = format!(
                 "MoE: {num_experts} experts of I={intermediate_size}, top-{top_k}{}",
@@ -28,6 +29,9 @@ fn describe(spec: &FfnSpec) -> String {
             );
             if let Some(shared) = shared_intermediate_size {
                 s.push_str(&format!(", shared expert I={shared}"));
+            }
+            if combine_temperature != 1.0 {
+                s.push_str(&format!(", combine temperature {combine_temperature}"));
             }
             s
         }

@@ -57,6 +57,8 @@ struct MoeShape {
     intermediate: usize,
     renormalize: bool,
     shared: Option<usize>,
+    /// The routers' combine temperature, folded into the gates that are written.
+    combine_temperature: f64,
 }
 
 fn moe_shape(moe: &MoeLayer, format: ExportFormat) -> Result<MoeShape> {
@@ -87,6 +89,7 @@ fn moe_shape(moe: &MoeLayer, format: ExportFormat) -> Result<MoeShape> {
         intermediate: bank.intermediate_size(),
         renormalize,
         shared: moe.shared.as_ref().map(|s| s.ffn.intermediate_size()),
+        combine_temperature: moe.router.combine_temperature,
     })
 }
 
@@ -125,6 +128,7 @@ fn export_config(model: &Llama, format: ExportFormat, dtype: SaveDtype) -> Resul
             }
         }
     }
+    c.combine_temperature = shape.map(|s| s.combine_temperature).filter(|&t| t != 1.0);
     dense_widths.dedup();
     if dense_widths.len() > 1 {
         return Err(fail(format!("dense FFN widths differ: {dense_widths:?}")));
@@ -293,10 +297,9 @@ fn collect(model: &Llama, config: &LlamaConfig, scheme: Scheme) -> Vec<(String, 
                 out.ffn([Weight::Gate(l), Weight::Up(l), Weight::Down(l)], &ffn, 1.0)
             }
             FfnSlot::Moe(moe) => {
-                out.push(
-                    Weight::Router(l),
-                    HostTensor::from_tensor(moe.router.weight()).transpose(),
-                );
+                // `W_g / τ`: the file's softmax weighs as moekit's combine temperature does.
+                let gate = moe.router.weight() / moe.router.combine_temperature;
+                out.push(Weight::Router(l), HostTensor::from_tensor(gate).transpose());
                 let bank = moe
                     .plain_experts()
                     .expect("export_config checked that the experts merge");

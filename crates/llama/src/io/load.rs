@@ -6,7 +6,7 @@ use burn::module::Param;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::{Device, Tensor};
 use moekit_moe::{
-    Activation, ExpertBank, FeedForward, MoeLayer, RouterConfig, Selection, SharedExpert,
+    Activation, ExpertBank, FeedForward, MoeLayer, Router, RouterConfig, Selection, SharedExpert,
 };
 
 use super::gguf::{GgufFile, unpermute_rows};
@@ -310,6 +310,7 @@ impl Reader<'_> {
                 intermediate_size,
                 renormalize,
                 shared_intermediate_size,
+                combine_temperature,
             } => {
                 let gate = self.take(Weight::Router(l), &[num_experts, h])?.transpose();
                 let mut router = RouterConfig::new(h, num_experts)
@@ -322,6 +323,7 @@ impl Reader<'_> {
                 if let Some(factors) = self.factors {
                     router = router_factors::apply(router, factors, self.scheme, l, self.device)?;
                 }
+                let router = unfold_temperature(router, combine_temperature)?;
                 let experts = self.experts(l, num_experts, intermediate_size)?;
                 let shared = match shared_intermediate_size {
                     Some(s) => Some(SharedExpert {
@@ -407,4 +409,24 @@ fn build(r: &Reader<'_>, progress: &mut dyn FnMut(usize, usize)) -> Result<Llama
         "loaded model"
     );
     Ok(model)
+}
+
+/// The router whose gate `W_g / τ` (and its factors) came from a file, with its gate `W_g` and
+/// combine temperature `τ` back ([`crate::LlamaConfig::combine_temperature`]): the same
+/// routing, and logits at the scale they were trained at.
+fn unfold_temperature(router: Router, temperature: f64) -> Result<Router> {
+    if temperature == 1.0 {
+        return Ok(router);
+    }
+    let router = match &router.gate_up {
+        Some(up) => {
+            let (down, up) = (router.gate.val(), up.val() * temperature);
+            router.with_factors(down, up)?
+        }
+        None => {
+            let w = router.weight() * temperature;
+            router.with_weight(w)?
+        }
+    };
+    Ok(router.with_combine_temperature(temperature)?)
 }

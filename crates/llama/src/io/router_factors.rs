@@ -30,7 +30,8 @@ pub const ROUTER_FACTORS: &str = "router_factors.safetensors";
 /// factors give.
 const MATCH_TOLERANCE: f32 = 0.02;
 
-/// Writes the factors of `model`'s factored routers into `dir/`[`ROUTER_FACTORS`]
+/// Writes the factors of `model`'s factored routers (of their gates as the model file holds
+/// them, divided by the combine temperature) into `dir/`[`ROUTER_FACTORS`]
 /// (atomically), or removes a file left there by an earlier save when no router is factored.
 pub(crate) fn save(model: &Llama, dir: &Path, scheme: Scheme, dtype: SaveDtype) -> Result<()> {
     let path = dir.join(ROUTER_FACTORS);
@@ -42,9 +43,11 @@ pub(crate) fn save(model: &Llama, dir: &Path, scheme: Scheme, dtype: SaveDtype) 
         let Some(up) = &moe.router.gate_up else {
             continue;
         };
+        // Factors of the gate the model file holds, `W_g / τ` (`W_up / τ` here).
+        let up = up.val() / moe.router.combine_temperature;
         for (w, t) in [
             (Weight::RouterDown(l), moe.router.gate.val()),
-            (Weight::RouterUp(l), up.val()),
+            (Weight::RouterUp(l), up),
         ] {
             let n = name(w, scheme).ok_or_else(|| LlamaError::Export {
                 format: "a checkpoint without MoE layers",

@@ -40,6 +40,17 @@ pub struct RouterConfig {
     /// `[H, E]` (training only). `None`: one full `[H, E]` gate.
     #[config(default = "None")]
     pub rank: Option<usize>,
+    /// Temperature `τ` of the combine weights: the chosen experts are weighted by the scores
+    /// of `logits / τ` (renormalised or not, as the selection says), while the choice itself,
+    /// the probabilities and every loss use the logits as they are. `τ = 1`: the usual
+    /// weights. A large `τ` (e.g. 1e3) makes renormalised top-k weights all but equal
+    /// (`1/k`), which is what the chosen parts of a neuron split need to add up to the dense
+    /// FFN (docs/results.md, "512 parts with factored routers"). Because top-k depends only on
+    /// the order of the logits, a router with gate `W_g` and temperature `τ` routes exactly as
+    /// one with gate `W_g / τ` and temperature 1: that is how a Mixtral / Qwen2-MoE export
+    /// writes it. Finite and positive.
+    #[config(default = 1.0)]
+    pub combine_temperature: f64,
 }
 
 /// A linear router.
@@ -62,6 +73,9 @@ pub struct Router {
     /// Training-time noise.
     #[module(skip)]
     pub noise: RouterNoise,
+    /// Temperature of the combine weights ([`RouterConfig::combine_temperature`]).
+    #[module(skip)]
+    pub combine_temperature: f64,
     /// Noise is applied only while this flag is on and the input is on an autodiff device.
     pub training: Param<Flag>,
 }
@@ -113,6 +127,7 @@ impl RouterConfig {
                 range: "[0, 1)",
             });
         }
+        check_temperature(self.combine_temperature)?;
         let noise_gate = matches!(self.noise, RouterNoise::NoisyTopK)
             .then(|| Initializer::Zeros.init_with([h, e], Some(h), Some(e), device));
         let (gate, gate_up) = match self.rank {
@@ -144,7 +159,21 @@ impl RouterConfig {
             scoring: self.scoring,
             selection: self.selection,
             noise: self.noise,
+            combine_temperature: self.combine_temperature,
             training: Param::from_bool(true),
+        })
+    }
+}
+
+/// A combine temperature must be finite and positive.
+fn check_temperature(t: f64) -> crate::Result<()> {
+    if t.is_finite() && t > 0.0 {
+        Ok(())
+    } else {
+        Err(MoeError::OutOfRange {
+            what: "combine temperature",
+            value: t,
+            range: "(0, ∞)",
         })
     }
 }
@@ -222,6 +251,13 @@ impl Router {
         Ok(self)
     }
 
+    /// Sets the temperature of the combine weights ([`RouterConfig::combine_temperature`]).
+    pub fn with_combine_temperature(mut self, temperature: f64) -> crate::Result<Self> {
+        check_temperature(temperature)?;
+        self.combine_temperature = temperature;
+        Ok(self)
+    }
+
     /// Expert slots per token (`k`, or the top-p bound).
     pub fn slots(&self) -> usize {
         self.selection.slots(self.num_experts())
@@ -286,8 +322,10 @@ impl Router {
     /// - experts: `[T, K]`
     pub fn route_to(&self, x: Tensor<2>, experts: Tensor<2, Int>) -> Routing {
         self.decide(self.logits(x), |scores, probs| {
-            let weights = self.selection.weigh(scores, probs, experts.clone());
             let active = Tensor::<2, Bool>::full(experts.dims(), true, &experts.device());
+            let weights = self
+                .selection
+                .weigh(scores, probs, experts.clone(), active.clone());
             (experts, weights, active)
         })
     }
@@ -305,6 +343,15 @@ impl Router {
     ) -> Routing {
         let (scores, probs) = self.scoring.scores(logits.clone());
         let (experts, weights, active) = choose(scores, probs.clone());
+        let weights = if self.combine_temperature == 1.0 {
+            weights
+        } else {
+            let (scores, probs) = self
+                .scoring
+                .scores(logits.clone() / self.combine_temperature);
+            self.selection
+                .weigh(scores, probs, experts.clone(), active.clone())
+        };
         Routing {
             logits,
             probs,

@@ -121,23 +121,29 @@ impl Selection {
         }
     }
 
-    /// The combine weights this rule gives to experts chosen by something else (oracle
-    /// routing, [`crate::MoeLayer::with_oracle`]): their `scores` (top-k) or normalised `probs`
-    /// (top-p), divided by their sum when the rule renormalises.
+    /// The combine weights this rule gives to `experts` (those of its own choice weighed at
+    /// another temperature, or chosen by something else: oracle routing,
+    /// [`crate::MoeLayer::with_oracle`]): their `scores` (top-k) or normalised `probs`
+    /// (top-p), 0 where a slot is not `active`, divided by their sum when the rule
+    /// renormalises.
     ///
     /// # Shapes
     /// - scores, probs: `[T, E]`
-    /// - experts: `[T, K]`
+    /// - experts, active: `[T, K]`
     /// - output: `[T, K]`
-    pub fn weigh(&self, scores: Tensor<2>, probs: Tensor<2>, experts: Tensor<2, Int>) -> Tensor<2> {
-        match *self {
-            Selection::TopK { renormalize, .. } => {
-                renormalized(scores.gather(1, experts), renormalize)
-            }
-            Selection::TopP { renormalize, .. } => {
-                renormalized(probs.gather(1, experts), renormalize)
-            }
-        }
+    pub fn weigh(
+        &self,
+        scores: Tensor<2>,
+        probs: Tensor<2>,
+        experts: Tensor<2, Int>,
+        active: Tensor<2, Bool>,
+    ) -> Tensor<2> {
+        let (source, renormalize) = match *self {
+            Selection::TopK { renormalize, .. } => (scores, renormalize),
+            Selection::TopP { renormalize, .. } => (probs, renormalize),
+        };
+        let w = source.gather(1, experts).mask_fill(active.bool_not(), 0.0);
+        renormalized(w, renormalize)
     }
 }
 
