@@ -39,6 +39,10 @@ use moekit::upcycle::WarmupCosine;
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
+/// A way to choose neurons: its name, each held-out row's scores `[T·I]`, and the router
+/// parameters it costs for a given number of routed neurons.
+type Scorer = (String, Vec<f32>, Box<dyn Fn(f64) -> f64>);
+
 const HELD_OUT: usize = 8192;
 const TRAIN_ROWS: usize = 60_000;
 const BATCH: usize = 2048;
@@ -91,8 +95,8 @@ fn host(t: Tensor<2>) -> Vec<f32> {
 }
 
 /// `f` applied to `ids` in batches, row-major `[len·width]` results concatenated.
-fn batched(ids: &[usize], mut f: impl FnMut(&[usize]) -> Vec<f32>) -> Vec<f32> {
-    ids.chunks(BATCH).flat_map(|c| f(c)).collect()
+fn batched(ids: &[usize], f: impl FnMut(&[usize]) -> Vec<f32>) -> Vec<f32> {
+    ids.chunks(BATCH).flat_map(f).collect()
 }
 
 /// The `k` largest of `v` among `candidates` (all of `v` when `None`), largest first.
@@ -311,7 +315,7 @@ fn selection(args: &[String]) -> Res<()> {
         .enumerate()
         .map(|(j, a)| a.abs() * down_norm[j % i])
         .collect();
-    let mut scorers: Vec<(String, Vec<f32>, Box<dyn Fn(f64) -> f64>)> = vec![
+    let mut scorers: Vec<Scorer> = vec![
         ("oracle |a|·‖d‖".into(), contribution, Box::new(|_| 0.0)),
         (
             "exact gate g".into(),

@@ -36,6 +36,14 @@ fn reload(dir: &Path, device: &Device) -> Result<Llama, LlamaError> {
     Checkpoint::open(dir)?.load(device, &mut |_, _| {})
 }
 
+/// `|a − b| ≤ tol·(1 + |a|)` element by element.
+fn assert_near(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() <= tol * (1.0 + x.abs()), "{what}: {x} vs {y}");
+    }
+}
+
 fn roundtrip(config: LlamaConfig, format: ExportFormat, seed: u64) -> LlamaConfig {
     let device = device(seed);
     let model = config.init(&device).unwrap();
@@ -110,9 +118,7 @@ fn a_mixtral_model_also_exports_as_qwen2_moe() {
     let back = reload(dir.path(), &device).unwrap();
     assert_eq!(back.config.model_type, "qwen2_moe");
     let (a, b) = (logits(&model, &device), logits(&back, &device));
-    for (x, y) in a.iter().zip(&b) {
-        assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{x} vs {y}");
-    }
+    assert_near(&a, &b, 1e-5, "values");
 }
 
 #[test]
@@ -238,6 +244,19 @@ fn save_into(model: &Llama, dir: &Path, format: ExportFormat) {
     save_pretrained(model, None, dir, format, SaveDtype::F32).unwrap();
 }
 
+/// Layer 1's router gate `[E, H]` as the model file in `dir` holds it.
+fn written_gate(dir: &Path, format: ExportFormat) -> HostTensor {
+    let name = match format {
+        ExportFormat::Mixtral => "model.layers.1.block_sparse_moe.gate.weight",
+        _ => "model.layers.1.mlp.gate.weight",
+    };
+    SafetensorsDir::open(dir)
+        .unwrap()
+        .read(name)
+        .unwrap()
+        .unwrap()
+}
+
 fn ranks(model: &Llama) -> Vec<Option<usize>> {
     model
         .layers
@@ -268,28 +287,16 @@ fn factored_routers_roundtrip_through_both_formats() {
         let factored_counts = counted(dir.path());
         assert_eq!(factored_counts.total, back.num_params(), "{format:?}");
         let (a, b) = (logits(&model, &device), logits(&back, &device));
-        for (x, y) in a.iter().zip(&b) {
-            assert!(
-                (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
-                "{format:?}: {x} vs {y}"
-            );
-        }
+        assert_near(&a, &b, 1e-5, &format!("{format:?}"));
         // The model file holds the product [E, H]: without the side file the same model loads
         // with full gates (what transformers computes), H·E − r·(H + E) more parameters each.
-        let files = SafetensorsDir::open(dir.path()).unwrap();
-        let name = match format {
-            ExportFormat::Mixtral => "model.layers.1.block_sparse_moe.gate.weight",
-            _ => "model.layers.1.mlp.gate.weight",
-        };
-        let gate = files.read(name).unwrap().unwrap();
+        let gate = written_gate(dir.path(), format);
         let FfnSlot::Moe(moe) = &model.layers[1].ffn else {
             unreachable!()
         };
         let product = HostTensor::from_tensor(moe.router.weight()).transpose();
         assert_eq!(gate.shape, product.shape);
-        for (x, y) in gate.data.iter().zip(&product.data) {
-            assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
-        }
+        assert_near(&product.data, &gate.data, 1e-6, "values");
         std::fs::remove_file(dir.path().join(ROUTER_FACTORS)).unwrap();
         let full = reload(dir.path(), &device).unwrap();
         assert_eq!(ranks(&full), [None, None]);
@@ -298,12 +305,7 @@ fn factored_routers_roundtrip_through_both_formats() {
         let full_counts = counted(dir.path());
         assert_eq!(full_counts.total, factored_counts.total + saved);
         assert_eq!(full_counts.active, factored_counts.active + saved);
-        for (x, y) in a.iter().zip(logits(&full, &device)) {
-            assert!(
-                (x - y).abs() <= 1e-4 * (1.0 + x.abs()),
-                "{format:?}: {x} vs {y}"
-            );
-        }
+        assert_near(&a, &logits(&full, &device), 1e-4, &format!("{format:?}"));
     }
 }
 
@@ -427,30 +429,13 @@ fn a_combine_temperature_is_folded_into_the_written_gates() {
         assert_eq!(loaded.router.combine_temperature, tau);
         assert_eq!(loaded.router.rank(), moe.router.rank());
         let (w, v) = (values(moe.router.weight()), values(loaded.router.weight()));
-        for (x, y) in w.iter().zip(&v) {
-            assert!(
-                (x - y).abs() <= 1e-6 * (1.0 + x.abs()),
-                "{format:?}: {x} vs {y}"
-            );
-        }
+        assert_near(&w, &v, 1e-6, &format!("{format:?}"));
         // The model file holds W_g / τ: what transformers reads.
-        let files = SafetensorsDir::open(dir.path()).unwrap();
-        let name = match format {
-            ExportFormat::Mixtral => "model.layers.1.block_sparse_moe.gate.weight",
-            _ => "model.layers.1.mlp.gate.weight",
-        };
-        let gate = files.read(name).unwrap().unwrap();
+        let gate = written_gate(dir.path(), format);
         let folded = HostTensor::from_tensor(moe.router.weight() / tau).transpose();
-        for (x, y) in gate.data.iter().zip(&folded.data) {
-            assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
-        }
+        assert_near(&folded.data, &gate.data, 1e-6, "values");
         let a = logits(&model, &device);
-        for (x, y) in a.iter().zip(logits(&back, &device)) {
-            assert!(
-                (x - y).abs() <= 1e-5 * (1.0 + x.abs()),
-                "{format:?}: {x} vs {y}"
-            );
-        }
+        assert_near(&a, &logits(&back, &device), 1e-5, &format!("{format:?}"));
         // Without the key and the side file (what transformers sees) the folded gates route
         // and weigh the same: the same logits.
         let mut plain = back.config.clone();
@@ -458,12 +443,12 @@ fn a_combine_temperature_is_folded_into_the_written_gates() {
         write_config(dir.path(), &plain);
         let _ = std::fs::remove_file(dir.path().join(ROUTER_FACTORS));
         let folded_model = reload(dir.path(), &device).unwrap();
-        for (x, y) in a.iter().zip(logits(&folded_model, &device)) {
-            assert!(
-                (x - y).abs() <= 1e-4 * (1.0 + x.abs()),
-                "{format:?}: {x} vs {y}"
-            );
-        }
+        assert_near(
+            &a,
+            &logits(&folded_model, &device),
+            1e-4,
+            &format!("{format:?}"),
+        );
     }
     // Temperature 1 writes no key; a bad one in a config.json is refused.
     let dir = tempfile::tempdir().unwrap();
@@ -477,9 +462,9 @@ fn a_combine_temperature_is_folded_into_the_written_gates() {
     let mut bad = Checkpoint::open(dir.path()).unwrap().config().clone();
     bad.combine_temperature = Some(0.0);
     write_config(dir.path(), &bad);
-    let err = Checkpoint::open(dir.path())
-        .err()
-        .expect("a zero temperature");
+    let Err(err) = Checkpoint::open(dir.path()) else {
+        panic!("a zero temperature was accepted")
+    };
     assert!(
         err.to_string().contains("moekit_combine_temperature"),
         "{err}"
