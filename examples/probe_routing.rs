@@ -173,7 +173,7 @@ fn target(
 fn recall(args: &[String]) -> Res<()> {
     let (model, work, layer, k) = (&args[0], &args[1], args[2].parse()?, args[3].parse()?);
     let steps: usize = args.get(5).map_or(Ok(1000), |s| s.parse())?;
-    let device = Device::flex();
+    let device = moekit::default_device();
     let model = load(model, &device)?;
     let moe = moe_layer(&model, layer)?;
     let (h, e) = (moe.hidden_size(), moe.router.num_experts());
@@ -252,7 +252,7 @@ fn selection(args: &[String]) -> Res<()> {
         .split(',')
         .map(str::parse)
         .collect::<Result<_, _>>()?;
-    let device = Device::flex();
+    let device = moekit::default_device();
     let model = load(dense, &device)?;
     let Some(FfnSlot::Dense(ffn)) = model.layers.get(layer).map(|l| &l.ffn) else {
         return Err(format!("layer {layer} of {dense} is not a dense FFN").into());

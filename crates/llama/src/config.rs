@@ -473,7 +473,7 @@ impl LlamaConfig {
             ));
         }
         if let Some(t) = self.combine_temperature
-            && !(t.is_finite() && t > 0.0)
+            && moekit_moe::RouterConfig::check_temperature(t).is_err()
         {
             return bad(format!(
                 "moekit_combine_temperature = {t} must be finite and positive"

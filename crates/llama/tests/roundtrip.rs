@@ -450,6 +450,22 @@ fn a_combine_temperature_is_folded_into_the_written_gates() {
             &format!("{format:?}"),
         );
     }
+    // Layers at different temperatures have no one config.json key, and f16 cannot hold
+    // gates divided by τ > 1: both exports are refused before anything is written.
+    let mut mixed = mixtral8().init(&device).unwrap();
+    if let FfnSlot::Moe(moe) = &mut mixed.layers[0].ffn {
+        moe.router = moe.router.clone().with_combine_temperature(tau).unwrap();
+    }
+    let refused = |model: &Llama, dtype: SaveDtype| {
+        let dir = tempfile::tempdir().unwrap();
+        let err = save_pretrained(model, None, dir.path(), ExportFormat::Mixtral, dtype)
+            .expect_err("refused");
+        assert!(!dir.path().join("model.safetensors").exists());
+        err.to_string()
+    };
+    assert!(refused(&mixed, SaveDtype::F32).contains("differs"));
+    let warm = with_temperature(mixtral8().init(&device).unwrap(), tau);
+    assert!(refused(&warm, SaveDtype::F16).contains("f16"));
     // Temperature 1 writes no key; a bad one in a config.json is refused.
     let dir = tempfile::tempdir().unwrap();
     save_into(

@@ -341,7 +341,7 @@ fn a_large_combine_temperature_gives_equal_weights_and_oracle_routing_uses_it() 
     let device = device(6);
     let (h, e, k, t) = (6, 8, 3, 5usize);
     let x = normal([t, h], 1.0, &device);
-    let layer = MoeLayerConfig::new(h, 4, e)
+    let mut layer = MoeLayerConfig::new(h, 4, e)
         .with_selection(Selection::TopK {
             k,
             renormalize: true,
@@ -349,6 +349,15 @@ fn a_large_combine_temperature_gives_equal_weights_and_oracle_routing_uses_it() 
         .with_combine_temperature(1e4)
         .init(&device)
         .unwrap();
+    // A gate whose logits spread over a few units: at τ = 1 the weights are far from equal.
+    layer.router = layer
+        .router
+        .clone()
+        .with_weight(normal([h, e], 1.0, &device))
+        .unwrap();
+    let plain = layer.router.clone().with_combine_temperature(1.0).unwrap();
+    let (_, w) = route(&plain, x.clone());
+    assert!(w.iter().any(|v| (v - 1.0 / k as f32).abs() > 0.05), "{w:?}");
     let (_, w) = route(&layer.router, x.clone());
     assert!(w.iter().all(|v| (v - 1.0 / k as f32).abs() < 1e-3), "{w:?}");
     // The oracle's experts get the same equal weights.

@@ -206,12 +206,7 @@ impl ConvertConfig {
         if let Some(r) = self.router_rank {
             RouterConfig::check_rank(r, hidden, e - s)?;
         }
-        let t = self.combine_temperature;
-        if !(t.is_finite() && t > 0.0) {
-            return bad(format!(
-                "combine temperature {t} must be finite and positive"
-            ));
-        }
+        RouterConfig::check_temperature(self.combine_temperature)?;
         Ok(())
     }
 }

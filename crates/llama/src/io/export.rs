@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use burn::module::Module;
-use moekit_moe::{Activation, FeedForward, MoeLayer, Scoring, Selection};
+use moekit_moe::{Activation, FeedForward, MoeLayer, RouterConfig, Scoring, Selection};
 use serde_json::Value;
 
 use super::host::HostTensor;
@@ -76,6 +76,8 @@ fn moe_shape(moe: &MoeLayer, format: ExportFormat) -> Result<MoeShape> {
             "only softmax routers without bias can be exported".into(),
         ));
     }
+    RouterConfig::check_temperature(moe.router.combine_temperature)
+        .map_err(|e| fail(e.to_string()))?;
     let bank = moe.plain_experts().map_err(|e| fail(e.to_string()))?;
     if bank.activation != Activation::SwiGlu {
         return Err(fail(format!(
@@ -129,6 +131,15 @@ fn export_config(model: &Llama, format: ExportFormat, dtype: SaveDtype) -> Resul
         }
     }
     c.combine_temperature = shape.map(|s| s.combine_temperature).filter(|&t| t != 1.0);
+    // Gates divided by τ > 1 sink towards f16's subnormal range (below 6e-5), where they keep
+    // few bits; f32 and bf16 have f32's exponent range.
+    if dtype == SaveDtype::F16 && c.combine_temperature.is_some_and(|t| t > 1.0) {
+        return Err(fail(
+            "a combine temperature above 1 is folded into the gates (W/τ), which f16 cannot hold \
+             precisely; save as f32 or bf16"
+                .into(),
+        ));
+    }
     dense_widths.dedup();
     if dense_widths.len() > 1 {
         return Err(fail(format!("dense FFN widths differ: {dense_widths:?}")));

@@ -46,9 +46,9 @@ pub struct RouterConfig {
     /// weights. A large `τ` (e.g. 1e3) makes renormalised top-k weights all but equal
     /// (`1/k`), which is what the chosen parts of a neuron split need to add up to the dense
     /// FFN (docs/results.md, "512 parts with factored routers"). Because top-k depends only on
-    /// the order of the logits, a router with gate `W_g` and temperature `τ` routes exactly as
-    /// one with gate `W_g / τ` and temperature 1: that is how a Mixtral / Qwen2-MoE export
-    /// writes it. Finite and positive.
+    /// the order of the logits, a top-k router without bias with gate `W_g` and temperature `τ`
+    /// routes as one with gate `W_g / τ` and temperature 1 (up to float rounding): that is how
+    /// a Mixtral / Qwen2-MoE export writes it. Finite and positive.
     #[config(default = 1.0)]
     pub combine_temperature: f64,
 }
@@ -109,6 +109,19 @@ impl RouterConfig {
         Ok(())
     }
 
+    /// Whether `temperature` can be a combine temperature: finite and positive.
+    pub fn check_temperature(temperature: f64) -> crate::Result<()> {
+        if temperature.is_finite() && temperature > 0.0 {
+            Ok(())
+        } else {
+            Err(MoeError::OutOfRange {
+                what: "combine temperature",
+                value: temperature,
+                range: "(0, ∞)",
+            })
+        }
+    }
+
     /// Validates the configuration and builds the router.
     pub fn init(&self, device: &Device) -> crate::Result<Router> {
         let (h, e) = (self.hidden_size, self.num_experts);
@@ -127,7 +140,7 @@ impl RouterConfig {
                 range: "[0, 1)",
             });
         }
-        check_temperature(self.combine_temperature)?;
+        Self::check_temperature(self.combine_temperature)?;
         let noise_gate = matches!(self.noise, RouterNoise::NoisyTopK)
             .then(|| Initializer::Zeros.init_with([h, e], Some(h), Some(e), device));
         let (gate, gate_up) = match self.rank {
@@ -161,19 +174,6 @@ impl RouterConfig {
             noise: self.noise,
             combine_temperature: self.combine_temperature,
             training: Param::from_bool(true),
-        })
-    }
-}
-
-/// A combine temperature must be finite and positive.
-fn check_temperature(t: f64) -> crate::Result<()> {
-    if t.is_finite() && t > 0.0 {
-        Ok(())
-    } else {
-        Err(MoeError::OutOfRange {
-            what: "combine temperature",
-            value: t,
-            range: "(0, ∞)",
         })
     }
 }
@@ -253,7 +253,7 @@ impl Router {
 
     /// Sets the temperature of the combine weights ([`RouterConfig::combine_temperature`]).
     pub fn with_combine_temperature(mut self, temperature: f64) -> crate::Result<Self> {
-        check_temperature(temperature)?;
+        RouterConfig::check_temperature(temperature)?;
         self.combine_temperature = temperature;
         Ok(self)
     }
