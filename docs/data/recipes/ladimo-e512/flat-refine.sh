@@ -5,15 +5,19 @@
 # (1,000 router-only steps, as router-only.sh), then 100 refinement steps per block (experts and
 # shared expert, router frozen, MSE against the dense FFN) under the fitted router's choice with
 # equal weights. Reuses run.sh's recording in OUT/work. Evaluated with its own and oracle routing.
+# PARTS, SHARED and TOP_K build another split the same way into OUT/flat-refine-PARTS
+# (256 parts: 64 shared + top-100 of 192, 79.9% of the dense model).
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
+PARTS=${PARTS:-512} SHARED=${SHARED:-128} TOP_K=${TOP_K:-198}
+NAME=flat-refine$([ "$PARTS" = 512 ] || echo "-$PARTS")
 start=$(date +%s)
-"$BIN" convert "$GGUF" --method split-importance --experts 512 --shared-experts 128 \
-    --top-k 198 --router-rank 64 --router-init random --combine-temperature 1000 \
+"$BIN" convert "$GGUF" --method split-importance --experts "$PARTS" --shared-experts "$SHARED" \
+    --top-k "$TOP_K" --router-rank 64 --router-init random --combine-temperature 1000 \
     --calib "$DOC/library" --calib-tokens 100000 --layerwise-steps 0 --router-steps 1000 \
     --router-lr 1e-3 --refine-steps 100 --lr 1e-3 --seed 0 --work-dir "$OUT/work" --keep-work \
-    --json --out "$OUT/flat-refine" > "$OUT/flat-refine.convert.json"
-echo "flat-refine convert $(( $(date +%s) - start )) s" >> "$OUT/times.txt"
-for routing in "" "--oracle 198"; do
-    record "flat-refine${routing:+ $routing}" "$OUT/flat-refine" $routing --reference "$GGUF"
+    --json --out "$OUT/$NAME" > "$OUT/$NAME.convert.json"
+echo "$NAME convert $(( $(date +%s) - start )) s" >> "$OUT/times.txt"
+for routing in "" "--oracle $TOP_K"; do
+    record "$NAME${routing:+ $routing}" "$OUT/$NAME" $routing --reference "$GGUF"
 done
