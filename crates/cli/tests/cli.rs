@@ -517,10 +517,14 @@ fn success_json(out: Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// `dense` split at random into 4 experts, `top_k` per token, written to `root/moe`.
-fn split_random(dense: &str, root: &Path, top_k: usize) -> String {
-    let moe = root.join("moe").display().to_string();
-    let out = convert_random_split(dense, &moe, &["--top-k", &top_k.to_string()]);
+/// `dense` split at random into 4 experts, `top_k` per token, with `extra` convert
+/// arguments, written to `out`.
+fn split_random(dense: &str, out: &Path, top_k: usize, extra: &[&str]) -> String {
+    let moe = out.display().to_string();
+    let k = top_k.to_string();
+    let mut args = vec!["--top-k", k.as_str()];
+    args.extend_from_slice(extra);
+    let out = convert_random_split(dense, &moe, &args);
     assert!(
         out.status.success(),
         "{}",
@@ -533,7 +537,7 @@ fn split_random(dense: &str, root: &Path, top_k: usize) -> String {
 fn profile_chooses_a_policy_that_eval_applies() {
     let root = tempfile::tempdir().unwrap();
     let (dense, text) = dense_model_and_text(root.path());
-    let moe = split_random(&dense, root.path(), 4);
+    let moe = split_random(&dense, &root.path().join("moe"), 4, &[]);
     let policy = root.path().join("policy.json").display().to_string();
     let plot = root.path().join("routing.svg");
     let candidates = root.path().join("candidates.json").display().to_string();
@@ -746,7 +750,7 @@ fn profile_chooses_a_policy_that_eval_applies() {
 fn distill_trains_resumes_and_exports() {
     let root = tempfile::tempdir().unwrap();
     let (dense, text) = dense_model_and_text(root.path());
-    let moe = split_random(&dense, root.path(), 1);
+    let moe = split_random(&dense, &root.path().join("moe"), 1, &[]);
     let out_dir = root.path().join("distilled");
     let out_s = out_dir.display().to_string();
     let distill = |student: &str, out: &str, extra: &[&str]| {
@@ -906,18 +910,8 @@ fn a_combine_temperature_is_written_into_the_gates_and_the_config() {
     use moekit::llama::io::source::TensorSource;
     let root = tempfile::tempdir().unwrap();
     let (dense, text) = dense_model_and_text(root.path());
-    let convert = |name: &str, extra: &[&str]| {
-        let out = root.path().join(name).display().to_string();
-        let mut args = vec!["--top-k", "2"];
-        args.extend_from_slice(extra);
-        let done = convert_random_split(&dense, &out, &args);
-        assert!(
-            done.status.success(),
-            "{}",
-            String::from_utf8_lossy(&done.stderr)
-        );
-        out
-    };
+    let convert =
+        |name: &str, extra: &[&str]| split_random(&dense, &root.path().join(name), 2, extra);
     let (plain, flat) = (
         convert("plain", &[]),
         convert("flat", &["--combine-temperature", "1000"]),
