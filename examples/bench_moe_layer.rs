@@ -1,7 +1,7 @@
 //! Times the MoE layer against dense SwiGLU FFNs, one JSON line per case.
 //!
 //! The cases, fields and methodology (T = 2048 tokens, H = 576, weights ~ N(0, 0.02), median of
-//! the runs after a warm-up) are those of `shared/anchors/torch_moe.py`, so the two outputs
+//! the runs after a warm-up) are those of `../shared/anchors/torch_moe.py`, so the two outputs
 //! compare line by line. Each MoE case is timed interleaved with a dense FFN of the same *active*
 //! width (`k·I`), run for run, so that `ratio_fwd` and `ratio_fwd_bwd` are measured under the
 //! same machine load.

@@ -1,5 +1,5 @@
 //! Times SmolLM2-135M-Instruct in moekit: GGUF load, and the eval forward pass, one JSON line
-//! each, with the case names and methodology of `shared/anchors/torch_smollm2.py` (batch 4 × 256
+//! each, with the case names and methodology of `../shared/anchors/torch_smollm2.py` (batch 4 × 256
 //! random token ids, median of 3 runs after a warm-up) so the outputs compare line by line.
 //!
 //! ```text
