@@ -6,7 +6,8 @@
 # shared expert, router frozen, MSE against the dense FFN) under the fitted router's choice with
 # equal weights. Reuses run.sh's recording in OUT/work. Evaluated with its own and oracle routing.
 # PARTS, SHARED and TOP_K build another split the same way into OUT/flat-refine-PARTS
-# (256 parts: 64 shared + top-100 of 192, 79.9% of the dense model).
+# (256 parts: 64 shared + top-100 of 192, 79.9% of the dense model; 128 parts: 32 shared + top-50
+# of 96, 79.7%).
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
 PARTS=${PARTS:-512} SHARED=${SHARED:-128} TOP_K=${TOP_K:-198}
