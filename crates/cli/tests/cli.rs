@@ -352,6 +352,72 @@ fn convert_writes_models_that_evaluate_like_the_dense_one() {
 }
 
 #[test]
+fn work_directories_follow_their_model_and_keep_other_files() {
+    use moekit::llama::{ExportFormat, LlamaConfig, SaveDtype, save_pretrained};
+    let root = tempfile::tempdir().unwrap();
+    let (dense, text) = dense_model_and_text(root.path());
+    let out = root.path().join("out").display().to_string();
+    let work = root.path().join("work");
+    let work_arg = work.display().to_string();
+    let resumed = |keep: bool| -> Vec<bool> {
+        let mut extra = vec!["--layerwise-steps", "2", "--memory-budget-mb", "0"];
+        extra.extend(["--work-dir", &work_arg]);
+        if keep {
+            extra.push("--keep-work");
+        }
+        trained_split(&dense, &text, &out, &extra)["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["resumed"].as_bool().unwrap())
+            .collect()
+    };
+    assert_eq!(resumed(true), [false, false]);
+    assert_eq!(resumed(true), [true, true]);
+    // Another model written over the dense one's weights in place (the folder's own time
+    // does not change): its layers are trained, not those of the first model reused.
+    let other = root.path().join("other");
+    let device = moekit::burn::tensor::Device::flex();
+    device.seed(4);
+    let model = LlamaConfig::llama(16, 16, 32, 2, 2, 1)
+        .init(&device)
+        .unwrap();
+    save_pretrained(&model, None, &other, ExportFormat::Dense, SaveDtype::F32).unwrap();
+    std::fs::copy(
+        other.join("model.safetensors"),
+        Path::new(&dense).join("model.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(work.join("mine.txt"), b"not moekit's").unwrap();
+    assert_eq!(resumed(false), [false, false]);
+    // The clean-up removed the recording and every configuration's layers, and kept the
+    // user's file (and so the folder).
+    let left: Vec<_> = std::fs::read_dir(&work)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left, ["mine.txt"]);
+    // A work directory that is the output folder loses the recording, not the checkpoint.
+    let both = root.path().join("both").display().to_string();
+    trained_split(
+        &dense,
+        &text,
+        &both,
+        &[
+            "--layerwise-steps",
+            "1",
+            "--memory-budget-mb",
+            "0",
+            "--work-dir",
+            &both,
+        ],
+    );
+    assert!(Path::new(&both).join("config.json").exists());
+    assert!(!Path::new(&both).join("activations.json").exists());
+    assert!(perplexity(&both, &format!("{text}/0.txt")).is_finite());
+}
+
+#[test]
 fn factored_routers_train_export_and_count() {
     let root = tempfile::tempdir().unwrap();
     let (dense, text) = dense_model_and_text(root.path());

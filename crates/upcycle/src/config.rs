@@ -107,8 +107,9 @@ pub struct ConvertConfig {
     #[config(default = 1.0)]
     pub combine_temperature: f64,
     /// Factor on the routed output (`None`: for a split, the factor that gives every chosen
-    /// expert weight 1 under a uniform router, `k` with renormalised weights and `E` without,
-    /// so that `k = E` with a uniform router reproduces the dense FFN; 1 for upcycling and
+    /// expert weight 1 under a uniform router, `k` with renormalised weights and the routed
+    /// count `E − S` without, so that routing every expert with a uniform router reproduces
+    /// the dense FFN; 1 for upcycling and
     /// PESC; `alpha` for LoRA experts). Export folds it into the experts' down projections.
     #[config(default = "None")]
     pub output_scale: Option<f64>,

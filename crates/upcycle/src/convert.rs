@@ -220,13 +220,11 @@ fn split_neurons(
         }
         SplitStrategy::Importance => {
             let p = need("the importance split")?;
-            let mut order: Vec<usize> = (0..rest.len()).collect();
-            order.sort_by(|&a, &b| {
-                p.importance[rest[b]]
-                    .total_cmp(&p.importance[rest[a]])
-                    .then(a.cmp(&b))
-            });
-            order.chunks(part).map(<[usize]>::to_vec).collect()
+            let importance: Vec<f32> = rest.iter().map(|&a| p.importance[a]).collect();
+            partition::importance_order(&importance)
+                .chunks(part)
+                .map(<[usize]>::to_vec)
+                .collect()
         }
     };
     let parts = local

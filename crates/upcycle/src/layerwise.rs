@@ -454,10 +454,18 @@ impl BlockSteps {
                 let target = oracle_experts(&moe, xb, k);
                 loss = loss + router_supervision(out.router_logits(), target) * weight;
             }
+            // The whole loss is checked before the update (a NaN from the auxiliary or
+            // supervision terms would otherwise reach the weights unseen at the last step);
+            // one read for both values.
+            let values = Tensor::cat(vec![mse.reshape([1]), loss.clone().reshape([1])], 0)
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("f32 data");
+            finite(values[1], layer, step + 1)?;
             let grads = GradientsParams::from_grads(loss.backward(), &moe);
             moe = optim.step(schedule.lr(step), moe, grads);
-            let mse = finite(mse.into_scalar::<f32>(), layer, step + 1)?;
-            observer.step(layer, step + 1, mse);
+            observer.step(layer, step + 1, values[0]);
         }
         Ok(moe.valid())
     }

@@ -300,17 +300,24 @@ pub fn coactivation(co: &[f32], activity: &[f32], groups: usize) -> Vec<Vec<usiz
     out
 }
 
-/// Importance split (LLaMA-MoE v2 style shared experts): the `shared` neurons with the highest importance
-/// (ties → lower index) and the others, both sorted ascending.
-///
-/// NaN importance counts as the smallest value; `shared` is capped at the number of neurons.
-pub fn by_importance(importance: &[f32], shared: usize) -> (Vec<usize>, Vec<usize>) {
+/// Indices of `importance` from the most important down (ties → lower index; NaN counts as
+/// the smallest value): the order in which the importance split fills its parts.
+pub fn importance_order(importance: &[f32]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..importance.len()).collect();
     order.sort_by(|&a, &b| {
         score(importance[b])
             .total_cmp(&score(importance[a]))
             .then(a.cmp(&b))
     });
+    order
+}
+
+/// Importance split (LLaMA-MoE v2 style shared experts): the `shared` neurons with the highest importance
+/// (ties → lower index) and the others, both sorted ascending.
+///
+/// NaN importance counts as the smallest value; `shared` is capped at the number of neurons.
+pub fn by_importance(importance: &[f32], shared: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut order = importance_order(importance);
     let mut rest = order.split_off(shared.min(order.len()));
     order.sort_unstable();
     rest.sort_unstable();
@@ -581,6 +588,7 @@ mod tests {
             (vec![1, 2], vec![0, 3])
         );
         assert_eq!(by_importance(&[nan, nan, -inf], 1), (vec![0], vec![1, 2]));
+        assert_eq!(importance_order(&[nan, 0.5, inf, -1.0]), [2, 1, 3, 0]);
 
         let activity = [nan, 1.0, -inf, inf];
         let mut co = symmetric(4, 3);

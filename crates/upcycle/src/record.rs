@@ -127,6 +127,16 @@ fn check_space(dir: &Path, need: u64, free: u64) -> Result<()> {
     Ok(())
 }
 
+/// Whether `name` is one this module writes into a work directory: the manifest or a
+/// layer's `layerNNN.x.f32` / `layerNNN.y.f32`.
+fn is_recording_file(name: &str) -> bool {
+    name == MANIFEST
+        || name
+            .strip_prefix("layer")
+            .and_then(|rest| rest.strip_suffix(".x.f32").or(rest.strip_suffix(".y.f32")))
+            .is_some_and(|n| n.len() >= 3 && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 /// The little-endian `f32`s of a recording file's bytes.
 fn decode(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
     bytes
@@ -293,6 +303,28 @@ impl ActivationStore {
             layers: m.layers,
             backing: Backing::Disk(dir.to_path_buf()),
         }))
+    }
+
+    /// Deletes a recording from `dir`: its manifest and every `layerNNN.{x,y}.f32` file
+    /// (a cut-off recording's too), and nothing else; returns how many files went. A missing
+    /// directory holds nothing to delete.
+    pub fn remove(dir: &Path) -> Result<usize> {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(UpcycleError::io(dir, e)),
+        };
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(|e| UpcycleError::io(dir, e))?;
+            let name = entry.file_name();
+            if is_recording_file(&name.to_string_lossy()) {
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(|e| UpcycleError::io(&path, e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Tokens recorded `N`.

@@ -83,9 +83,9 @@ pub fn router_gate(
             let member = membership(groups, ffn.intermediate_size(), &device, |_| 1.0);
             let a = ffn.activation.apply(x.clone().matmul(ffn.w_in.val())).abs();
             let load = a.matmul(member); // [T, E]
-            let best = (load.clone() - load.max_dim(1))
-                .greater_equal_elem(0.0)
-                .float();
+            let tokens = load.dims()[0];
+            // One expert per token, also where loads tie.
+            let best: Tensor<2> = load.argmax(1).reshape([tokens]).one_hot(experts).float();
             let norm = x.clone().square().sum_dim(1).sqrt().clamp_min(1e-6);
             let unit = x / norm;
             let sums = best.clone().transpose().matmul(unit); // [E, H]

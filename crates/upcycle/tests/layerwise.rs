@@ -115,6 +115,23 @@ fn recordings_in_memory_and_on_disk_hold_each_ffns_inputs_and_outputs() {
     // Reading a layer whose file was cut under a store is an error, not a panic.
     assert!(disk.layer(0, &device).is_err());
     assert!(disk.layer(1, &device).is_ok());
+    // Removing the recording deletes its manifest and four files and leaves what else the
+    // directory holds; a missing directory holds nothing to remove.
+    std::fs::write(dir.path().join("notes.txt"), b"mine").unwrap();
+    std::fs::write(dir.path().join("layer1.x.f32"), b"not ours").unwrap();
+    std::fs::create_dir(dir.path().join("layer002.x.f32.d")).unwrap();
+    assert_eq!(ActivationStore::remove(dir.path()).unwrap(), 5);
+    let mut left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["layer002.x.f32.d", "layer1.x.f32", "notes.txt"]);
+    assert!(ActivationStore::open(dir.path(), "fp").unwrap().is_none());
+    assert_eq!(
+        ActivationStore::remove(&dir.path().join("missing")).unwrap(),
+        0
+    );
 }
 
 #[test]

@@ -173,8 +173,9 @@ pub struct ConvertArgs {
     #[arg(long, default_value_t = 2048)]
     memory_budget_mb: usize,
     /// Recorded activations and finished layers (default: OUT/.moekit-work). Rerunning the
-    /// same command resumes from it; it is removed after success unless --keep-work. A
-    /// recording that would not fit in its free space is refused before the model runs.
+    /// same command resumes from it; what moekit wrote there is removed after success unless
+    /// --keep-work (the folder too when nothing else is left). A recording that would not fit
+    /// in its free space is refused before the model runs.
     #[arg(long)]
     work_dir: Option<PathBuf>,
     /// Keep the work directory after success.
@@ -327,22 +328,67 @@ impl LayerObserver for Bars {
     }
 }
 
+/// Path, size and modification time of `p`.
+fn stamp(p: &Path) -> String {
+    let m = std::fs::metadata(p).ok();
+    let len = m.as_ref().map_or(0, |m| m.len());
+    let mtime = m
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{}:{len}:{mtime}", p.display())
+}
+
+/// What a recording depends on: the dense model (a .gguf file, or every file of a Hugging
+/// Face directory, whose own time does not change when a file in it is rewritten), the
+/// calibration files and the token counts. Another fingerprint records again and trains
+/// other layers.
 fn fingerprint(args: &ConvertArgs, files: &[PathBuf]) -> String {
-    let stamp = |p: &Path| {
-        let m = std::fs::metadata(p).ok();
-        let len = m.as_ref().map_or(0, |m| m.len());
-        let mtime = m
-            .and_then(|m| m.modified().ok())
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
-        format!("{}:{len}:{mtime}", p.display())
-    };
-    let mut parts = vec![
-        stamp(&args.dense),
-        format!("tokens={} seq={}", args.calib_tokens, args.seq_len),
-    ];
+    let mut parts = vec![stamp(&args.dense)];
+    if let Ok(entries) = std::fs::read_dir(&args.dense) {
+        let mut inside: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+        inside.sort();
+        parts.extend(inside.iter().filter(|p| p.is_file()).map(|p| stamp(p)));
+    }
+    parts.push(format!("tokens={} seq={}", args.calib_tokens, args.seq_len));
     parts.extend(files.iter().map(|f| stamp(f)));
     parts.join("\n")
+}
+
+/// The folder of a configuration's finished layers in the work directory: `layers-` and 16
+/// hex digits of a hash of `key`.
+fn layers_dir(work: &Path, key: &str) -> PathBuf {
+    let mut hasher = std::hash::DefaultHasher::new();
+    key.hash(&mut hasher);
+    work.join(format!("layers-{:016x}", hasher.finish()))
+}
+
+/// Deletes what conversions wrote into `work` (the recording and every configuration's
+/// finished layers), then the folder itself if nothing else is left in it: a `--work-dir`
+/// that holds other files keeps them.
+fn remove_work(work: &Path) -> Result<(), CliError> {
+    let read = |source| CliError::Read {
+        path: work.to_path_buf(),
+        source,
+    };
+    ActivationStore::remove(work)?;
+    for entry in std::fs::read_dir(work).map_err(read)? {
+        let path = entry.map_err(read)?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let ours = name
+            .as_deref()
+            .and_then(|n| n.strip_prefix("layers-"))
+            .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+        if ours && path.is_dir() {
+            std::fs::remove_dir_all(&path).map_err(read)?;
+        }
+    }
+    if std::fs::read_dir(work).map_err(read)?.next().is_none() {
+        std::fs::remove_dir(work).map_err(read)?;
+    } else {
+        tracing::warn!(work = %work.display(), "work directory kept: it holds files moekit did not write");
+    }
+    Ok(())
 }
 
 /// Records calibration activations (or reuses recorded ones from the work directory).
@@ -351,19 +397,19 @@ fn calibrate(
     model: &Llama,
     tokenizer: &moekit::llama::Tokenizer,
     work: &Path,
+    (files, fingerprint): &(Vec<PathBuf>, String),
 ) -> Result<ActivationStore, CliError> {
-    let files = calibration::files(&args.calib)?;
     let record = RecordConfig {
         seq_len: args.seq_len,
         batch: 4,
         memory_budget: args.memory_budget_mb << 20,
-        fingerprint: fingerprint(args, &files),
+        fingerprint: fingerprint.clone(),
     };
-    if let Some(store) = ActivationStore::open(work, &record.fingerprint)? {
+    if let Some(store) = ActivationStore::open(work, fingerprint)? {
         tracing::info!(tokens = store.tokens(), "reusing recorded activations");
         return Ok(store);
     }
-    let ids = calibration::tokens(tokenizer, &files, args.calib_tokens)?;
+    let ids = calibration::tokens(tokenizer, files, args.calib_tokens)?;
     let bar = progress::bar("record", "tokens");
     let store = ActivationStore::record(
         model,
@@ -390,6 +436,15 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
         ));
     }
     args.layerwise(args.layerwise_steps).validate()?;
+    // The calibration files and the fingerprint of their recording, found before the model
+    // loads so that a missing file fails at once.
+    let calib = if needs_calib {
+        let files = calibration::files(&args.calib)?;
+        let print = fingerprint(args, &files);
+        (files, print)
+    } else {
+        Default::default()
+    };
     let (_, dense, tokenizer) = super::load(&args.dense, None)?;
     config.validate(dense.config.hidden_size, dense.config.intermediate_size)?;
     let dense_counts = dense.param_counts();
@@ -400,7 +455,7 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
     let mut record_seconds = 0.0;
     let mut record = |dense: &Llama| {
         let start = Instant::now();
-        let store = calibrate(args, dense, &tokenizer, &work);
+        let store = calibrate(args, dense, &tokenizer, &work, &calib);
         record_seconds += start.elapsed().as_secs_f64();
         store
     };
@@ -430,12 +485,11 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
                 multi: MultiProgress::new(),
                 current: None,
             };
-            // Finished layers are kept per configuration, so that one work directory (one
-            // recording) serves several conversions, whatever their router-only steps.
-            let mut hasher = std::hash::DefaultHasher::new();
-            format!("{config:?} {:?}", lw.block_settings()).hash(&mut hasher);
-            let layers = work.join(format!("layers-{:016x}", hasher.finish()));
-            construct(model, store, &lw, Some(&layers), &mut bars)?
+            // Finished layers are kept per configuration and recording, so that one work
+            // directory serves several conversions, whatever their router-only steps, and
+            // never one trained on another model or text.
+            let key = format!("{config:?} {:?} {}", lw.block_settings(), calib.1);
+            construct(model, store, &lw, Some(&layers_dir(&work, &key)), &mut bars)?
         }
         _ => (model, Vec::new()),
     };
@@ -449,10 +503,7 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
         dtype(args.dtype),
     )?;
     if !args.keep_work && work.exists() {
-        std::fs::remove_dir_all(&work).map_err(|source| CliError::Read {
-            path: work.clone(),
-            source,
-        })?;
+        remove_work(&work)?;
     }
     let counts = model.param_counts();
     let summary = json!({
