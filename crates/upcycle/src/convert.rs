@@ -80,7 +80,8 @@ pub fn convert_ffn(
             (bank.into(), None, ExpertInput::Hidden, 1.0)
         }
         Method::Split { strategy } => {
-            let profile = inputs.clone().map(|x| profile(ffn, x));
+            let coactivation = matches!(strategy, SplitStrategy::Coactivation);
+            let profile = inputs.clone().map(|x| profile(ffn, x, coactivation));
             let (shared_ids, parts) =
                 split_neurons(ffn, *strategy, config, profile.as_ref(), seed)?;
             let shared = (!shared_ids.is_empty())
@@ -209,12 +210,17 @@ fn split_neurons(
             .0
         }
         SplitStrategy::Coactivation => {
-            let p = need("the co-activation split")?;
+            let what = "the co-activation split";
+            let p = need(what)?;
+            let (all, rate) = p
+                .coactivation
+                .as_deref()
+                .zip(p.firing_rate())
+                .ok_or(UpcycleError::NeedsCalibration(what))?;
             let co: Vec<f32> = rest
                 .iter()
-                .flat_map(|&a| rest.iter().map(move |&b| p.coactivation[a * i + b]))
+                .flat_map(|&a| rest.iter().map(move |&b| all[a * i + b]))
                 .collect();
-            let rate = p.firing_rate();
             let activity: Vec<f32> = rest.iter().map(|&a| rate[a]).collect();
             partition::coactivation(&co, &activity, routed)
         }
