@@ -530,10 +530,22 @@ fn convert_refuses_bad_settings_in_one_line() {
             "2",
             "--router-init",
             "hidden-states",
-            "--calib",
-            &text,
         ]),
         "split",
+    );
+    // Named before the calibration text these settings would need.
+    assert_clean_failure(
+        &run(&[
+            "--method",
+            "upcycle",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--shared-experts",
+            "1",
+        ]),
+        "use the split method",
     );
     let empty = root.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();

@@ -142,8 +142,24 @@ impl ConvertConfig {
     }
 
     /// Checks the settings against an FFN of width `hidden` and intermediate width
-    /// `intermediate`.
+    /// `intermediate` ([`ConvertConfig::validate_settings`], then what depends on the sizes).
     pub fn validate(&self, hidden: usize, intermediate: usize) -> Result<()> {
+        self.validate_settings()?;
+        let e = self.num_experts;
+        if matches!(self.method, Method::Split { .. }) && !intermediate.is_multiple_of(e) {
+            return Err(UpcycleError::Config(format!(
+                "{intermediate} neurons do not split into {e} equal experts"
+            )));
+        }
+        if let Some(r) = self.router_rank {
+            RouterConfig::check_rank(r, hidden, self.routed_experts())?;
+        }
+        Ok(())
+    }
+
+    /// Checks what does not depend on the model's sizes (counts, method parameters, router
+    /// settings), so that a bad combination is reported before any model loads.
+    pub fn validate_settings(&self) -> Result<()> {
         let bad = |m: String| Err(UpcycleError::Config(m));
         let (e, s, k) = (self.num_experts, self.shared_experts, self.top_k);
         if e == 0 {
@@ -164,11 +180,6 @@ impl ConvertConfig {
             ));
         }
         match &self.method {
-            Method::Split { .. } if !intermediate.is_multiple_of(e) => {
-                return bad(format!(
-                    "{intermediate} neurons do not split into {e} equal experts"
-                ));
-            }
             Method::Upcycle { noise } if !(noise.is_finite() && *noise >= 0.0) => {
                 return bad(format!("noise {noise} must be finite and >= 0"));
             }
@@ -203,9 +214,6 @@ impl ConvertConfig {
             && !f.is_finite()
         {
             return bad(format!("output scale {f} must be finite"));
-        }
-        if let Some(r) = self.router_rank {
-            RouterConfig::check_rank(r, hidden, e - s)?;
         }
         RouterConfig::check_temperature(self.combine_temperature)?;
         Ok(())

@@ -430,6 +430,8 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
     // experts to them.
     let layerwise = args.layerwise_steps > 0 || args.router_steps > 0 || args.refine_steps > 0;
     let needs_calib = config.needs_calibration() || layerwise;
+    // A bad combination of settings is named before the missing calibration text it implies.
+    config.validate_settings()?;
     if needs_calib && args.calib.is_empty() {
         return Err(CliError::Usage(
             "this conversion needs calibration text: add --calib FILE_OR_DIR...".into(),
