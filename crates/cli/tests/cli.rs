@@ -896,6 +896,13 @@ fn distill_trains_resumes_and_exports() {
         (Some(7), Some(8))
     );
     assert_eq!(more["tokens"], 8 * 2 * 16);
+    // Another student of the same shape (the split with another seed) does not resume the
+    // first one's checkpoints.
+    let other = split_random(&dense, &root.path().join("moe-seed-5"), 1, &["--seed", "5"]);
+    assert_clean_failure(
+        &distill(&other, &out_s, &["--steps", "9", "--loss", "kl:1,ce:0.1"]),
+        "(its models differ)",
+    );
     // Training under a per-layer routing policy: the policy is written beside the model,
     // whose checkpoint keeps its own top-1.
     let policy = root.path().join("policy.json");

@@ -33,8 +33,7 @@ pub struct TrainState {
     pub tokens: u64,
     /// Every evaluation so far.
     pub evals: Vec<EvalReport>,
-    /// What must match for a resume: the trainable set, the loss, the batch shape and the
-    /// number of training windows.
+    /// What must match for a resume ([`RunIdentity`]).
     pub identity: RunIdentity,
 }
 
@@ -55,6 +54,51 @@ pub struct RunIdentity {
     pub windows: usize,
     /// Trainable scalar parameters.
     pub params: usize,
+    /// Fingerprint of the training tokens (`TokenWindows::fingerprint`). `None` in
+    /// checkpoints written before it was recorded, which resume without this check and the
+    /// next two.
+    #[serde(default)]
+    pub data: Option<u64>,
+    /// The distiller's settings besides the loss: temperature, skew α, β, top-k, layer map.
+    /// `None` as for `data`.
+    #[serde(default)]
+    pub distiller: Option<String>,
+    /// What the caller says the run started from (`Trainer::with_source`: e.g. the
+    /// student's and teacher's files), so that a rerun from another model of the same shape
+    /// is refused. `None` when the caller gives none.
+    #[serde(default)]
+    pub source: Option<String>,
+}
+
+impl RunIdentity {
+    /// The names of the fields in which a checkpoint's identity `saved` differs from this
+    /// run's (empty: the checkpoint resumes this run). A checkpoint written before `data`,
+    /// `distiller` and `source` were recorded (no `data`) is compared on the other fields.
+    pub fn differences(&self, saved: &RunIdentity) -> Vec<&'static str> {
+        let recorded = saved.data.is_some();
+        let optional = |same: bool| !recorded || same;
+        [
+            ("trainable set", self.trainable == saved.trainable),
+            ("loss", self.loss == saved.loss),
+            (
+                "batch shape",
+                (self.batch_size, self.seq_len, self.grad_accum)
+                    == (saved.batch_size, saved.seq_len, saved.grad_accum),
+            ),
+            ("number of training windows", self.windows == saved.windows),
+            ("trainable parameters", self.params == saved.params),
+            ("training tokens", optional(self.data == saved.data)),
+            (
+                "distiller settings",
+                optional(self.distiller == saved.distiller),
+            ),
+            ("models", optional(self.source == saved.source)),
+        ]
+        .into_iter()
+        .filter(|(_, same)| !same)
+        .map(|(name, _)| name)
+        .collect()
+    }
 }
 
 /// The parts of a checkpoint read back.

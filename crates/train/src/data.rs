@@ -72,6 +72,23 @@ impl TokenWindows {
         self.seq_len
     }
 
+    /// The largest token id.
+    pub fn max_token(&self) -> u32 {
+        self.tokens.iter().copied().max().unwrap_or(0)
+    }
+
+    /// A 64-bit FNV-1a hash of the window length and every token, the same in every build:
+    /// two token streams that differ anywhere differ here (but for a chance of 2⁻⁶⁴).
+    pub fn fingerprint(&self) -> u64 {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let seq = self.seq_len as u64;
+        let words = std::iter::once(seq).chain(self.tokens.iter().map(|&t| u64::from(t)));
+        for byte in words.flat_map(u64::to_le_bytes) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        hash
+    }
+
     /// Windows `ids` as a batch on `device`.
     ///
     /// # Panics
@@ -165,6 +182,18 @@ mod tests {
         assert_eq!(labels, [5, 6, 7, 8, 1, 2, 3, 4]);
         assert!(TokenWindows::new((0..4).collect(), 4).is_err());
         assert!(TokenWindows::new((0..4).collect(), 0).is_err());
+    }
+
+    #[test]
+    fn fingerprints_are_fnv1a_of_the_length_and_tokens() {
+        let w = TokenWindows::new(vec![1, 2, 3], 2).unwrap();
+        // FNV-1a 64 of the little-endian u64s 2, 1, 2, 3 (computed independently).
+        assert_eq!(w.fingerprint(), 0xaf7f_f694_d0b1_3a27);
+        assert_eq!(w.max_token(), 3);
+        let other = TokenWindows::new(vec![1, 2, 4], 2).unwrap();
+        assert_ne!(other.fingerprint(), w.fingerprint());
+        let longer = TokenWindows::new(vec![1, 2, 3], 1).unwrap();
+        assert_ne!(longer.fingerprint(), w.fingerprint());
     }
 
     #[test]

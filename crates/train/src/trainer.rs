@@ -80,6 +80,7 @@ pub struct Trainer {
     tokens: u64,
     evals: Vec<EvalReport>,
     checkpoints: Option<PathBuf>,
+    source: Option<String>,
 }
 
 impl Trainer {
@@ -89,7 +90,7 @@ impl Trainer {
     /// # Errors
     /// [`TrainError::Config`] for a bad configuration, a trainable set that selects nothing
     /// or data windows of another length; [`TrainError::Data`] for data with fewer windows
-    /// than a micro-batch.
+    /// than a micro-batch or token ids past the vocabulary.
     pub fn new(
         teacher: Llama,
         student: Llama,
@@ -100,17 +101,30 @@ impl Trainer {
         eval_data: Option<TokenWindows>,
     ) -> Result<Self> {
         config.validate()?;
+        if teacher.config.vocab_size != student.config.vocab_size {
+            return Err(TrainError::Config(format!(
+                "the teacher has {} tokens in its vocabulary, the student {}: they must share a tokenizer",
+                teacher.config.vocab_size, student.config.vocab_size
+            )));
+        }
         for (what, w) in [
             ("training", Some(&data)),
             ("evaluation", eval_data.as_ref()),
         ] {
-            if let Some(w) = w
-                && w.seq_len() != config.seq_len
-            {
+            let Some(w) = w else { continue };
+            if w.seq_len() != config.seq_len {
                 return Err(TrainError::Config(format!(
                     "{what} windows have {} tokens, the configuration {}",
                     w.seq_len(),
                     config.seq_len
+                )));
+            }
+            let vocab = student.config.vocab_size;
+            if w.max_token() as usize >= vocab {
+                return Err(TrainError::Data(format!(
+                    "the {what} text holds token id {}, past the models' vocabulary of {vocab}: \
+                     was it tokenised for another model?",
+                    w.max_token()
                 )));
             }
         }
@@ -120,12 +134,6 @@ impl Trainer {
                 data.len(),
                 config.seq_len,
                 config.batch_size
-            )));
-        }
-        if teacher.config.vocab_size != student.config.vocab_size {
-            return Err(TrainError::Config(format!(
-                "the teacher has {} tokens in its vocabulary, the student {}: they must share a tokenizer",
-                teacher.config.vocab_size, student.config.vocab_size
             )));
         }
         let device = student.device().autodiff();
@@ -143,12 +151,20 @@ impl Trainer {
             tokens: 0,
             evals: Vec::new(),
             checkpoints: None,
+            source: None,
         })
     }
 
     /// Saves checkpoints in `dir` (created if needed).
     pub fn with_checkpoints(mut self, dir: impl Into<PathBuf>) -> Self {
         self.checkpoints = Some(dir.into());
+        self
+    }
+
+    /// Names what the run starts from (e.g. the student's and teacher's files with their
+    /// sizes and times); a checkpoint resumes only a run with the same `source`.
+    pub fn with_source(mut self, source: impl Into<String>) -> Self {
+        self.source = Some(source.into());
         self
     }
 
@@ -189,14 +205,21 @@ impl Trainer {
     }
 
     fn identity(&self) -> RunIdentity {
+        let d = &self.step.distiller.config;
         RunIdentity {
             trainable: self.trainable.to_string(),
-            loss: self.step.distiller.config.loss.to_string(),
+            loss: d.loss.to_string(),
             batch_size: self.config.batch_size,
             seq_len: self.config.seq_len,
             grad_accum: self.config.grad_accum,
             windows: self.data.len(),
             params: self.trainable_params(),
+            data: Some(self.data.fingerprint()),
+            distiller: Some(format!(
+                "temperature {} alpha {} beta {} top_k {} layers {:?}",
+                d.temperature, d.alpha, d.beta, d.top_k, d.layers
+            )),
+            source: self.source.clone(),
         }
     }
 
@@ -214,13 +237,13 @@ impl Trainer {
             return Ok(None);
         };
         let loaded = checkpoint::load(&path)?;
-        let ours = self.identity();
-        if loaded.state.identity != ours {
+        let differences = self.identity().differences(&loaded.state.identity);
+        if !differences.is_empty() {
             return Err(TrainError::checkpoint(
                 &path,
                 format!(
-                    "made by a different run ({:?}, this run {:?}); use another output directory or delete it",
-                    loaded.state.identity, ours
+                    "made by a different run (its {} differ); use another output directory or delete it",
+                    differences.join(", ")
                 ),
             ));
         }

@@ -240,10 +240,84 @@ fn a_killed_run_resumes_exactly() {
     // Only the newest two checkpoints are kept; `latest` names the last.
     let latest = checkpoint::latest(dir_b.path()).unwrap().unwrap();
     assert!(latest.ends_with("step-000006"));
-    // A checkpoint of another run is refused with a clear error.
-    let mut other = trainer(&t, &s, "router", cfg).with_checkpoints(dir_b.path());
-    let err = other.resume().unwrap_err();
-    assert!(err.to_string().contains("different run"), "{err}");
+    // A checkpoint of another run is refused with a clear error naming what differs: the
+    // trainable set; other tokens of the same length; another temperature; another source.
+    let mut other = trainer(&t, &s, "router", cfg.clone()).with_checkpoints(dir_b.path());
+    let err = other.resume().unwrap_err().to_string();
+    assert!(
+        err.contains("different run") && err.contains("trainable set"),
+        "{err}"
+    );
+    let device = s.device();
+    let run = |data_seed: u64, temperature: f64| {
+        Trainer::new(
+            t.clone(),
+            s.clone(),
+            DistillConfig::new("kl:1,ce:0.01".parse().unwrap())
+                .with_temperature(temperature)
+                .init(&device)
+                .unwrap(),
+            "router,experts".parse().unwrap(),
+            cfg.clone(),
+            TokenWindows::new(ids(40 * SEQ + 1, data_seed), SEQ).unwrap(),
+            None,
+        )
+        .unwrap()
+        .with_checkpoints(dir_b.path())
+    };
+    assert_eq!(run(7, 2.0).resume().unwrap(), Some(6));
+    for (mut other, what) in [
+        (run(8, 2.0), "training tokens"),
+        (run(7, 1.0), "distiller settings"),
+        (run(7, 2.0).with_source("another student"), "models"),
+    ] {
+        let err = other.resume().unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("(its {what} differ)")),
+            "only {what}: {err}"
+        );
+    }
+    // A checkpoint written before those three were recorded resumes on the other fields.
+    let state = checkpoint::latest(dir_b.path())
+        .unwrap()
+        .unwrap()
+        .join("state.json");
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    let identity = json["identity"].as_object_mut().unwrap();
+    for key in ["data", "distiller", "source"] {
+        assert!(identity.remove(key).is_some(), "{key}");
+    }
+    std::fs::write(&state, serde_json::to_vec(&json).unwrap()).unwrap();
+    assert_eq!(run(8, 1.0).with_source("x").resume().unwrap(), Some(6));
+}
+
+#[test]
+fn token_ids_past_the_vocabulary_are_refused() {
+    let device = moekit_testing::device(9);
+    let t = teacher(&device);
+    let s = moe_student(&t);
+    let mut bad = ids(40 * SEQ + 1, 3);
+    bad[17] = VOCAB as u32;
+    for (train, eval) in [
+        (bad.clone(), ids(8 * SEQ + 1, 4)),
+        (ids(40 * SEQ + 1, 3), bad),
+    ] {
+        let result = Trainer::new(
+            t.clone(),
+            s.clone(),
+            distiller("kl:1", &device),
+            "router".parse().unwrap(),
+            config(2),
+            TokenWindows::new(train, SEQ).unwrap(),
+            Some(TokenWindows::new(eval, SEQ).unwrap()),
+        );
+        match result {
+            Err(TrainError::Data(m)) => assert!(m.contains(&format!("{VOCAB}")), "{m}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("accepted token id {VOCAB}"),
+        }
+    }
 }
 
 #[test]

@@ -328,30 +328,14 @@ impl LayerObserver for Bars {
     }
 }
 
-/// Path, size and modification time of `p`.
-fn stamp(p: &Path) -> String {
-    let m = std::fs::metadata(p).ok();
-    let len = m.as_ref().map_or(0, |m| m.len());
-    let mtime = m
-        .and_then(|m| m.modified().ok())
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    format!("{}:{len}:{mtime}", p.display())
-}
-
 /// What a recording depends on: the dense model (a .gguf file, or every file of a Hugging
 /// Face directory, whose own time does not change when a file in it is rewritten), the
 /// calibration files and the token counts. Another fingerprint records again and trains
 /// other layers.
 fn fingerprint(args: &ConvertArgs, files: &[PathBuf]) -> String {
-    let mut parts = vec![stamp(&args.dense)];
-    if let Ok(entries) = std::fs::read_dir(&args.dense) {
-        let mut inside: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
-        inside.sort();
-        parts.extend(inside.iter().filter(|p| p.is_file()).map(|p| stamp(p)));
-    }
+    let mut parts = vec![super::stamp_model(&args.dense)];
     parts.push(format!("tokens={} seq={}", args.calib_tokens, args.seq_len));
-    parts.extend(files.iter().map(|f| stamp(f)));
+    parts.extend(files.iter().map(|f| super::stamp(f)));
     parts.join("\n")
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use indicatif::ProgressBar;
-use moekit::distill::{DistillConfig, HiddenProjectionConfig};
+use moekit::distill::{DistillConfig, DistillLoss, HiddenProjectionConfig};
 use moekit::llama::{Llama, SaveDtype, save_adapter, save_pretrained};
 use moekit::lora::LoraConfig;
 use moekit::router::RoutingPolicy;
@@ -211,9 +211,23 @@ fn tokens(
     Ok(calibration::tokens(tokenizer, &files, max)?)
 }
 
+/// What a run starts from besides its data and settings, part of its checkpoints' identity:
+/// the student and teacher files, the routing policy file and the LoRA settings.
+fn source(args: &DistillArgs) -> String {
+    let policy = args.policy.as_deref().map(super::stamp);
+    format!(
+        "student {}\nteacher {}\npolicy {policy:?}\nlora {:?} {} {:?}",
+        super::stamp_model(&args.student),
+        super::stamp_model(&args.teacher),
+        args.lora_rank,
+        args.lora_alpha,
+        args.lora_targets
+    )
+}
+
 /// Distils the student from the teacher and writes the trained model.
 pub fn run(args: &DistillArgs) -> Result<(), CliError> {
-    let loss = args
+    let loss: DistillLoss = args
         .loss
         .parse()
         .map_err(|e| CliError::Usage(format!("--loss {}: {e}", args.loss)))?;
@@ -278,9 +292,10 @@ pub fn run(args: &DistillArgs) -> Result<(), CliError> {
 
     let layers = layer_map(&student, &teacher);
     let (hs, ht) = (student.config.hidden_size, teacher.config.hidden_size);
-    // Hidden-state losses between models of different widths go through learned maps.
-    let projection =
-        (hs != ht).then(|| HiddenProjectionConfig::new(hs, ht).with_pairs(layers.len()));
+    // Hidden-state losses between models of different widths go through learned maps (and
+    // only they: logit losses need none).
+    let projection = (hs != ht && loss.wants_hidden())
+        .then(|| HiddenProjectionConfig::new(hs, ht).with_pairs(layers.len()));
     let distiller = DistillConfig::new(loss)
         .with_temperature(args.temperature)
         .with_alpha(args.skew_alpha)
@@ -296,7 +311,8 @@ pub fn run(args: &DistillArgs) -> Result<(), CliError> {
         data,
         Some(eval),
     )?
-    .with_checkpoints(args.out.join("checkpoints"));
+    .with_checkpoints(args.out.join("checkpoints"))
+    .with_source(source(args));
     trainer.resume()?;
 
     std::fs::create_dir_all(&args.out).map_err(|source| CliError::Read {

@@ -7,7 +7,7 @@ pub mod generate;
 pub mod info;
 pub mod profile;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use moekit::llama::{Checkpoint, ExportFormat, Llama, Tokenizer, check_export, load_adapter};
 use moekit::router::ActiveParams;
@@ -82,4 +82,27 @@ pub fn auto_format(model: &Llama) -> Result<ExportFormat, CliError> {
     };
     check_export(model, format)?;
     Ok(format)
+}
+
+/// Path, size and modification time of `p` (zeros where it cannot be read).
+pub fn stamp(p: &Path) -> String {
+    let m = std::fs::metadata(p).ok();
+    let len = m.as_ref().map_or(0, |m| m.len());
+    let mtime = m
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{}:{len}:{mtime}", p.display())
+}
+
+/// Stamps of a model: a .gguf file's, or those of a Hugging Face directory and every file in
+/// it (the directory's own time does not change when a file in it is rewritten in place).
+pub fn stamp_model(path: &Path) -> String {
+    let mut parts = vec![stamp(path)];
+    if let Ok(entries) = std::fs::read_dir(path) {
+        let mut inside: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+        inside.sort();
+        parts.extend(inside.iter().filter(|p| p.is_file()).map(|p| stamp(p)));
+    }
+    parts.join("\n")
 }
