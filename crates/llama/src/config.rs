@@ -84,9 +84,10 @@ impl TokenIds {
 
 /// Rotary-embedding frequency scaling (`rope_scaling` / `rope_parameters`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawRopeScaling")]
 pub struct RopeScaling {
-    /// `default`, `linear` or `llama3`.
-    #[serde(alias = "type")]
+    /// `default`, `linear` or `llama3` (read from `rope_type` or the older `type`;
+    /// transformers writes both, which must then agree).
     pub rope_type: String,
     /// Scale factor (`linear`, `llama3`).
     #[serde(default)]
@@ -100,6 +101,44 @@ pub struct RopeScaling {
     /// Llama-3: the context length the model was pre-trained with.
     #[serde(default)]
     pub original_max_position_embeddings: Option<usize>,
+}
+
+/// `rope_scaling` as written: the kind under `rope_type`, `type` or both.
+#[derive(Deserialize)]
+struct RawRopeScaling {
+    #[serde(default)]
+    rope_type: Option<String>,
+    #[serde(default, rename = "type")]
+    legacy_type: Option<String>,
+    #[serde(default)]
+    factor: Option<f64>,
+    #[serde(default)]
+    low_freq_factor: Option<f64>,
+    #[serde(default)]
+    high_freq_factor: Option<f64>,
+    #[serde(default)]
+    original_max_position_embeddings: Option<usize>,
+}
+
+impl TryFrom<RawRopeScaling> for RopeScaling {
+    type Error = String;
+
+    fn try_from(raw: RawRopeScaling) -> std::result::Result<Self, String> {
+        let rope_type = match (raw.rope_type, raw.legacy_type) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(format!("rope_type {a:?} and type {b:?} disagree"));
+            }
+            (Some(kind), _) | (None, Some(kind)) => kind,
+            (None, None) => return Err("neither rope_type nor type is given".into()),
+        };
+        Ok(Self {
+            rope_type,
+            factor: raw.factor,
+            low_freq_factor: raw.low_freq_factor,
+            high_freq_factor: raw.high_freq_factor,
+            original_max_position_embeddings: raw.original_max_position_embeddings,
+        })
+    }
 }
 
 /// What a layer's FFN slot holds, as the configuration describes it.
@@ -636,5 +675,41 @@ mod tests {
             original_max_position_embeddings: None,
         });
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn rope_scaling_reads_rope_type_type_or_both() {
+        let scaling = |block: &str| {
+            let json = SMOLLM2.replace(
+                "\"rope_theta\"",
+                &format!("\"rope_scaling\": {block}, \"rope_theta\""),
+            );
+            serde_json::from_str::<LlamaConfig>(&json).map(|c| c.rope_scaling)
+        };
+        for block in [
+            r#"{"rope_type": "linear", "factor": 2.0}"#,
+            r#"{"type": "linear", "factor": 2.0}"#,
+            // transformers 4.43+ writes both when it saves such a config again.
+            r#"{"type": "linear", "rope_type": "linear", "factor": 2.0}"#,
+        ] {
+            let s = scaling(block).unwrap().expect(block);
+            assert_eq!(
+                (s.rope_type.as_str(), s.factor),
+                ("linear", Some(2.0)),
+                "{block}"
+            );
+        }
+        let err = scaling(r#"{"type": "linear", "rope_type": "llama3"}"#).unwrap_err();
+        assert!(err.to_string().contains("disagree"), "{err}");
+        assert!(scaling(r#"{"factor": 2.0}"#).is_err());
+        // Written back with `rope_type` only.
+        let s = scaling(r#"{"type": "linear", "factor": 2.0}"#)
+            .unwrap()
+            .unwrap();
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(
+            json.contains("\"rope_type\":\"linear\"") && !json.contains("\"type\""),
+            "{json}"
+        );
     }
 }

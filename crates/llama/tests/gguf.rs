@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use moekit_llama::LlamaError;
-use moekit_llama::io::gguf::{GgufFile, unpermute_rows};
+use moekit_llama::io::gguf::{GgufFile, GgufValue, unpermute_rows};
 use moekit_llama::io::host::HostTensor;
 use moekit_llama::io::source::TensorSource;
 use serde_json::Value;
@@ -139,6 +139,29 @@ fn lying_headers_are_rejected_before_allocating() {
     let mut noise = b"GGUF\x03\0\0\0".to_vec();
     noise.extend((0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));
     assert!(open_bytes(&noise).is_err());
+}
+
+#[test]
+fn absurd_head_widths_are_an_error_not_an_overflow() {
+    let (_dir, path) = quants_file();
+    let mut file = GgufFile::open(&path).unwrap();
+    let u = GgufValue::UInt;
+    for (key, value) in [
+        ("general.architecture", GgufValue::Str("llama".into())),
+        ("llama.vocab_size", u(32)),
+        ("llama.embedding_length", u(64)),
+        ("llama.attention.head_count", u(2)),
+        ("llama.feed_forward_length", u(128)),
+        ("llama.block_count", u(1)),
+        ("llama.attention.key_length", u(1 << 63)),
+    ] {
+        file.metadata.insert(key.into(), value);
+    }
+    let err = file.config().unwrap_err();
+    assert!(
+        matches!(err, LlamaError::Config(_) | LlamaError::Corrupt { .. }),
+        "{err}"
+    );
 }
 
 #[test]

@@ -106,6 +106,45 @@ fn qwen2_moe_with_shared_expert_and_dense_layer_roundtrips_exactly() {
 }
 
 #[test]
+fn rotary_settings_and_kv_heads_are_written_out_resolved() {
+    // θ and the scaling only in transformers 5's `rope_parameters`, no KV head count: the
+    // export writes them as keys every reader takes, not the target class's defaults.
+    let mut c = tiny();
+    c.model_type = "mixtral".into();
+    c.num_local_experts = Some(4);
+    c.num_experts_per_tok = Some(2);
+    c.tie_word_embeddings = false;
+    c.rope_theta = None;
+    c.num_key_value_heads = None;
+    c.extra.insert(
+        "rope_parameters".into(),
+        serde_json::json!({"rope_theta": 100000.0, "rope_type": "linear", "factor": 2.0}),
+    );
+    let device = device(5);
+    let model = c.clone().init(&device).unwrap();
+    for format in [ExportFormat::Mixtral, ExportFormat::Qwen2Moe] {
+        let dir = tempfile::tempdir().unwrap();
+        let written = save_pretrained(&model, None, dir.path(), format, SaveDtype::F32).unwrap();
+        let back = reload(dir.path(), &device).unwrap();
+        let (a, b) = (logits(&model, &device), logits(&back, &device));
+        assert_near(&a, &b, 1e-5, &format!("{format:?}"));
+        assert_eq!(written.rope_theta, Some(100000.0), "{format:?}");
+        let scaling = written.rope_scaling.clone().expect("scaling written");
+        assert_eq!(
+            (scaling.rope_type.as_str(), scaling.factor),
+            ("linear", Some(2.0))
+        );
+        assert_eq!(written.num_key_value_heads, Some(4), "{format:?}");
+        assert!(!written.extra.contains_key("rope_parameters"), "{format:?}");
+    }
+    // A source without θ anywhere is written with the 10,000 it was run with.
+    c.extra.remove("rope_parameters");
+    let written = roundtrip(c, ExportFormat::Mixtral, 6);
+    assert_eq!(written.rope_theta, Some(10_000.0));
+    assert_eq!(written.rope_scaling, None);
+}
+
+#[test]
 fn a_mixtral_model_also_exports_as_qwen2_moe() {
     // No shared expert and no biases: the writer adds a zero shared expert and zero biases.
     let device = device(4);

@@ -144,6 +144,12 @@ fn export_config(model: &Llama, format: ExportFormat, dtype: SaveDtype) -> Resul
     if dense_widths.len() > 1 {
         return Err(fail(format!("dense FFN widths differ: {dense_widths:?}")));
     }
+    // Resolved values are written out: transformers 5 may keep θ and the scaling in
+    // `rope_parameters` (removed below), and keys left out take the target class's defaults,
+    // which differ (Mixtral: θ = 1e6 and 8 KV heads; Qwen2-MoE: 16 KV heads).
+    c.rope_theta = Some(model.config.rope_base());
+    c.rope_scaling = model.config.rope_scaling()?;
+    c.num_key_value_heads = Some(model.config.kv_heads());
     for key in [
         "rope_parameters",
         "layer_types",
@@ -386,12 +392,13 @@ pub fn save_pretrained(
     std::fs::create_dir_all(dir).map_err(|e| LlamaError::io(dir, e))?;
     let tensors = collect(model, &config, format.scheme());
     tracing::info!(dir = %dir.display(), tensors = tensors.len(), params = model.num_params(), "writing checkpoint");
-    // A stale shard index from an earlier save would shadow the new file.
+    write(&dir.join("model.safetensors"), &tensors, dtype)?;
+    // A stale shard index from an earlier save would shadow the new file; it goes once the
+    // new file is in place, so that a failed write leaves the earlier checkpoint whole.
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         std::fs::remove_file(&index).map_err(|e| LlamaError::io(&index, e))?;
     }
-    write(&dir.join("model.safetensors"), &tensors, dtype)?;
     router_factors::save(model, dir, format.scheme(), dtype)?;
     if let Some(t) = tokenizer {
         t.save(dir)?;

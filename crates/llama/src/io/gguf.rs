@@ -371,7 +371,7 @@ impl GgufFile {
         }
         config.head_dim = self
             .usize_key(&k("attention.key_length"))?
-            .filter(|&d| d * heads != hidden);
+            .filter(|&d| d.checked_mul(heads) != Some(hidden));
         if let Some(eps) = self.get(&k("attention.layer_norm_rms_epsilon")) {
             config.rms_norm_eps = eps.as_f64().unwrap_or(config.rms_norm_eps);
         }
