@@ -141,6 +141,75 @@ fn lying_headers_are_rejected_before_allocating() {
     assert!(open_bytes(&noise).is_err());
 }
 
+/// A GGUF v3 file with one metadata key (`extra`: its type id and value bytes, or none) and
+/// tensors `(name, dims innermost first, type id, offset)` over `data` bytes of zeros.
+fn gguf(extra: Option<(u32, &[u8])>, tensors: &[(&str, &[u64], u32, u64)], data: usize) -> Vec<u8> {
+    let string = |out: &mut Vec<u8>, s: &str| {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    };
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend(u64::from(extra.is_some()).to_le_bytes());
+    if let Some((type_id, value)) = extra {
+        string(&mut out, "extra");
+        out.extend(type_id.to_le_bytes());
+        out.extend(value);
+    }
+    for (name, dims, type_id, offset) in tensors {
+        string(&mut out, name);
+        out.extend((dims.len() as u32).to_le_bytes());
+        dims.iter().for_each(|d| out.extend(d.to_le_bytes()));
+        out.extend(type_id.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+    }
+    out.resize(out.len().div_ceil(32) * 32 + data, 0);
+    out
+}
+
+#[test]
+fn tensor_layouts_that_llama_cpp_refuses_are_refused() {
+    const F32: u32 = 0;
+    const Q8_0: u32 = 8;
+    // The control: two f32 vectors of 8 values back to back, a Q8_0 matrix of 2 rows of 32.
+    let good = gguf(
+        None,
+        &[
+            ("a", &[8], F32, 0),
+            ("b", &[8], F32, 32),
+            ("q", &[32, 2], Q8_0, 64),
+        ],
+        64 + 68,
+    );
+    assert_eq!(open_bytes(&good).unwrap().tensors.len(), 3);
+    let overlap = gguf(None, &[("a", &[8], F32, 0), ("b", &[8], F32, 0)], 64);
+    assert!(corrupt_reason(&overlap).contains("overlap"));
+    let unaligned = gguf(None, &[("a", &[8], F32, 4)], 64);
+    assert!(corrupt_reason(&unaligned).contains("alignment"));
+    // 96 values are 3 whole Q8_0 blocks, but rows of 48 are not.
+    let straddling = gguf(None, &[("q", &[48, 2], Q8_0, 0)], 3 * 34);
+    assert!(corrupt_reason(&straddling).contains("rows of 48"));
+}
+
+#[test]
+fn array_counts_are_checked_against_their_item_size() {
+    // An array of u32 (type 4) claiming as many items as there are bytes left: they would fit
+    // as bytes but not as u32s.
+    let mut value = 4u32.to_le_bytes().to_vec();
+    value.extend(64u64.to_le_bytes());
+    let lying = gguf(Some((9, &value)), &[], 64);
+    assert!(corrupt_reason(&lying).contains("cannot fit"));
+    value[4..12].copy_from_slice(&4u64.to_le_bytes());
+    value.extend([0; 16]);
+    let honest = gguf(Some((9, &value)), &[], 0);
+    let file = open_bytes(&honest).unwrap();
+    assert_eq!(
+        file.metadata["extra"],
+        GgufValue::Array(vec![GgufValue::UInt(0); 4])
+    );
+}
+
 #[test]
 fn absurd_head_widths_are_an_error_not_an_overflow() {
     let (_dir, path) = quants_file();

@@ -97,11 +97,30 @@ pub struct GgufFile {
     pub tensors: BTreeMap<String, GgufTensorInfo>,
 }
 
+/// Values all metadata arrays may hold together (a tokenizer's vocabulary and merges are a
+/// few hundred thousand); each parsed value takes ~32 bytes, so a lying count of one-byte
+/// items could otherwise ask for 32 times the file's size.
+const MAX_ARRAY_ITEMS: usize = 1 << 26;
+
+/// The fewest bytes a metadata value of type `type_id` takes in the file (strings: their
+/// 8-byte length; arrays: item type and count; unknown types: 1, refused when parsed).
+fn min_value_bytes(type_id: u32) -> usize {
+    match type_id {
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => 1,
+    }
+}
+
 /// Bounds-checked little-endian reads over the header.
 struct Cursor<'a> {
     bytes: &'a [u8],
     at: usize,
     path: &'a Path,
+    /// Metadata array values so far.
+    items: usize,
 }
 
 impl<'a> Cursor<'a> {
@@ -175,8 +194,16 @@ impl<'a> Cursor<'a> {
                     return Err(self.corrupt("arrays nested deeper than 4"));
                 }
                 let item = self.u32()?;
-                let n = self.count(1, "array")?;
-                let mut items = Vec::with_capacity(n);
+                let n = self.count(min_value_bytes(item), "array")?;
+                // Parsed values take more room than their bytes: the capacity grows with
+                // what parses, and all arrays together are held to MAX_ARRAY_ITEMS.
+                self.items = self.items.saturating_add(n);
+                if self.items > MAX_ARRAY_ITEMS {
+                    return Err(self.corrupt(format!(
+                        "metadata arrays hold more than {MAX_ARRAY_ITEMS} values"
+                    )));
+                }
+                let mut items = Vec::with_capacity(n.min(4096));
                 for _ in 0..n {
                     items.push(self.value(item, depth + 1)?);
                 }
@@ -201,6 +228,7 @@ impl GgufFile {
             bytes: &mmap,
             at: 0,
             path,
+            items: 0,
         };
         if c.take(4).ok() != Some(b"GGUF".as_slice()) {
             return Err(LlamaError::corrupt(path, "not a GGUF file (bad magic)"));
@@ -260,15 +288,32 @@ impl GgufFile {
                         format!("tensor `{name}` has an absurd shape {shape:?}"),
                     )
                 })? as usize;
+            let row = shape.last().copied().unwrap_or(0);
             let len = match GgmlType::from_id(type_id) {
-                Some(t) => t.bytes_for(elements).ok_or_else(|| {
-                    LlamaError::corrupt(
-                        path,
-                        format!("tensor `{name}`: {elements} values are not whole {t:?} blocks"),
-                    )
-                })?,
+                // Blocks never straddle rows (ggml quantises row by row).
+                Some(t) => row
+                    .is_multiple_of(t.block().0 as u64)
+                    .then(|| t.bytes_for(elements))
+                    .flatten()
+                    .ok_or_else(|| {
+                        LlamaError::corrupt(
+                            path,
+                            format!(
+                                "tensor `{name}`: rows of {row} values are not whole {t:?} blocks"
+                            ),
+                        )
+                    })?,
                 None => 0,
             };
+            if offset % alignment != 0 {
+                return Err(LlamaError::corrupt(
+                    path,
+                    format!(
+                        "tensor `{name}` starts at offset {offset}, not a multiple of the \
+                         alignment {alignment}"
+                    ),
+                ));
+            }
             let start = data_start.checked_add(offset);
             if start
                 .and_then(|s| s.checked_add(len as u64))
@@ -294,6 +339,19 @@ impl GgufFile {
                     format!("tensor `{name}` appears twice"),
                 ));
             }
+        }
+        // Tensors must not share bytes: two at one offset would load as the same weights.
+        let mut extents: Vec<(usize, usize, &String)> = tensors
+            .iter()
+            .filter(|(_, t)| t.len > 0)
+            .map(|(name, t)| (t.offset, t.offset + t.len, name))
+            .collect();
+        extents.sort_unstable();
+        if let Some(w) = extents.windows(2).find(|w| w[1].0 < w[0].1) {
+            return Err(LlamaError::corrupt(
+                path,
+                format!("tensors `{}` and `{}` overlap in the file", w[0].2, w[1].2),
+            ));
         }
         Ok(Self {
             path: path.to_path_buf(),
