@@ -984,6 +984,14 @@ fn distill_trains_resumes_and_exports() {
     );
     assert_clean_failure(&distill(&moe, &bad, &["--steps", "0"]), "steps");
     assert_clean_failure(
+        &distill(&moe, &bad, &["--steps", "2", "--max-grad-norm", "-1"]),
+        "max_grad_norm",
+    );
+    assert_clean_failure(
+        &distill(&moe, &bad, &["--steps", "2", "--loss", "kl:0"]),
+        "every weight is 0",
+    );
+    assert_clean_failure(
         &distill(&moe, &bad, &["--steps", "2", "--max-tokens", "10"]),
         "give more text",
     );

@@ -132,7 +132,8 @@ impl DistillLoss {
     /// A combination of these terms.
     ///
     /// # Errors
-    /// [`DistillError::InvalidSpec`] for no terms, [`DistillError::DuplicateLoss`] for a kind
+    /// [`DistillError::InvalidSpec`] for no terms or only zero weights,
+    /// [`DistillError::DuplicateLoss`] for a kind
     /// listed twice, [`DistillError::InvalidWeight`] for a negative or non-finite weight.
     pub fn new(terms: Vec<LossTerm>) -> crate::Result<Self> {
         if terms.is_empty() {
@@ -153,6 +154,12 @@ impl DistillLoss {
                     name: term.kind.name().into(),
                 });
             }
+        }
+        if terms.iter().all(|t| t.weight == 0.0) {
+            return Err(DistillError::InvalidSpec {
+                spec: String::new(),
+                reason: "every weight is 0: nothing would be learnt".into(),
+            });
         }
         Ok(Self { terms })
     }
@@ -221,7 +228,10 @@ impl FromStr for DistillLoss {
             };
             terms.push(LossTerm { kind, weight });
         }
-        Self::new(terms)
+        Self::new(terms).map_err(|e| match e {
+            DistillError::InvalidSpec { reason, .. } => invalid(&reason),
+            e => e,
+        })
     }
 }
 

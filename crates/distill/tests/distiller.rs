@@ -136,7 +136,7 @@ mod distill {
                 "{bad}"
             );
         }
-        for bad in ["", "  ", "kl:1,", ",kl", "kl:1,,ce:1"] {
+        for bad in ["", "  ", "kl:1,", ",kl", "kl:1,,ce:1", "kl:0", "kl:0,ce:0"] {
             let err = bad.parse::<DistillLoss>().unwrap_err();
             assert!(
                 matches!(err, DistillError::InvalidSpec { .. }),

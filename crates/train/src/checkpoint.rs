@@ -126,6 +126,20 @@ fn sync(path: &Path) -> Result<()> {
         .map_err(|e| TrainError::io(path, e))
 }
 
+/// Syncs a directory's entries (the renames into it) to disk where the platform can.
+fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    sync(dir)?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+/// The step of a checkpoint directory named `step-N`.
+fn step_of(name: &str) -> Option<usize> {
+    name.strip_prefix("step-")?.parse().ok()
+}
+
 /// Writes `bytes` to `path` atomically (temporary file, sync, rename).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
@@ -177,27 +191,32 @@ pub fn save<M: Module, P: Module>(
         std::fs::remove_dir_all(&target).map_err(|e| TrainError::io(&target, e))?;
     }
     std::fs::rename(&tmp, &target).map_err(|e| TrainError::io(&target, e))?;
+    // The checkpoint's entry is on disk before `latest` names it, and `latest` before older
+    // checkpoints go.
+    sync_dir(dir)?;
     write_atomic(&dir.join(LATEST), name.as_bytes())?;
-    prune(dir, keep)?;
+    sync_dir(dir)?;
+    prune(dir, keep, state.step)?;
     tracing::info!(step = state.step, path = %target.display(), "checkpoint saved");
     Ok(target)
 }
 
-/// Removes all but the newest `keep` checkpoints, and stale temporary directories.
-fn prune(dir: &Path, keep: usize) -> Result<()> {
-    let mut steps: Vec<PathBuf> = Vec::new();
+/// Removes all but the newest `keep` checkpoints up to step `latest` (the one just saved,
+/// never removed; in step order, not name order), and stale temporary directories.
+fn prune(dir: &Path, keep: usize, latest: usize) -> Result<()> {
+    let mut steps: Vec<(usize, PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(|e| TrainError::io(dir, e))? {
         let path = entry.map_err(|e| TrainError::io(dir, e))?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if name.starts_with(".tmp-step-") {
             std::fs::remove_dir_all(&path).map_err(|e| TrainError::io(&path, e))?;
-        } else if name.starts_with("step-") {
-            steps.push(path);
+        } else if let Some(step) = step_of(name).filter(|&s| s <= latest) {
+            steps.push((step, path));
         }
     }
     steps.sort();
-    let excess = steps.len().saturating_sub(keep);
-    for old in &steps[..excess] {
+    let excess = steps.len().saturating_sub(keep.max(1));
+    for (_, old) in &steps[..excess] {
         std::fs::remove_dir_all(old).map_err(|e| TrainError::io(old, e))?;
     }
     Ok(())
@@ -249,4 +268,39 @@ pub fn load(path: &Path) -> Result<Loaded> {
         projection,
         optimizer,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_counts_steps_not_names_and_keeps_the_latest() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "step-999998",
+            "step-999999",
+            "step-1000000",
+            "step-1000001",
+            ".tmp-step-1000002",
+            "notes",
+        ] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        // By name, step-1000000 sorts before step-999998 and would go first.
+        prune(dir.path(), 2, 1_000_000).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        // A step past the latest (a crash between its rename and `latest`) is left for the
+        // run to write again.
+        assert_eq!(
+            left,
+            ["notes", "step-1000000", "step-1000001", "step-999999"]
+        );
+        assert_eq!(step_of("step-000042"), Some(42));
+        assert_eq!(step_of("step-x"), None);
+    }
 }

@@ -74,6 +74,9 @@ impl TrainConfig {
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("lr", self.lr.to_string(), "finite and > 0");
         }
+        if self.warmup_steps == 0 {
+            return bad("warmup_steps", "0".into(), "at least 1");
+        }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return bad("min_lr_ratio", self.min_lr_ratio.to_string(), "in [0, 1]");
         }

@@ -406,6 +406,13 @@ fn bad_configurations_are_refused() {
         make(config(5).with_seq_len(8), data()),
         Err(TrainError::Config(_))
     ));
+    for bad in [
+        config(5).with_warmup_steps(0),
+        config(5).with_max_grad_norm(Some(f64::NAN)),
+        config(5).with_max_grad_norm(Some(-1.0)),
+    ] {
+        assert!(matches!(make(bad, data()), Err(TrainError::Config(_))));
+    }
     let few = TokenWindows::new(ids(2 * SEQ + 1, 7), SEQ).unwrap();
     assert!(matches!(make(config(5), few), Err(TrainError::Data(_))));
     let other_vocab = LlamaConfig::llama(VOCAB + 1, 32, 64, 2, 4, 2)

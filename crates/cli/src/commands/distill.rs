@@ -98,8 +98,8 @@ pub struct DistillArgs {
     /// Micro-batches per optimiser step (gradient accumulation).
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    /// Global gradient-norm clip (0: none).
-    #[arg(long, default_value_t = 1.0)]
+    /// Global gradient-norm clip (0: none; otherwise finite and > 0).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     max_grad_norm: f64,
     /// Weight of the MoE auxiliary (load-balancing, z) losses.
     #[arg(long, default_value_t = 0.01)]
@@ -132,7 +132,7 @@ impl DistillArgs {
             .with_batch_size(self.batch_size)
             .with_seq_len(self.seq_len)
             .with_grad_accum(self.grad_accum)
-            .with_max_grad_norm((self.max_grad_norm > 0.0).then_some(self.max_grad_norm))
+            .with_max_grad_norm((self.max_grad_norm != 0.0).then_some(self.max_grad_norm))
             .with_aux_weight(self.aux_weight)
             .with_eval_every(self.eval_every)
             .with_checkpoint_every(self.checkpoint_every)
