@@ -217,7 +217,11 @@ fn a_killed_run_resumes_exactly() {
     killed.train_step().unwrap();
     drop(killed);
 
-    let mut resumed = trainer(&t, &s, "router,experts", cfg.clone()).with_checkpoints(dir_b.path());
+    // A restart builds its student anew (fresh parameter ids, as from the files), so the
+    // optimiser state must reattach through the checkpoint, not through shared ids.
+    let fresh = moe_student(&t);
+    let mut resumed =
+        trainer(&t, &fresh, "router,experts", cfg.clone()).with_checkpoints(dir_b.path());
     assert_eq!(resumed.resume().unwrap(), Some(3));
     let group = set("router,experts");
     assert!(
