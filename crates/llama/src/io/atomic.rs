@@ -2,17 +2,28 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{LlamaError, Result};
 
-/// The temporary name `path` is written under before it is renamed into place.
-pub(crate) fn temp_path(path: &Path) -> PathBuf {
+/// Temporary files made by this process so far.
+static MADE: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh temporary name beside `path`: `.NAME.PID.NANOS.N.tmp`, unique within the process
+/// and, through the time, across processes that share a directory but not a PID namespace
+/// (containers on one volume). The file is opened with `create_new`, so a name already taken
+/// is never truncated.
+fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map_or_else(Default::default, |n| n.to_os_string());
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = MADE.fetch_add(1, Ordering::Relaxed);
     let mut tmp = std::ffi::OsString::from(".");
     tmp.push(name);
-    tmp.push(format!(".{}.tmp", std::process::id()));
+    tmp.push(format!(".{}.{nanos:x}.{n}.tmp", std::process::id()));
     path.with_file_name(tmp)
 }
 
@@ -29,8 +40,13 @@ pub fn write_with(
     fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>,
 ) -> Result<()> {
     let tmp = temp_path(path);
+    // A name someone else holds is theirs: the error leaves it alone.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| LlamaError::io(&tmp, e))?;
     let result = (|| {
-        let file = std::fs::File::create(&tmp)?;
         let mut writer = std::io::BufWriter::new(file);
         fill(&mut writer)?;
         let file = writer.into_inner().map_err(|e| e.into_error())?;
@@ -41,4 +57,31 @@ pub fn write_with(
         let _ = std::fs::remove_file(&tmp);
         LlamaError::io(path, e)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_replace_whole_files_and_leave_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        assert_ne!(temp_path(&path), temp_path(&path));
+        write(&path, b"old").unwrap();
+        write(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        // A failing writer keeps the old file and removes its temporary one.
+        let err = write_with(&path, |w| {
+            w.write_all(b"half")?;
+            Err(std::io::Error::other("disk full"))
+        });
+        assert!(err.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["config.json"]);
+    }
 }
