@@ -520,33 +520,15 @@ fn convert_refuses_bad_settings_in_one_line() {
         &run(&["--method", "upcycle", "--experts", "4", "--top-k", "5"]),
         "top-k",
     );
-    assert_clean_failure(
-        &run(&[
-            "--method",
-            "upcycle",
-            "--experts",
-            "4",
-            "--top-k",
-            "2",
-            "--router-init",
-            "hidden-states",
-        ]),
-        "split",
-    );
-    // Named before the calibration text these settings would need.
-    assert_clean_failure(
-        &run(&[
-            "--method",
-            "upcycle",
-            "--experts",
-            "4",
-            "--top-k",
-            "2",
-            "--shared-experts",
-            "1",
-        ]),
-        "use the split method",
-    );
+    // Upcycling with what only splits have, named before the calibration text it would need.
+    for extra in [
+        ["--router-init", "hidden-states"],
+        ["--shared-experts", "1"],
+    ] {
+        let mut args = vec!["--method", "upcycle", "--experts", "4", "--top-k", "2"];
+        args.extend(extra);
+        assert_clean_failure(&run(&args), "use the split method");
+    }
     let empty = root.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     assert_clean_failure(
