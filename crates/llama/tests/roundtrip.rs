@@ -190,6 +190,46 @@ fn bf16_export_rounds_weights_once() {
     }
 }
 
+#[test]
+fn tensors_the_configuration_gives_no_place_are_reported() {
+    let device = device(8);
+    let model = tiny().init(&device).unwrap();
+    let dir = save(&model, ExportFormat::Dense, SaveDtype::F32);
+    let unused = |dir: &Path| {
+        Checkpoint::open(dir)
+            .unwrap()
+            .load_reporting_unused(&device, &mut |_, _| {})
+            .unwrap()
+            .1
+    };
+    assert!(unused(dir.path()).is_empty());
+    // An output-projection bias that config.json does not mention (no attention_bias), and a
+    // rotary buffer that is recomputed anyway.
+    let file = SafetensorsDir::open(dir.path()).unwrap();
+    let mut tensors: Vec<(String, HostTensor)> = file
+        .names()
+        .into_iter()
+        .map(|n| {
+            let t = file.read(&n).unwrap().unwrap();
+            (n, t)
+        })
+        .collect();
+    drop(file);
+    for name in [
+        "model.layers.0.self_attn.o_proj.bias",
+        "model.layers.0.self_attn.rotary_emb.inv_freq",
+    ] {
+        tensors.push((name.into(), HostTensor::new(vec![32], vec![0.5; 32])));
+    }
+    write(
+        &dir.path().join("model.safetensors"),
+        &tensors,
+        SaveDtype::F32,
+    )
+    .unwrap();
+    assert_eq!(unused(dir.path()), ["model.layers.0.self_attn.o_proj.bias"]);
+}
+
 fn write_config(dir: &Path, config: &LlamaConfig) {
     std::fs::write(
         dir.join("config.json"),

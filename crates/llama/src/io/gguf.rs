@@ -470,6 +470,10 @@ impl TensorSource for GgufFile {
         &self.path
     }
 
+    fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+
     fn read(&self, name: &str) -> Result<Option<HostTensor>> {
         let Some(info) = self.tensors.get(name) else {
             return Ok(None);

@@ -147,7 +147,30 @@ impl Checkpoint {
     }
 
     /// Loads the weights onto `device`. `progress(done, total)` is called as layers load.
+    /// Tensors of the file that the configuration gives no place are logged as a warning
+    /// ([`Checkpoint::load_reporting_unused`] returns them).
     pub fn load(&self, device: &Device, progress: &mut dyn FnMut(usize, usize)) -> Result<Llama> {
+        let (model, unused) = self.load_reporting_unused(device, progress)?;
+        if !unused.is_empty() {
+            tracing::warn!(
+                path = %self.path.display(),
+                count = unused.len(),
+                first = ?&unused[..unused.len().min(5)],
+                "tensors in the checkpoint were not loaded: does config.json describe this file?"
+            );
+        }
+        Ok(model)
+    }
+
+    /// [`Checkpoint::load`], also returning the names of the file's tensors that were not
+    /// read (sorted), besides buffers that are recomputed (`rotary_emb.inv_freq`, GGUF's
+    /// `rope_freqs.weight`). A configuration that contradicts its file (a shared expert or
+    /// biases it does not mention) shows here instead of silently dropping weights.
+    pub fn load_reporting_unused(
+        &self,
+        device: &Device,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(Llama, Vec<String>)> {
         let (source, factors, scheme, permuted): (&dyn TensorSource, _, Scheme, bool) =
             match &self.files {
                 Files::Hf(dir, factors) => (dir, factors.as_ref(), self.scheme()?, false),
@@ -160,8 +183,17 @@ impl Checkpoint {
             qk_permuted: permuted,
             config: &self.config,
             device,
+            read: Default::default(),
         };
-        build(&reader, progress)
+        let model = build(&reader, progress)?;
+        let read = reader.read.into_inner();
+        let unused = source
+            .names()
+            .into_iter()
+            .filter(|n| !read.contains(n))
+            .filter(|n| !n.ends_with("rotary_emb.inv_freq") && n != "rope_freqs.weight")
+            .collect();
+        Ok((model, unused))
     }
 }
 
@@ -174,6 +206,8 @@ struct Reader<'a> {
     qk_permuted: bool,
     config: &'a LlamaConfig,
     device: &'a Device,
+    /// Names asked of `source` so far.
+    read: std::cell::RefCell<std::collections::BTreeSet<String>>,
 }
 
 impl Reader<'_> {
@@ -183,6 +217,7 @@ impl Reader<'_> {
 
     fn maybe(&self, w: Weight, shape: &[usize]) -> Result<Option<HostTensor>> {
         let n = self.name(w);
+        self.read.borrow_mut().insert(n.clone());
         let Some(t) = self.source.read(&n)? else {
             return Ok(None);
         };

@@ -148,6 +148,10 @@ impl TensorSource for SafetensorsDir {
         &self.dir
     }
 
+    fn names(&self) -> Vec<String> {
+        SafetensorsDir::names(self)
+    }
+
     fn read(&self, name: &str) -> Result<Option<HostTensor>> {
         let Some(&s) = self.index.get(name) else {
             return Ok(None);

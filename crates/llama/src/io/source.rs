@@ -12,4 +12,7 @@ pub trait TensorSource {
 
     /// Reads `name`, or `None` if the checkpoint does not hold it.
     fn read(&self, name: &str) -> Result<Option<HostTensor>>;
+
+    /// Every tensor name the checkpoint holds, sorted.
+    fn names(&self) -> Vec<String>;
 }
