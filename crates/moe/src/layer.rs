@@ -213,6 +213,26 @@ impl MoeLayer {
                 bank: experts.num_experts(),
             });
         }
+        // Every part reads the same hidden states: a width that differs from the bank's would
+        // fail inside a matrix product at the first forward pass.
+        let h = experts.hidden_size();
+        let widths = [
+            ("router gate", router.hidden_size(), router.num_experts()),
+            (
+                "shared expert",
+                shared.as_ref().map_or(h, |s| s.ffn.hidden_size()),
+                shared.as_ref().map_or(0, |s| s.ffn.intermediate_size()),
+            ),
+        ];
+        for (what, width, other) in widths {
+            if width != h {
+                return Err(MoeError::WeightShape {
+                    what,
+                    expected: vec![h, other],
+                    got: vec![width, other],
+                });
+            }
+        }
         Ok(Self {
             router,
             experts,

@@ -61,6 +61,17 @@ fn top_p_keeps_experts_until_the_mass_reaches_p() {
     let (n, w) = kept(renormalized(0.99, Some(1)), &p);
     assert_eq!((n, w.len()), (1, 1));
     assert!((w[0] - 1.0).abs() < 1e-6, "{w:?}");
+    // A NaN logit makes every mass NaN: the first slot is still used, so the NaN reaches the
+    // output as under top-k, instead of the token silently losing its routed experts.
+    let device = device(1);
+    let r = RouterConfig::new(2, 4)
+        .with_selection(top_p(0.5, None))
+        .init(&device)
+        .unwrap();
+    let routing = r.route_logits(tensor(vec![0.0, f32::NAN, 1.0, 2.0], [1, 4], &device));
+    let active: Vec<bool> = routing.active.into_data().iter::<bool>().collect();
+    assert!(active[0], "{active:?}");
+    assert!(values(routing.weights)[0].is_nan());
 }
 
 #[test]
@@ -269,8 +280,37 @@ fn bad_configuration_is_a_typed_error() {
     let bank = ExpertBank::from_weights(w_in, normal([2, 4, 8], 1.0, &device), Activation::SwiGlu)
         .unwrap();
     assert_eq!(
-        moekit_moe::MoeLayer::from_parts(router, bank, None).err(),
+        moekit_moe::MoeLayer::from_parts(router, bank.clone(), None).err(),
         Some(MoeError::ExpertCountMismatch { router: 3, bank: 2 })
+    );
+    // A router, or a shared expert, of another width than the bank's.
+    let narrow = RouterConfig::new(6, 2).init(&device).unwrap();
+    assert!(matches!(
+        moekit_moe::MoeLayer::from_parts(narrow, bank.clone(), None),
+        Err(MoeError::WeightShape {
+            what: "router gate",
+            ..
+        })
+    ));
+    let router = RouterConfig::new(8, 2).init(&device).unwrap();
+    let shared = moekit_moe::SharedExpert {
+        ffn: moekit_moe::FeedForwardConfig::new(6, 4)
+            .init(&device)
+            .unwrap(),
+        gate: None,
+    };
+    assert!(matches!(
+        moekit_moe::MoeLayer::from_parts(router.clone(), bank.clone(), Some(shared)),
+        Err(MoeError::WeightShape {
+            what: "shared expert",
+            ..
+        })
+    ));
+    // A gate holding NaN is refused when it is set.
+    let nan = Tensor::<2>::full([8, 2], f32::NAN, &device);
+    assert_eq!(
+        router.with_weight(nan).err(),
+        Some(MoeError::NonFinite("router gate"))
     );
 }
 

@@ -410,7 +410,8 @@ pub fn backward(
 }
 
 /// Indices of the `k` largest values of each row of `scores [T, E]`, decreasing, ties broken
-/// towards the lower index; NaN ranks above every number (`f32::total_cmp`).
+/// towards the lower index; NaNs are ordered by `f32::total_cmp` (a positive NaN above every
+/// number, a negative one, the usual result of invalid arithmetic on x86, below).
 pub fn top_k_indices(scores: &[f32], experts: usize, k: usize) -> Vec<i64> {
     let rows = scores.len() / experts.max(1);
     let mut out = vec![0i64; rows * k];

@@ -218,7 +218,7 @@ impl Router {
             });
         }
         match self.rank() {
-            None => self.gate = Param::from_tensor(w),
+            None => self.gate = Param::from_tensor(finite(w, "router gate")?),
             Some(r) => {
                 let (down, up) = low_rank_factors(w, r)?;
                 self.gate = Param::from_tensor(down);
@@ -246,8 +246,8 @@ impl Router {
                 });
             }
         }
-        self.gate = Param::from_tensor(down);
-        self.gate_up = Some(Param::from_tensor(up));
+        self.gate = Param::from_tensor(finite(down, "router gate factor W_down")?);
+        self.gate_up = Some(Param::from_tensor(finite(up, "router gate factor W_up")?));
         Ok(self)
     }
 
@@ -359,5 +359,15 @@ impl Router {
             weights,
             active,
         }
+    }
+}
+
+/// `w` if every value is finite, else [`MoeError::NonFinite`] naming `what` (a NaN gate would
+/// route every token by NaN logits).
+fn finite(w: Tensor<2>, what: &'static str) -> crate::Result<Tensor<2>> {
+    if w.clone().is_finite().all().into_scalar::<bool>() {
+        Ok(w)
+    } else {
+        Err(MoeError::NonFinite(what))
     }
 }

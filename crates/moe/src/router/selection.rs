@@ -108,7 +108,14 @@ impl Selection {
             Selection::TopP { p, renormalize, .. } => {
                 let (sorted, ids) = probs.sort_descending_with_indices(1);
                 let mass_before = sorted.clone().cumsum(1) - sorted.clone();
-                let active = mass_before.lower_elem(p).narrow(1, 0, slots);
+                // The first slot is always used, also where the mass is not a number (a NaN
+                // logit): the NaN then reaches the output, as under top-k, instead of the
+                // token silently losing its routed experts.
+                let first = Tensor::<1, Int>::arange(0..slots as i64, &sorted.device())
+                    .equal_elem(0)
+                    .reshape([1, slots])
+                    .expand([t, slots]);
+                let active = mass_before.lower_elem(p).narrow(1, 0, slots).bool_or(first);
                 let weights = sorted
                     .narrow(1, 0, slots)
                     .mask_fill(active.clone().bool_not(), 0.0);
