@@ -81,6 +81,8 @@ pub struct Trainer {
     evals: Vec<EvalReport>,
     checkpoints: Option<PathBuf>,
     source: Option<String>,
+    /// `data.fingerprint()`, hashed once (every checkpoint records it).
+    data_fingerprint: u64,
 }
 
 impl Trainer {
@@ -136,6 +138,7 @@ impl Trainer {
                 config.batch_size
             )));
         }
+        let data_fingerprint = data.fingerprint();
         let device = student.device().autodiff();
         let student = trainable.apply(student.fork(&device).train())?;
         let distiller = distiller.fork(&device).train();
@@ -152,6 +155,7 @@ impl Trainer {
             evals: Vec::new(),
             checkpoints: None,
             source: None,
+            data_fingerprint,
         })
     }
 
@@ -214,7 +218,7 @@ impl Trainer {
             grad_accum: self.config.grad_accum,
             windows: self.data.len(),
             params: self.trainable_params(),
-            data: Some(self.data.fingerprint()),
+            data: Some(self.data_fingerprint),
             distiller: Some(format!(
                 "temperature {} alpha {} beta {} top_k {} layers {:?}",
                 d.temperature, d.alpha, d.beta, d.top_k, d.layers

@@ -347,6 +347,12 @@ fn layers_dir(work: &Path, key: &str) -> PathBuf {
     work.join(format!("layers-{:016x}", hasher.finish()))
 }
 
+/// Whether `name` is one [`layers_dir`] makes.
+fn is_layers_dir(name: &str) -> bool {
+    name.strip_prefix("layers-")
+        .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// Deletes what conversions wrote into `work` (the recording and every configuration's
 /// finished layers), then the folder itself if nothing else is left in it: a `--work-dir`
 /// that holds other files keeps them.
@@ -358,11 +364,9 @@ fn remove_work(work: &Path) -> Result<(), CliError> {
     ActivationStore::remove(work)?;
     for entry in std::fs::read_dir(work).map_err(read)? {
         let path = entry.map_err(read)?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-        let ours = name
-            .as_deref()
-            .and_then(|n| n.strip_prefix("layers-"))
-            .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+        let ours = path
+            .file_name()
+            .is_some_and(|n| is_layers_dir(&n.to_string_lossy()));
         if ours && path.is_dir() {
             std::fs::remove_dir_all(&path).map_err(read)?;
         }

@@ -27,12 +27,19 @@ pub fn low_rank_factors(w: Tensor<2>, rank: usize) -> crate::Result<(Tensor<2>, 
             range: "[1, min(H, E)]",
         });
     }
-    let w = w.detach();
-    if !w.clone().is_finite().all().into_scalar::<bool>() {
-        return Err(MoeError::NonFinite("router gate"));
-    }
+    let w = finite(w.detach(), "router gate")?;
     let (u, s, vt) = svd::<2, 1>(w, SVD_SWEEPS);
     let down = u.narrow(1, 0, rank);
     let up = vt.narrow(0, 0, rank) * s.narrow(0, 0, rank).unsqueeze_dim::<2>(1);
     Ok((down, up))
+}
+
+/// `w` if every value is finite, else [`MoeError::NonFinite`] naming `what` (a NaN gate would
+/// route every token by NaN logits).
+pub(super) fn finite(w: Tensor<2>, what: &'static str) -> crate::Result<Tensor<2>> {
+    if w.clone().is_finite().all().into_scalar::<bool>() {
+        Ok(w)
+    } else {
+        Err(MoeError::NonFinite(what))
+    }
 }

@@ -7,7 +7,7 @@ use burn::nn::Initializer;
 use burn::tensor::activation::softplus;
 use burn::tensor::{Bool, Device, Distribution, Int, Tensor};
 
-use super::factor::low_rank_factors;
+use super::factor::{finite, low_rank_factors};
 use super::selection::{RouterNoise, Scoring, Selection};
 use crate::error::MoeError;
 
@@ -359,15 +359,5 @@ impl Router {
             weights,
             active,
         }
-    }
-}
-
-/// `w` if every value is finite, else [`MoeError::NonFinite`] naming `what` (a NaN gate would
-/// route every token by NaN logits).
-fn finite(w: Tensor<2>, what: &'static str) -> crate::Result<Tensor<2>> {
-    if w.clone().is_finite().all().into_scalar::<bool>() {
-        Ok(w)
-    } else {
-        Err(MoeError::NonFinite(what))
     }
 }
