@@ -70,7 +70,8 @@ pub struct LossParts {
     pub total: Tensor<1>,
     /// The total on the host.
     pub value: f32,
-    /// `(canonical name, unweighted value)` of each term, in the configured order.
+    /// `(canonical name, unweighted value)` of each term of weight > 0, in the configured
+    /// order.
     pub parts: Vec<(String, f32)>,
 }
 
@@ -157,8 +158,9 @@ impl Distiller {
     /// The teacher's outputs are detached (moved off autodiff, and onto the student's device
     /// if needed): gradients reach only the student and the projection. `labels` are needed by
     /// a `ce` term (the target of each position, already shifted; `ignore_index` masks);
-    /// `mask` marks the real tokens of every term ([`TokenMask`]). All parts are read to the
-    /// host in one transfer.
+    /// `mask` marks the real tokens of every term ([`TokenMask`]). Terms of weight 0 are
+    /// skipped (not computed, not in the parts). All parts are read to the host together (a
+    /// `ce` term reads its label range check before).
     ///
     /// # Shapes
     /// - teacher.logits, student.logits: `[B, T, V]`; hidden states `[B, T, H_T]` and
@@ -182,7 +184,7 @@ impl Distiller {
         let s_logits = student.logits;
         let tau = c.temperature;
         let mut parts = Vec::with_capacity(c.loss.terms().len());
-        for term in c.loss.terms() {
+        for term in c.loss.active_terms() {
             let (t, s) = (t_logits.clone(), s_logits.clone());
             let value = match term.kind {
                 LossKind::ForwardKl => forward_kl(t, s, mask, tau)?,
@@ -206,7 +208,7 @@ impl Distiller {
             .iter()
             .map(|(_, w, v)| v.clone().mul_scalar(*w))
             .reduce(|a, b| a + b)
-            .expect("a DistillLoss has at least one term");
+            .expect("a DistillLoss has a term of weight > 0");
         let mut all: Vec<Tensor<1>> = parts.iter().map(|(_, _, v)| v.clone()).collect();
         all.push(total.clone());
         let host: Vec<f32> = Tensor::cat(all, 0).into_data().iter::<f32>().collect();
@@ -296,9 +298,24 @@ impl Distiller {
         T: DistillModel + ?Sized,
         S: DistillModel + ?Sized,
     {
-        let want_hidden = self.wants_hidden();
-        let t_out = teacher.distill_forward(tokens.clone(), want_hidden)?;
-        let s_out = student.distill_forward(tokens, want_hidden)?;
+        let s_out = student.distill_forward(tokens.clone(), self.wants_hidden())?;
+        let t_out = self.teacher_forward(teacher, tokens, &s_out)?;
         self.loss(t_out, s_out, labels, mask)
+    }
+
+    /// The teacher's outputs on `tokens` for [`loss`](Self::loss), with hidden states when a
+    /// term wants them. When no term needs the teacher (`ce` only) it is not run: the result
+    /// holds the student's logits instead, which `loss` never reads.
+    pub fn teacher_forward<T: DistillModel + ?Sized>(
+        &self,
+        teacher: &T,
+        tokens: Tensor<2, Int>,
+        student: &DistillOutput,
+    ) -> crate::Result<DistillOutput> {
+        if self.config.loss.needs_teacher() {
+            teacher.distill_forward(tokens, self.wants_hidden())
+        } else {
+            Ok(DistillOutput::new(student.logits.clone()))
+        }
     }
 }

@@ -181,14 +181,22 @@ impl DistillLoss {
         self.terms.iter().find(|t| t.kind == kind).map(|t| t.weight)
     }
 
-    /// Whether any term compares hidden states.
-    pub fn wants_hidden(&self) -> bool {
-        self.terms.iter().any(|t| t.kind.is_hidden())
+    /// The terms that count: those of weight > 0. A term of weight 0 is accepted in a spec
+    /// (`kl:0,ce:1`) but never computed, so it costs nothing and cannot fail a step.
+    pub fn active_terms(&self) -> impl Iterator<Item = &LossTerm> {
+        self.terms.iter().filter(|t| t.weight > 0.0)
     }
 
-    /// Whether any term needs the teacher (all but `ce`, which uses the labels only).
+    /// Whether any term of weight > 0 compares hidden states.
+    pub fn wants_hidden(&self) -> bool {
+        self.active_terms().any(|t| t.kind.is_hidden())
+    }
+
+    /// Whether any term of weight > 0 needs the teacher (all but `ce`, which uses the labels
+    /// only).
     pub fn needs_teacher(&self) -> bool {
-        self.terms.iter().any(|t| t.kind != LossKind::CrossEntropy)
+        self.active_terms()
+            .any(|t| t.kind != LossKind::CrossEntropy)
     }
 }
 

@@ -25,7 +25,8 @@ pub fn log_softmax(x: Tensor<3>) -> Tensor<3> {
 /// mixture of two distributions given by their log-probabilities.
 ///
 /// Computed as a two-term log-sum-exp of `a + ln w` and `b + ln(1 − w)` around their detached
-/// maximum; `w = 0` and `w = 1` return `b` and `a` exactly (no `ln 0`).
+/// maximum; `w = 0` and `w = 1` return `b` and `a` exactly (no `ln 0`), and where both are
+/// `−∞` (a token neither distribution allows) the result is `−∞`, not NaN.
 ///
 /// # Shapes
 /// - a, b, output: `[B, T, V]`
@@ -39,18 +40,21 @@ pub fn log_mix(a: Tensor<3>, b: Tensor<3>, w: f64) -> Tensor<3> {
     let a = a.add_scalar(w.ln());
     let b = b.add_scalar((1.0 - w).ln());
     let m = a.clone().detach().max_pair(b.clone().detach());
+    let m = m.clone().mask_fill(m.equal_elem(f64::NEG_INFINITY), 0.0);
     ((a - m.clone()).exp() + (b - m.clone()).exp()).log() + m
 }
 
-/// Row-wise `KL(a ‖ b) = Σⱼ exp(aⱼ)·(aⱼ − bⱼ)` from log-probabilities.
+/// Row-wise `KL(a ‖ b) = Σⱼ exp(aⱼ)·(aⱼ − bⱼ)` from log-probabilities, with `0·log 0 = 0`:
+/// entries where `aⱼ = −∞` (e.g. vocabulary a teacher masks with `−∞` logits) add nothing
+/// and send no gradient, instead of `0·∞ = NaN`.
 ///
 /// # Shapes
 /// - log_a, log_b: `[B, T, V]`
 /// - output: `[B, T]`
 pub fn kl_rows(log_a: Tensor<3>, log_b: Tensor<3>) -> Tensor<2> {
-    (log_a.clone().exp() * (log_a - log_b))
-        .sum_dim(2)
-        .squeeze_dim(2)
+    let impossible = log_a.clone().equal_elem(f64::NEG_INFINITY);
+    let diff = (log_a.clone() - log_b).mask_fill(impossible, 0.0);
+    (log_a.exp() * diff).sum_dim(2).squeeze_dim(2)
 }
 
 /// The teacher's and the student's tempered log-probabilities.

@@ -425,6 +425,70 @@ mod distill {
         );
     }
 
+    /// A teacher that must not be asked.
+    struct Absent;
+
+    impl DistillModel for Absent {
+        fn distill_forward(
+            &self,
+            _tokens: Tensor<2, Int>,
+            _want_hidden: bool,
+        ) -> moekit_distill::Result<DistillOutput> {
+            panic!("the teacher was run although no term of weight > 0 needs it")
+        }
+    }
+
+    #[test]
+    fn terms_of_weight_zero_are_skipped_and_ce_alone_never_runs_the_teacher() {
+        let train = device(52).autodiff();
+        let student = table(6, 4, &train);
+        let tokens = ints(vec![1, 2, 3, 4], [1, 4], &train);
+        let labels = ints(vec![2, 3, 4, 5], [1, 4], &train);
+        let d = DistillConfig::new("kl:0,hidden-mse:0,ce:1".parse().unwrap())
+            .with_layers(vec![(0, 0)])
+            .init(&train)
+            .unwrap();
+        assert!(!d.wants_hidden());
+        let parts = d
+            .step(
+                &Absent,
+                &student,
+                tokens.clone(),
+                Some(labels.clone()),
+                None,
+            )
+            .unwrap();
+        assert_eq!(student.asked_hidden.get(), Some(false));
+        let names: Vec<&str> = parts.parts.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["ce"]);
+        let ce = DistillConfig::new("ce:1".parse().unwrap())
+            .init(&train)
+            .unwrap()
+            .step(&Absent, &student, tokens.clone(), Some(labels), None)
+            .unwrap();
+        assert_eq!(parts.value, ce.value);
+
+        // A term of weight 0 whose value would be NaN does not fail the step: a teacher with
+        // finite logits and NaN hidden states.
+        let teacher = table(6, 4, &train);
+        let teacher = Table {
+            hidden: teacher.hidden.clone().mul_scalar(f32::NAN),
+            ..teacher
+        };
+        let with = |spec: &str| {
+            DistillConfig::new(spec.parse().unwrap())
+                .with_layers(vec![(0, 0)])
+                .init(&train)
+                .unwrap()
+                .step(&teacher, &student, tokens.clone(), None, None)
+        };
+        let err = with("kl:1,hidden-mse:1").unwrap_err();
+        assert!(err.to_string().contains("hidden-mse"), "{err}");
+        let parts = with("kl:1,hidden-mse:0").unwrap();
+        assert!(parts.value.is_finite());
+        assert_eq!(teacher.asked_hidden.get(), Some(false));
+    }
+
     #[test]
     fn a_teacher_without_autodiff_works_with_an_autodiff_student() {
         let plain = device(51);

@@ -12,7 +12,7 @@ mod distill {
         DistillError, TokenMask, cross_entropy, forward_kl, generalized_jsd, hidden_cosine,
         hidden_mse, reverse_kl, skew_forward_kl, skew_reverse_kl, top_k_kl, total_variation,
     };
-    use moekit_testing::{device, tensor};
+    use moekit_testing::{device, tensor, values};
 
     #[test]
     fn every_divergence_matches_the_f64_reference_with_and_without_padding() {
@@ -47,6 +47,52 @@ mod distill {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn teacher_logits_of_minus_infinity_add_nothing_instead_of_nan() {
+        // A teacher that masks part of its vocabulary with -inf logits: every divergence that
+        // stays finite (all but the reverse KL and the JSD at β = 1, which is the reverse KL:
+        // +inf by definition, the student puts mass where the teacher has none) must equal the
+        // f64 reference with those logits at -1e30, where 0·log 0 never arises, and the
+        // student must get a finite gradient.
+        let device = device(9);
+        let mut batch = Batch::random(2, 3, 9, 2.0, 4);
+        let masked = |i: usize| i % batch.v >= batch.v - 3;
+        for (i, t) in batch.teacher.iter_mut().enumerate() {
+            if masked(i) {
+                *t = f32::NEG_INFINITY;
+            }
+        }
+        let finite: Vec<f32> = batch
+            .teacher
+            .iter()
+            .map(|&t| if t.is_finite() { t } else { -1e30 })
+            .collect();
+        let infinite = [Kind::Rkl, Kind::Jsd(1.0)];
+        for kind in kinds(batch.v).into_iter().filter(|k| !infinite.contains(k)) {
+            let got = scalar(
+                run(
+                    kind,
+                    batch.teacher_t(&device),
+                    batch.student_t(&device),
+                    None,
+                    1.5,
+                )
+                .unwrap(),
+            );
+            let want = reference(kind, &finite, &batch.student, batch.v, None, 1.5);
+            assert_near(got, want, 2e-5, 2e-6, &format!("{kind:?}"));
+
+            let train = device.clone().autodiff();
+            let student = batch.student_t(&train).require_grad();
+            let loss = run(kind, batch.teacher_t(&train), student.clone(), None, 1.5).unwrap();
+            let grad = student.grad(&loss.backward()).expect("a gradient");
+            assert!(
+                values(grad).iter().all(|g| g.is_finite()),
+                "{kind:?}: finite gradient"
+            );
         }
     }
 

@@ -420,6 +420,11 @@ fn bad_adapter_directories_are_clear_errors() {
         )
     });
     assert!(err_of(d.path()).contains("PREFIX_TUNING"));
+    // A config whose rank is not the factors' (PEFT refuses it as a size mismatch; the scale
+    // α / r would be wrong).
+    let d = copy(&|d| cfg(d, "\"r\": 4", "\"r\": 8"));
+    let err = err_of(d.path());
+    assert!(err.contains("rank 4") && err.contains("rank 8"), "{err}");
     let d = copy(&|d| std::fs::write(d.join("adapter_config.json"), "{\"r\": ").unwrap());
     assert!(err_of(d.path()).contains("not a PEFT adapter config"));
     let d = copy(&|d| std::fs::remove_file(d.join("adapter_model.safetensors")).unwrap());

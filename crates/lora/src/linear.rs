@@ -74,9 +74,12 @@ impl LoraLinear {
     }
 
     /// Folds the update into the weight, so the forward pass is one matmul (inference). Holds
-    /// the merged copy beside the base weight until [`unmerge`](Self::unmerge).
+    /// the merged copy beside the base weight until [`unmerge`](Self::unmerge). The copy is
+    /// detached: while merged, the forward pass sends no gradient to `A` or `B`, and a merged
+    /// copy does not follow later updates of them (unmerge, train, merge again).
     pub fn merge(&mut self) {
-        self.merged = Some(Param::from_tensor(self.merged_weight()).set_require_grad(false));
+        let weight = self.merged_weight().detach();
+        self.merged = Some(Param::from_tensor(weight).set_require_grad(false));
     }
 
     /// Undoes [`merge`](Self::merge): the forward pass uses the untouched base weight and the
@@ -85,9 +88,10 @@ impl LoraLinear {
         self.merged = None;
     }
 
-    /// A plain linear layer computing the same function (`W + ΔW`, same bias).
+    /// A plain linear layer computing the same function (`W + ΔW`, same bias). Its weight is a
+    /// new leaf, trainable like any linear layer's (on an autodiff device too).
     pub fn into_merged(self) -> Linear {
-        let weight = self.merged_weight();
+        let weight = self.merged_weight().detach();
         Linear {
             weight: Param::from_tensor(weight),
             bias: self.base.bias,

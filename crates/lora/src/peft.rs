@@ -13,11 +13,11 @@
 
 use std::collections::BTreeMap;
 
-use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{LoraError, Result};
+use crate::pattern::{PatternMap, pattern_regex};
 
 /// Prefix PEFT puts before a module path of the wrapped model.
 pub const PEFT_PREFIX: &str = "base_model.model.";
@@ -118,12 +118,12 @@ pub struct PeftConfig {
     /// Fully trained extra modules; not supported.
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
-    /// Per-module rank overrides: pattern → rank.
+    /// Per-module rank overrides: pattern → rank, the first match in file order.
     #[serde(default)]
-    pub rank_pattern: BTreeMap<String, usize>,
-    /// Per-module `α` overrides: pattern → `α`.
+    pub rank_pattern: PatternMap<usize>,
+    /// Per-module `α` overrides: pattern → `α`, the first match in file order.
     #[serde(default)]
-    pub alpha_pattern: BTreeMap<String, f64>,
+    pub alpha_pattern: PatternMap<f64>,
     /// The base model the adapter was trained on.
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
@@ -192,17 +192,42 @@ impl PeftConfig {
         for p in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
             pattern_regex(p)?;
         }
+        // Initialisations that change the base weights (PiSSA, OLoRA, CorDA take the principal
+        // part out of W; LoftQ quantises it): saved without PEFT's conversion, such an adapter
+        // only fits the modified base, and on the original one gives wrong outputs silently.
+        if let Some(Value::String(init)) = self.extra.get("init_lora_weights") {
+            let lower = init.to_ascii_lowercase();
+            if ["pissa", "olora", "corda", "loftq"]
+                .iter()
+                .any(|m| lower.starts_with(m))
+            {
+                return refuse(format!(
+                    "init_lora_weights is `{init}`: this adapter was saved against a modified base \
+                     model; save it with PEFT's path_initial_model_for_weight_conversion to get one \
+                     for the original model"
+                ));
+            }
+        }
+        if self
+            .extra
+            .get("layer_replication")
+            .is_some_and(|v| !v.is_null())
+        {
+            return refuse(
+                "layer_replication is set (a model with repeated layers); not supported".into(),
+            );
+        }
         Ok(())
     }
 
     /// The rank of the module at `path` (`rank_pattern`, else `r`).
     pub fn rank_for(&self, path: &str) -> usize {
-        lookup(&self.rank_pattern, path).unwrap_or(self.r)
+        self.rank_pattern.lookup(path).unwrap_or(self.r)
     }
 
     /// The `α` of the module at `path` (`alpha_pattern`, else `lora_alpha`).
     pub fn alpha_for(&self, path: &str) -> f64 {
-        lookup(&self.alpha_pattern, path).unwrap_or(self.lora_alpha)
+        self.alpha_pattern.lookup(path).unwrap_or(self.lora_alpha)
     }
 
     /// A config describing `adapted` modules. `candidates` are every module path of the model
@@ -262,22 +287,6 @@ impl PeftConfig {
             ]),
         }
     }
-}
-
-/// PEFT's pattern rule (`get_pattern_key`): `key` matches a path that equals it or ends in
-/// `.key`, `key` read as a regular expression.
-fn pattern_regex(key: &str) -> Result<Regex> {
-    Regex::new(&format!(r"^(?:.*\.)?(?:{key})$")).map_err(|e| LoraError::Pattern {
-        pattern: key.to_string(),
-        reason: e.to_string(),
-    })
-}
-
-fn lookup<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Option<T> {
-    patterns
-        .iter()
-        .find(|(k, _)| pattern_regex(k).is_ok_and(|re| re.is_match(path)))
-        .map(|(_, v)| *v)
 }
 
 fn most_common<T: Ord + Copy>(items: impl Iterator<Item = T>) -> Option<T> {
@@ -343,11 +352,34 @@ mod tests {
                 "modules_to_save",
             ),
             (r#""r": 8"#, r#""r": 0"#, "r is 0"),
+            (
+                r#""init_lora_weights": true"#,
+                r#""init_lora_weights": "pissa_niter_4""#,
+                "path_initial_model_for_weight_conversion",
+            ),
+            (
+                r#""init_lora_weights": true"#,
+                r#""init_lora_weights": "olora""#,
+                "olora",
+            ),
+            (
+                r#""layer_replication": null"#,
+                r#""layer_replication": [[0, 2], [1, 3]]"#,
+                "layer_replication",
+            ),
         ] {
             let err = PeftConfig::from_json(&PEFT_JSON.replace(from, to)).unwrap_err();
             assert!(err.to_string().contains(needle), "{err}");
         }
         assert!(PeftConfig::from_json("{").is_err());
+        // Initialisations that leave the base alone are fine.
+        for init in [r#""gaussian""#, "false", r#""eva""#] {
+            let json = PEFT_JSON.replace(
+                r#""init_lora_weights": true"#,
+                &format!(r#""init_lora_weights": {init}"#),
+            );
+            assert!(PeftConfig::from_json(&json).is_ok(), "{init}");
+        }
     }
 
     #[test]

@@ -142,6 +142,26 @@ fn merge_and_unmerge_are_exact() {
 }
 
 #[test]
+fn merging_works_on_an_autodiff_device() {
+    // A and B are tracked there, so `W + s·A·B` is a graph node; turning it into a parameter
+    // must not panic (burn refuses to track a non-leaf tensor).
+    let device = device(13).autodiff();
+    let mut l = layer(4.0, false, &device);
+    let x = normal([4, IN], 1.0, &device);
+    let before = l.forward(x.clone());
+    l.merge();
+    assert_close(l.forward(x.clone()), before.clone(), 1e-5, 1e-5);
+    let plain = l.clone().into_merged();
+    assert_close(plain.forward(x.clone()), before.clone(), 1e-5, 1e-5);
+    // The merged plain layer trains: its weight is a leaf that gets a gradient.
+    let grads = plain.forward(x.clone()).sum().backward();
+    assert!(plain.weight.val().grad(&grads).is_some());
+    let mut slot = LinearSlot::Lora(l);
+    slot.merge_into_plain();
+    assert_close(slot.forward(x), before, 1e-5, 1e-5);
+}
+
+#[test]
 fn only_the_adapter_gets_gradients_and_they_match_the_closed_form() {
     // L = Σ y ⊙ G: dL/dB = s·(x·A)ᵀ·G, dL/dA = s·xᵀ·(G·Bᵀ), dL/dx = G·Wᵀ + s·G·Bᵀ·Aᵀ.
     let device = device(4).autodiff();

@@ -51,6 +51,7 @@ pub use plot::{Series, profile_svg, tradeoff_svg};
 pub use policy::{Choice, LayerPolicy, RoutingPolicy, Rule};
 pub use profile::{LayerProfile, RoutingProfile, TOP1_THRESHOLDS, profile};
 pub use search::{
-    Candidate, Candidates, LayerCandidates, SearchConfig, choose, choose_weighted, measure,
+    Candidate, Candidates, LayerCandidates, MAX_RESOLUTION, SearchConfig, choose, choose_weighted,
+    measure,
 };
 pub use select::{ERROR_EXPONENTS, PolicyScore, Proposal, proposals, score, select};

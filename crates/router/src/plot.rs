@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::error::{Result, RouterError};
@@ -16,6 +17,22 @@ fn failed(path: &Path) -> impl Fn(String) -> RouterError + '_ {
         path: path.into(),
         reason,
     }
+}
+
+/// Draws with `draw` on an SVG canvas of `size` and writes it to `path` atomically (temporary
+/// file + rename): a drawing that fails leaves any earlier file as it was, never a partial one.
+fn write_svg(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<SVGBackend<'_>, Shift>) -> Result<()>,
+) -> Result<()> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+        draw(&root)?;
+        root.present().map_err(|e| failed(path)(e.to_string()))?;
+    }
+    moekit_llama::io::atomic::write(path, svg.as_bytes()).map_err(Into::into)
 }
 
 /// Draws one panel per MoE layer: bars of the mean probability of the 1st … E-th most
@@ -34,69 +51,69 @@ pub fn profile_svg(
     }
     let rows = n.div_ceil(COLUMNS);
     let size = ((COLUMNS * 230) as u32, (rows * 170 + 40) as u32);
-    let root = SVGBackend::new(path, size).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
-    let (title, body) = root.split_vertically(40);
-    title
-        .titled(
-            &format!(
-                "Routing profile: mean sorted expert probability per layer ({} tokens)",
-                profile.tokens
-            ),
-            ("sans-serif", 18),
-        )
-        .map_err(|e| fail(e.to_string()))?;
-    for (panel, layer) in body
-        .split_evenly((rows, COLUMNS))
-        .iter()
-        .zip(&profile.layers)
-    {
-        let e = layer.num_experts;
-        let rule = policy
-            .and_then(|p| p.layers.iter().find(|lp| lp.layer == layer.layer))
-            .map(|lp| format!(" {}", lp.rule))
-            .unwrap_or_default();
-        let caption = format!(
-            "L{} H={:.2} k={:.2}{rule}",
-            layer.layer,
-            layer.entropy / (e.max(2) as f64).ln(),
-            layer.experts_per_token
-        );
-        let mut chart = ChartBuilder::on(panel)
-            .caption(caption, ("sans-serif", 12))
-            .margin(6)
-            .x_label_area_size(18)
-            .y_label_area_size(28)
-            .build_cartesian_2d(0.5f64..(e as f64 + 0.5), 0f64..1f64)
+    write_svg(path, size, |root| {
+        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        let (title, body) = root.split_vertically(40);
+        title
+            .titled(
+                &format!(
+                    "Routing profile: mean sorted expert probability per layer ({} tokens)",
+                    profile.tokens
+                ),
+                ("sans-serif", 18),
+            )
             .map_err(|e| fail(e.to_string()))?;
-        chart
-            .configure_mesh()
-            .disable_mesh()
-            .x_labels(e.min(8))
-            .y_labels(3)
-            .x_label_formatter(&|x| format!("{x:.0}"))
-            .label_style(("sans-serif", 9))
-            .draw()
-            .map_err(|e| fail(e.to_string()))?;
-        chart
-            .draw_series(layer.sorted_mass.iter().enumerate().map(|(r, m)| {
-                let x = r as f64 + 1.0;
-                Rectangle::new([(x - 0.35, 0.0), (x + 0.35, *m)], BLUE.mix(0.6).filled())
-            }))
-            .map_err(|e| fail(e.to_string()))?;
-        let cumulative = layer.sorted_mass.iter().scan(0.0, |acc, m| {
-            *acc += m;
-            Some(*acc)
-        });
-        chart
-            .draw_series(LineSeries::new(
-                cumulative.enumerate().map(|(r, c)| (r as f64 + 1.0, c)),
-                RED.stroke_width(2),
-            ))
-            .map_err(|e| fail(e.to_string()))?;
-    }
-    root.present().map_err(|e| fail(e.to_string()))?;
-    Ok(())
+        for (panel, layer) in body
+            .split_evenly((rows, COLUMNS))
+            .iter()
+            .zip(&profile.layers)
+        {
+            let e = layer.num_experts;
+            let rule = policy
+                .and_then(|p| p.layers.iter().find(|lp| lp.layer == layer.layer))
+                .map(|lp| format!(" {}", lp.rule))
+                .unwrap_or_default();
+            let caption = format!(
+                "L{} H={:.2} k={:.2}{rule}",
+                layer.layer,
+                layer.entropy / (e.max(2) as f64).ln(),
+                layer.experts_per_token
+            );
+            let mut chart = ChartBuilder::on(panel)
+                .caption(caption, ("sans-serif", 12))
+                .margin(6)
+                .x_label_area_size(18)
+                .y_label_area_size(28)
+                .build_cartesian_2d(0.5f64..(e as f64 + 0.5), 0f64..1f64)
+                .map_err(|e| fail(e.to_string()))?;
+            chart
+                .configure_mesh()
+                .disable_mesh()
+                .x_labels(e.min(8))
+                .y_labels(3)
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .label_style(("sans-serif", 9))
+                .draw()
+                .map_err(|e| fail(e.to_string()))?;
+            chart
+                .draw_series(layer.sorted_mass.iter().enumerate().map(|(r, m)| {
+                    let x = r as f64 + 1.0;
+                    Rectangle::new([(x - 0.35, 0.0), (x + 0.35, *m)], BLUE.mix(0.6).filled())
+                }))
+                .map_err(|e| fail(e.to_string()))?;
+            let cumulative = layer.sorted_mass.iter().scan(0.0, |acc, m| {
+                *acc += m;
+                Some(*acc)
+            });
+            chart
+                .draw_series(LineSeries::new(
+                    cumulative.enumerate().map(|(r, c)| (r as f64 + 1.0, c)),
+                    RED.stroke_width(2),
+                ))
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        Ok(())
+    })
 }
 
 /// A named curve of `(x, y)` points.
@@ -154,42 +171,44 @@ pub fn tradeoff_svg(
         (a.min(*y), b.max(*y))
     });
     let pad = ((x1 - x0) * 0.05).max(1e-3);
-    let root = SVGBackend::new(path, (760, 480)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(x0 - pad..x1 + pad, (y0 / 1.1..y1 * 1.1).log_scale())
-        .map_err(|e| fail(e.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc(x_label)
-        .y_desc(y_label)
-        .label_style(("sans-serif", 12))
-        .draw()
-        .map_err(|e| fail(e.to_string()))?;
-    for (i, s) in series.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(s.path(), color.stroke_width(2)))
-            .map_err(|e| fail(e.to_string()))?
-            .label(s.name.as_str())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2)));
-        chart
-            .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
+    write_svg(path, (760, 480), |root| {
+        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        let mut chart = ChartBuilder::on(root)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x0 - pad..x1 + pad, (y0 / 1.1..y1 * 1.1).log_scale())
             .map_err(|e| fail(e.to_string()))?;
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 12))
-        .draw()
-        .map_err(|e| fail(e.to_string()))?;
-    root.present().map_err(|e| fail(e.to_string()))?;
-    Ok(())
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .y_desc(y_label)
+            .label_style(("sans-serif", 12))
+            .draw()
+            .map_err(|e| fail(e.to_string()))?;
+        for (i, s) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(s.path(), color.stroke_width(2)))
+                .map_err(|e| fail(e.to_string()))?
+                .label(s.name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 12))
+            .draw()
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(())
+    })
 }
 
 #[cfg(test)]

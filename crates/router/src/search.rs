@@ -293,6 +293,11 @@ pub fn choose_weighted(
     {
         return Err(RouterError::Target("nothing to choose from".into()));
     }
+    if resolution > MAX_RESOLUTION {
+        return Err(RouterError::Target(format!(
+            "a resolution of {resolution} budget steps is more than the {MAX_RESOLUTION} the search allows"
+        )));
+    }
     let full = candidates.active(&vec![0; candidates.layers.len()]).full() as f64;
     let budget = target * full - candidates.always as f64;
     let cost =
@@ -330,51 +335,37 @@ pub fn choose_weighted(
                 .collect()
         })
         .collect();
-    // best[u]: least error of the layers so far using at most u steps; pick[i][u]: layer i's
-    // candidate in that optimum.
-    let mut best = vec![0.0f64; capacity + 1];
-    let mut pick: Vec<Vec<u32>> = Vec::with_capacity(layers);
-    for (l, units) in candidates.layers.iter().zip(&units) {
-        let mut next = vec![f64::INFINITY; capacity + 1];
-        let mut choice = vec![u32::MAX; capacity + 1];
-        for u in 0..=capacity {
-            for (j, (c, &w)) in l.candidates.iter().zip(units).enumerate() {
-                let e = c.error.powf(exponent);
-                if w <= u && best[u - w] + e < next[u] {
-                    next[u] = best[u - w] + e;
-                    choice[u] = j as u32;
-                }
-            }
-        }
-        best = next;
-        pick.push(choice);
-    }
-    let walk_back = |mut u: usize| {
-        let mut picks = vec![0usize; layers];
-        for i in (0..layers).rev() {
-            let j = pick[i][u] as usize;
-            picks[i] = j;
-            u -= units[i][j];
-        }
-        picks
-    };
-    // The best table entry whose policy really fits (u = resolution always does when it
-    // exists, since costs were rounded up).
+    // Two tables over "at most u steps": the least weighted error and the least real cost,
+    // each with its picks. Above `resolution` steps the least-error policy may not really fit
+    // (rounding up can tie a candidate just over the budget with one exactly at it); the
+    // least-cost one fits whenever anything does, so together they always find a policy
+    // when one exists.
+    let weighted: Vec<Vec<f64>> = candidates
+        .layers
+        .iter()
+        .map(|l| {
+            l.candidates
+                .iter()
+                .map(|c| c.error.powf(exponent))
+                .collect()
+        })
+        .collect();
+    let costs: Vec<Vec<f64>> = candidates
+        .layers
+        .iter()
+        .map(|l| l.candidates.iter().map(|c| cost(l, c)).collect())
+        .collect();
+    let least_error = knapsack(&weighted, &units, capacity);
+    let least_cost = knapsack(&costs, &units, capacity);
     let tolerance = 1e-9 * full;
-    let fits = |picks: &[usize]| {
-        let spent: f64 = candidates
-            .layers
-            .iter()
-            .zip(picks)
-            .map(|(l, &j)| cost(l, &l.candidates[j]))
-            .sum();
-        spent <= budget + tolerance
+    let total = |table: &[Vec<f64>], picks: &[usize]| -> f64 {
+        table.iter().zip(picks).map(|(t, &j)| t[j]).sum()
     };
     let picks = (0..=capacity)
-        .rev()
-        .filter(|&u| best[u].is_finite())
-        .map(walk_back)
-        .find(|picks| fits(picks))
+        .flat_map(|u| [least_error.picks(u, &units), least_cost.picks(u, &units)])
+        .flatten()
+        .filter(|picks| total(&costs, picks) <= budget + tolerance)
+        .min_by(|a, b| total(&weighted, a).total_cmp(&total(&weighted, b)))
         .ok_or_else(|| {
             RouterError::Target(format!(
                 "no policy fits {:.1}% of the all-experts model at this resolution; raise the target or the resolution",
@@ -382,4 +373,56 @@ pub fn choose_weighted(
             ))
         })?;
     Ok(candidates.chosen_policy(&picks, target))
+}
+
+/// The largest `resolution` [`choose`] accepts: its tables hold `resolution + layers` entries
+/// per layer.
+pub const MAX_RESOLUTION: usize = 1 << 20;
+
+/// A multiple-choice knapsack table: for each layer and each number of budget steps `u`, the
+/// candidate in the policy of least summed `value` over the layers so far using at most `u`
+/// steps.
+struct Knapsack {
+    /// The least total value at each `u` after the last layer (`inf`: nothing fits).
+    best: Vec<f64>,
+    /// `pick[i][u]`: layer `i`'s candidate in the optimum of layers `0..=i` at `u` steps.
+    pick: Vec<Vec<u32>>,
+}
+
+/// Fills the table for `values[i][j]` / `units[i][j]` (layer `i`, candidate `j`) up to
+/// `capacity` steps.
+fn knapsack(values: &[Vec<f64>], units: &[Vec<usize>], capacity: usize) -> Knapsack {
+    let mut best = vec![0.0f64; capacity + 1];
+    let mut pick = Vec::with_capacity(values.len());
+    for (values, units) in values.iter().zip(units) {
+        let mut next = vec![f64::INFINITY; capacity + 1];
+        let mut choice = vec![u32::MAX; capacity + 1];
+        for u in 0..=capacity {
+            for (j, (&v, &w)) in values.iter().zip(units).enumerate() {
+                if w <= u && best[u - w] + v < next[u] {
+                    next[u] = best[u - w] + v;
+                    choice[u] = j as u32;
+                }
+            }
+        }
+        best = next;
+        pick.push(choice);
+    }
+    Knapsack { best, pick }
+}
+
+impl Knapsack {
+    /// The picks of the optimum at `u` steps, if any policy fits in `u` steps.
+    fn picks(&self, mut u: usize, units: &[Vec<usize>]) -> Option<Vec<usize>> {
+        if !self.best[u].is_finite() {
+            return None;
+        }
+        let mut picks = vec![0usize; self.pick.len()];
+        for i in (0..self.pick.len()).rev() {
+            let j = self.pick[i][u] as usize;
+            picks[i] = j;
+            u -= units[i][j];
+        }
+        Some(picks)
+    }
 }

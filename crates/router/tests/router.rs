@@ -6,9 +6,9 @@ use burn::tensor::{Device, Tensor};
 use moekit_llama::{FfnSlot, Llama, LlamaConfig, perplexity};
 use moekit_moe::Selection;
 use moekit_router::{
-    ActiveParams, Candidate, Candidates, LayerCandidates, RouterError, RoutingPolicy, Rule,
-    SearchConfig, Series, TOP1_THRESHOLDS, choose, measure, profile, profile_svg, proposals,
-    route_by_oracle, score, select, tradeoff_svg,
+    ActiveParams, Candidate, Candidates, LayerCandidates, MAX_RESOLUTION, RouterError,
+    RoutingPolicy, Rule, SearchConfig, Series, TOP1_THRESHOLDS, choose, measure, profile,
+    profile_svg, proposals, route_by_oracle, score, select, tradeoff_svg,
 };
 use moekit_testing::{device, normal};
 
@@ -352,6 +352,63 @@ fn bad_targets_are_errors() {
         );
     }
     assert!(matches!(choose(&c, 0.9, 0), Err(RouterError::Target(_))));
+    // Too many budget steps is an error, not an overflow or an allocation of everything.
+    for resolution in [usize::MAX, MAX_RESOLUTION + 1] {
+        assert!(matches!(
+            choose(&c, 0.9, resolution),
+            Err(RouterError::Target(_))
+        ));
+    }
+}
+
+#[test]
+fn a_policy_at_exactly_the_budget_is_found_when_a_cheaper_looking_one_is_just_over() {
+    // Top-p costs a hair more than top-1 and errs less: rounded up to budget steps the two
+    // cost the same, so the least-error table holds top-p in both layers, just over the
+    // budget. Uniform top-1 costs exactly the budget and must be chosen.
+    let layer = |l| LayerCandidates {
+        layer: l,
+        num_experts: 2,
+        params_per_expert: 100,
+        candidates: vec![
+            Candidate {
+                rule: Rule::TopK { k: 1 },
+                experts_per_token: 1.0,
+                error: 0.5,
+            },
+            Candidate {
+                rule: Rule::TopP {
+                    p: 0.5,
+                    max_k: None,
+                },
+                experts_per_token: 1.00001,
+                error: 0.1,
+            },
+            Candidate {
+                rule: Rule::TopK { k: 2 },
+                experts_per_token: 2.0,
+                error: 0.0,
+            },
+        ],
+    };
+    let c = Candidates {
+        tokens: 1,
+        always: 1000,
+        layers: vec![layer(0), layer(1)],
+    };
+    let policy = choose(&c, 1200.0 / 1400.0, 999).unwrap();
+    let rules: Vec<Rule> = policy.layers.iter().map(|l| l.rule).collect();
+    assert_eq!(rules, [Rule::TopK { k: 1 }; 2]);
+    // With room for top-p in both layers, the least error wins again.
+    let policy = choose(&c, 1200.01 / 1400.0, 999).unwrap();
+    let rules: Vec<Rule> = policy.layers.iter().map(|l| l.rule).collect();
+    assert_eq!(
+        rules,
+        [Rule::TopP {
+            p: 0.5,
+            max_k: None
+        }; 2]
+    );
 }
 
 #[test]

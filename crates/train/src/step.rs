@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer};
-use moekit_distill::{DistillModel, DistillOutput, Distiller};
+use moekit_distill::{DistillOutput, Distiller};
 use moekit_llama::Llama;
 use serde::{Deserialize, Serialize};
 
@@ -101,7 +101,6 @@ impl DistillStep {
         let start = Instant::now();
         let n = micro_batches.len() as f64;
         let want_hidden = self.distiller.wants_hidden();
-        let needs_teacher = self.distiller.config.loss.needs_teacher();
         let trains_projection = self.distiller.projection.is_some();
         let mut student_acc = GradientsAccumulator::<Llama>::new();
         let mut distiller_acc = GradientsAccumulator::<Distiller>::new();
@@ -115,14 +114,9 @@ impl DistillStep {
                 .map(|(_, m)| m.aux_loss())
                 .reduce(|a, b| a + b);
             let s_out = DistillOutput::new(out.logits).with_hidden(out.hidden_states);
-            // A `ce`-only objective never reads the teacher: its slot gets the student's
-            // logits (detached by the distiller) instead of a wasted teacher pass.
-            let t_out = if needs_teacher {
-                self.teacher
-                    .distill_forward(batch.tokens.clone(), want_hidden)?
-            } else {
-                DistillOutput::new(s_out.logits.clone())
-            };
+            let t_out =
+                self.distiller
+                    .teacher_forward(&self.teacher, batch.tokens.clone(), &s_out)?;
             let l = self
                 .distiller
                 .loss(t_out, s_out, Some(batch.labels.clone()), None)

@@ -7,8 +7,8 @@ use std::time::Instant;
 use clap::Args;
 use moekit::router::file::{load_json, save_json};
 use moekit::router::{
-    ActiveParams, Candidates, RouterError, RoutingPolicy, SearchConfig, TOP1_THRESHOLDS, measure,
-    profile, profile_svg, proposals, select,
+    ActiveParams, Candidates, MAX_RESOLUTION, RouterError, RoutingPolicy, SearchConfig,
+    TOP1_THRESHOLDS, measure, profile, profile_svg, proposals, select,
 };
 use moekit::upcycle::calibration;
 use serde_json::json;
@@ -89,6 +89,17 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
         return Err(CliError::Usage(format!(
             "--plot {}: plots are written as SVG; name the file .svg",
             plot.display()
+        )));
+    }
+    if !(1..=MAX_RESOLUTION).contains(&args.resolution) {
+        return Err(CliError::Usage(format!(
+            "--resolution {}: the knapsack takes 1 to {MAX_RESOLUTION} budget steps",
+            args.resolution
+        )));
+    }
+    if let Some(p) = args.top_p.iter().find(|p| !(**p > 0.0 && **p <= 1.0)) {
+        return Err(CliError::Usage(format!(
+            "--top-p {p}: thresholds are in (0, 1]"
         )));
     }
     if args.select_tokens < 2 {

@@ -155,6 +155,16 @@ pub fn load_adapter(model: Llama, dir: &Path) -> Result<(Llama, PeftConfig)> {
                 ),
             ));
         }
+        let rank = config.rank_for(&path);
+        if r != rank {
+            return Err(fail(
+                &weights_path,
+                format!(
+                    "`{path}` has factors of rank {r}, but adapter_config.json gives it rank {rank} \
+                     (r / rank_pattern): the config does not belong to these weights"
+                ),
+            ));
+        }
         let adapter = LoraAdapter::from_factors(
             a.transpose().to_tensor(&device),
             b.transpose().to_tensor(&device),
