@@ -1,8 +1,8 @@
 //! Knowledge distillation for burn: a student learns from a teacher's next-token distributions
 //! and hidden states.
 //!
-//! - Logit divergences on `[B, T, V]` logits, all from stable log-softmaxes in f32 with a
-//!   temperature `τ` (values scaled by `τ²`): [`forward_kl`] (Hinton et al. 2015),
+//! - Logit divergences on `[B, T, V]` logits, all from stable log-softmaxes (in the logits'
+//!   float type: f32 for moekit's models) with a temperature `τ` (values scaled by `τ²`): [`forward_kl`] (Hinton et al. 2015),
 //!   [`reverse_kl`] (MiniLLM), [`skew_forward_kl`] and [`skew_reverse_kl`] (DistiLLM, MoE-KD),
 //!   [`generalized_jsd`] (GKD), [`total_variation`], [`top_k_kl`] (sparse, the teacher's top-k
 //!   tokens only).

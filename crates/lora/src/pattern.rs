@@ -113,7 +113,11 @@ mod tests {
         assert_eq!(m.lookup("model.layers.1.self_attn.q_proj"), Some(32.0));
         assert_eq!(m.lookup("model.layers.1.self_attn.v_proj"), None);
         let compact = text.replace(", ", ",").replace(": ", ":");
-        assert_eq!(serde_json::to_string(&m).unwrap(), compact, "written in file order");
+        assert_eq!(
+            serde_json::to_string(&m).unwrap(),
+            compact,
+            "written in file order"
+        );
         assert!(serde_json::from_str::<PatternMap<f64>>(r#"{"a": 1, "a": 2}"#).is_err());
     }
 }

@@ -5,8 +5,10 @@
 //! [`proposals`] offers several policies: the knapsack's optimum for each exponent in
 //! [`ERROR_EXPONENTS`] and every uniform rule (the same rule in every layer) that fits; and
 //! [`score`] runs each through the whole model on calibration tokens. [`select`] keeps the
-//! policy with the least next-token negative log-likelihood (the quality a user sees); the KL
-//! from the reference routing is reported beside it. Because the uniform rules are among the
+//! policy with the least next-token negative log-likelihood (the quality a user sees) among
+//! those whose activated fraction, measured on the same tokens, stays within the target (a
+//! top-p rule's cost is predicted on the reference model's inputs and can be higher once other
+//! layers change); the KL from the reference routing is reported beside it. Because the uniform rules are among the
 //! proposals, the selected policy is at least as good as every uniform rule within the budget
 //! on the calibration tokens. Cost: one forward pass of the reference model and one per
 //! distinct proposal over the selection tokens.
@@ -18,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::calib::windows;
 use crate::error::{Result, RouterError};
+use crate::params::ActiveParams;
 use crate::policy::{RoutingPolicy, Rule, Selected};
 use crate::search::{Candidates, choose_weighted};
 
@@ -40,6 +43,11 @@ pub struct PolicyScore {
     pub nll: f64,
     /// Mean `KL(p_reference ‖ p_policy)` of next-token distributions, nats per token.
     pub kl: f64,
+    /// The activated fraction of the all-experts model measured on the same tokens (the
+    /// experts each token really used; a top-p rule's cost depends on the text). `None` in
+    /// files written before it was measured.
+    #[serde(default)]
+    pub measured_fraction: Option<f64>,
 }
 
 /// The policies offered for `target` (see the module docs), without duplicates.
@@ -77,7 +85,8 @@ pub fn proposals(candidates: &Candidates, target: f64, resolution: usize) -> Res
 }
 
 /// Scores `policies` on `model` over `tokens` (windows of `seq_len`): each policy's mean
-/// next-token NLL and its KL from `model` as it is. `progress(done, total)` reports tokens.
+/// next-token NLL, its KL from `model` as it is, and the activated fraction it really used
+/// there. `progress(done, total)` reports tokens.
 pub fn score(
     model: &Llama,
     policies: &[&RoutingPolicy],
@@ -94,6 +103,8 @@ pub fn score(
         .collect::<Result<Vec<_>>>()?;
     let device = model.device();
     let mut sums = vec![(0.0f64, 0.0f64); policies.len()];
+    // Per policy and MoE layer: (experts computed, tokens routed).
+    let mut usage: Vec<Vec<(usize, usize)>> = vec![Vec::new(); policies.len()];
     let (mut predicted, mut done) = (0usize, 0usize);
     for w in windows(tokens, seq_len)? {
         let ids = model.tokens(&[w], &device)?;
@@ -102,8 +113,14 @@ pub fn score(
         let next: Tensor<3, Int> = Tensor::from_data(TensorData::new(next, [1, t, 1]), &device);
         let reference = log_softmax(model.logits(ids.clone())?.narrow(1, 0, t), 2);
         let p = reference.clone().exp();
-        for (m, (nll, kl)) in models.iter().zip(sums.iter_mut()) {
-            let q = log_softmax(m.logits(ids.clone())?.narrow(1, 0, t), 2);
+        for ((m, (nll, kl)), used) in models.iter().zip(sums.iter_mut()).zip(&mut usage) {
+            let (last, _, moe) = m.forward_hidden(ids.clone(), false, None)?;
+            used.resize(moe.len(), (0, 0));
+            for ((computed, routed), (_, out)) in used.iter_mut().zip(&moe) {
+                *computed += out.stats.tokens_per_expert.iter().sum::<usize>();
+                *routed += out.stats.tokens;
+            }
+            let q = log_softmax(m.head(last).narrow(1, 0, t), 2);
             *kl += (p.clone() * (reference.clone() - q.clone()))
                 .sum()
                 .into_scalar::<f32>() as f64;
@@ -114,10 +131,16 @@ pub fn score(
         progress(done, tokens.len());
     }
     sums.into_iter()
-        .map(|(nll, kl)| {
+        .zip(models.iter().zip(usage))
+        .map(|((nll, kl), (m, used))| {
+            let k: Vec<f64> = used
+                .iter()
+                .map(|&(computed, routed)| computed as f64 / routed.max(1) as f64)
+                .collect();
             let s = PolicyScore {
                 nll: nll / predicted as f64,
                 kl: kl / predicted as f64,
+                measured_fraction: Some(ActiveParams::of(m, Some(&k))?.fraction()),
             };
             if s.nll.is_finite() && s.kl.is_finite() {
                 Ok(s)
@@ -131,8 +154,11 @@ pub fn score(
         .collect()
 }
 
-/// Scores every proposal and returns the one with the least NLL, its [`Selected`] recorded,
-/// together with every proposal's score (in the order given).
+/// Scores every proposal and returns the one with the least NLL among those whose measured
+/// activated fraction on `tokens` stays within their target (top-p rules can cost more on
+/// real text than predicted on the reference model's inputs), its [`Selected`] recorded,
+/// together with every proposal's score (in the order given). When every proposal measures
+/// over its target, the one that measures least is returned (and a warning logged).
 pub fn select(
     model: &Llama,
     proposals: Vec<Proposal>,
@@ -146,10 +172,33 @@ pub fn select(
     let policies: Vec<&RoutingPolicy> = proposals.iter().map(|p| &p.policy).collect();
     let scores = score(model, &policies, tokens, seq_len, progress)?;
     let scored: Vec<(Proposal, PolicyScore)> = proposals.into_iter().zip(scores).collect();
-    let (best, s) = scored
+    let measured = |s: &PolicyScore| s.measured_fraction.unwrap_or(f64::INFINITY);
+    let within = |(p, s): &&(Proposal, PolicyScore)| {
+        p.policy
+            .chosen
+            .as_ref()
+            .is_none_or(|c| measured(s) <= c.target_fraction * (1.0 + 1e-9))
+    };
+    let (best, s) = match scored
         .iter()
+        .filter(within)
         .min_by(|a, b| a.1.nll.total_cmp(&b.1.nll))
-        .expect("not empty");
+    {
+        Some(best) => best,
+        None => {
+            let least = scored
+                .iter()
+                .min_by(|a, b| measured(&a.1).total_cmp(&measured(&b.1)))
+                .expect("not empty");
+            tracing::warn!(
+                proposal = least.0.name,
+                measured = measured(&least.1),
+                "every proposal activates more than its target on the selection tokens; \
+                 keeping the one that activates least"
+            );
+            least
+        }
+    };
     let mut policy = best.policy.clone();
     if let Some(c) = policy.chosen.as_mut() {
         c.selection = Some(Selected {

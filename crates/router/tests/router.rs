@@ -618,6 +618,70 @@ fn a_policy_costs_what_it_predicts_and_the_kl_grows_as_experts_go() {
         .find(|(p, _)| p.name == selected.proposal)
         .unwrap();
     assert_eq!(winner.0.policy.layers, best.layers);
+    // Top-k rules cost exactly what they predict, on any text.
+    for (p, s) in &scored {
+        let predicted = p.policy.chosen.as_ref().unwrap().predicted_fraction;
+        let measured = s.measured_fraction.unwrap();
+        assert!(
+            (measured - predicted).abs() < 1e-9,
+            "{}: {measured} vs {predicted}",
+            p.name
+        );
+    }
+}
+
+#[test]
+fn selection_keeps_to_the_budget_that_the_policies_really_use() {
+    // Candidates whose top-p costs are under-predicted (written as one expert per token):
+    // the knapsack and the uniform top-p rule then look as cheap as top-1 and err less. On
+    // the selection tokens they use more than the target, so top-1 must be selected.
+    let device = device(8);
+    let model = mixtral(2, true, &device);
+    let ids = tokens(64);
+    let mut c = measure(
+        &model,
+        &ids,
+        &SearchConfig {
+            top_p: vec![0.9],
+            seq_len: 32,
+        },
+        &mut |_, _| {},
+    )
+    .unwrap();
+    for l in &mut c.layers {
+        for cand in &mut l.candidates {
+            if matches!(cand.rule, Rule::TopP { .. }) {
+                assert!(
+                    cand.experts_per_token > 1.0,
+                    "top-p 0.9 uses more than 1 expert"
+                );
+                cand.experts_per_token = 1.0;
+            }
+        }
+    }
+    let target = c
+        .active(&c.picks_of(Rule::TopK { k: 1 }).unwrap())
+        .fraction();
+    let offered = proposals(&c, target, 1024).unwrap();
+    assert!(
+        offered.iter().any(|p| p
+            .policy
+            .layers
+            .iter()
+            .any(|l| matches!(l.rule, Rule::TopP { .. }))),
+        "a proposal uses the under-predicted top-p"
+    );
+    let (best, scored) = select(&model, offered, &ids, 32, &mut |_, _| {}).unwrap();
+    let selected = best.chosen.unwrap().selection.unwrap();
+    assert_eq!(selected.proposal, "uniform top-1");
+    assert!(selected.score.measured_fraction.unwrap() <= target + 1e-9);
+    // Selecting by NLL alone would have taken a proposal over the budget.
+    let over = scored
+        .iter()
+        .filter(|(_, s)| s.measured_fraction.unwrap() > target + 1e-6)
+        .map(|(_, s)| s.nll)
+        .fold(f64::INFINITY, f64::min);
+    assert!(over < selected.score.nll, "{over} vs {}", selected.score.nll);
 }
 
 #[test]

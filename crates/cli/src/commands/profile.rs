@@ -212,8 +212,10 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
                 "selected": selected.proposal,
                 "nll": selected.score.nll,
                 "kl": selected.score.kl,
+                "measured_fraction": selected.score.measured_fraction,
                 "proposals": scored.iter().map(|(p, s)| json!({
-                    "name": p.name, "fraction": fraction(&p.policy), "nll": s.nll, "kl": s.kl,
+                    "name": p.name, "fraction": fraction(&p.policy),
+                    "measured_fraction": s.measured_fraction, "nll": s.nll, "kl": s.kl,
                 })).collect::<Vec<_>>(),
                 "layers": policy.layers.iter().map(|l| json!({
                     "layer": l.layer, "rule": l.rule.to_string(),
@@ -243,12 +245,16 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
         .map(|l| format!("{}:{}", l.layer, l.rule))
         .collect();
     println!("rules (layer:rule): {}", rules.join(", "));
-    println!("proposals on {} tokens:", args.select_tokens.min(ids.len()));
+    println!(
+        "proposals on {} tokens (activated: predicted / measured there):",
+        args.select_tokens.min(ids.len())
+    );
     for (p, s) in &scored {
         println!(
-            "  {:<20} {:5.1}% activated, perplexity {:9.3}, KL {:.4}",
+            "  {:<20} {:5.1}% / {:5.1}% activated, perplexity {:9.3}, KL {:.4}",
             p.name,
             100.0 * fraction(&p.policy),
+            100.0 * s.measured_fraction.unwrap_or(f64::NAN),
             s.nll.exp(),
             s.kl
         );
