@@ -669,6 +669,21 @@ fn profile_chooses_a_policy_that_eval_applies() {
         "--json",
     ]));
     assert!(summary["predicted_fraction"].as_f64().unwrap() <= 0.7);
+    assert!(summary["measured_fraction"].as_f64().unwrap() <= 0.7 + 1e-9);
+    // Candidates measured on other inputs, or holding impossible values, are refused.
+    assert_clean_failure(
+        &profile(&["--calib-tokens", "100", "--candidates-in", &candidates]),
+        "measured on other inputs (was `calib-tokens=8192",
+    );
+    let edited = root.path().join("edited.json");
+    let text_c = std::fs::read_to_string(&candidates).unwrap();
+    let mut c: serde_json::Value = serde_json::from_str(&text_c).unwrap();
+    c["layers"][0]["candidates"][0]["error"] = serde_json::json!(-1.0);
+    std::fs::write(&edited, c.to_string()).unwrap();
+    assert_clean_failure(
+        &profile(&["--candidates-in", &edited.display().to_string()]),
+        "is not possible",
+    );
 
     // Budgets against the dense model (--reference) and as a count (--max-active-params). The
     // split's all-experts model is the dense one plus two routers of 16 x 4.

@@ -85,6 +85,11 @@ pub struct Candidates {
     pub always: usize,
     /// One entry per MoE layer, in layer order.
     pub layers: Vec<LayerCandidates>,
+    /// What they were measured on, as the caller describes it (`moekit profile`: the model's
+    /// and calibration files' stamps and the measurement settings); `None` from [`measure`]
+    /// and in older files. Callers that reuse candidates compare it with their own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl Candidates {
@@ -107,8 +112,28 @@ impl Candidates {
     }
 
     /// Checks that these candidates were measured on `model`'s MoE layers (same layers, expert
-    /// counts and sizes, same always-active parameters).
+    /// counts and sizes, same always-active parameters) and hold possible values (finite
+    /// errors ≥ 0, between 0 and `E` experts per token, top-k with `k ≤ E`): a file edited by
+    /// hand or written for another model is refused. Weights are not compared (see
+    /// [`Candidates::source`]).
     pub fn check(&self, model: &Llama) -> Result<()> {
+        for l in &self.layers {
+            for c in &l.candidates {
+                let e = l.num_experts as f64;
+                let k_ok = match c.rule {
+                    Rule::TopK { k } => k >= 1 && k <= l.num_experts,
+                    _ => true,
+                };
+                let cost_ok = c.experts_per_token > 0.0 && c.experts_per_token <= e;
+                if !(k_ok && cost_ok && c.error.is_finite() && c.error >= 0.0) {
+                    return Err(RouterError::Policy(format!(
+                        "layer {}: candidate {} with {} experts per token and error {} is not \
+                         possible for {} experts",
+                        l.layer, c.rule, c.experts_per_token, c.error, l.num_experts
+                    )));
+                }
+            }
+        }
         let active = ActiveParams::of(model, None)?;
         let ours: Vec<_> = self
             .layers
@@ -255,6 +280,7 @@ pub fn measure(
         tokens: counted,
         always: active.always,
         layers,
+        source: None,
     })
 }
 

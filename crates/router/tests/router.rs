@@ -252,6 +252,7 @@ fn synthetic(layers: usize, options: usize, seed: u64) -> Candidates {
                 }
             })
             .collect(),
+        source: None,
     }
 }
 
@@ -395,6 +396,7 @@ fn a_policy_at_exactly_the_budget_is_found_when_a_cheaper_looking_one_is_just_ov
         tokens: 1,
         always: 1000,
         layers: vec![layer(0), layer(1)],
+        source: None,
     };
     let policy = choose(&c, 1200.0 / 1400.0, 999).unwrap();
     let rules: Vec<Rule> = policy.layers.iter().map(|l| l.rule).collect();
@@ -681,7 +683,11 @@ fn selection_keeps_to_the_budget_that_the_policies_really_use() {
         .filter(|(_, s)| s.measured_fraction.unwrap() > target + 1e-6)
         .map(|(_, s)| s.nll)
         .fold(f64::INFINITY, f64::min);
-    assert!(over < selected.score.nll, "{over} vs {}", selected.score.nll);
+    assert!(
+        over < selected.score.nll,
+        "{over} vs {}",
+        selected.score.nll
+    );
 }
 
 #[test]

@@ -333,10 +333,8 @@ impl LayerObserver for Bars {
 /// calibration files and the token counts. Another fingerprint records again and trains
 /// other layers.
 fn fingerprint(args: &ConvertArgs, files: &[PathBuf]) -> String {
-    let mut parts = vec![super::stamp_model(&args.dense)];
-    parts.push(format!("tokens={} seq={}", args.calib_tokens, args.seq_len));
-    parts.extend(files.iter().map(|f| super::stamp(f)));
-    parts.join("\n")
+    let settings = format!("tokens={} seq={}", args.calib_tokens, args.seq_len);
+    super::inputs_fingerprint(&args.dense, settings, files)
 }
 
 /// The folder of a configuration's finished layers in the work directory: `layers-` and 16

@@ -95,6 +95,15 @@ pub fn stamp(p: &Path) -> String {
     format!("{}:{len}:{mtime}", p.display())
 }
 
+/// What a measurement on text depends on: the model ([`stamp_model`]), `settings` (the
+/// options that change it) and the text files' stamps, in order. Equal fingerprints mean the
+/// same inputs (as far as file sizes and times tell).
+pub fn inputs_fingerprint(model: &Path, settings: String, files: &[PathBuf]) -> String {
+    let mut parts = vec![stamp_model(model), settings];
+    parts.extend(files.iter().map(|f| stamp(f)));
+    parts.join("\n")
+}
+
 /// Stamps of a model: a .gguf file's, or those of a Hugging Face directory and every file in
 /// it (the directory's own time does not change when a file in it is rewritten in place).
 pub fn stamp_model(path: &Path) -> String {

@@ -157,10 +157,32 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
         None
     };
 
+    let settings = format!(
+        "calib-tokens={} seq-len={} top-p={:?}",
+        args.calib_tokens, args.seq_len, args.top_p
+    );
+    let source = super::inputs_fingerprint(&args.model, settings, &files);
     let candidates: Candidates = match &args.candidates_in {
         Some(path) => {
             let c: Candidates = load_json(path)?;
             c.check(&model)?;
+            match &c.source {
+                Some(theirs) if *theirs != source => {
+                    return Err(CliError::Usage(format!(
+                        "--candidates-in {}: measured on other inputs ({}); measure again \
+                         without --candidates-in, or give the model, --calib, --calib-tokens, \
+                         --seq-len and --top-p they were measured with",
+                        path.display(),
+                        first_difference(theirs, &source)
+                    )));
+                }
+                Some(_) => {}
+                None => tracing::warn!(
+                    path = %path.display(),
+                    "the candidates file does not say what it was measured on (an older file); \
+                     it is used as it is"
+                ),
+            }
             c
         }
         None => {
@@ -171,7 +193,10 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
             let bar = progress::bar("measure", "layers");
             let c = measure(&model, &ids, &config, &mut progress::update(&bar))?;
             bar.finish_and_clear();
-            c
+            Candidates {
+                source: Some(source),
+                ..c
+            }
         }
     };
     if let Some(path) = &args.candidates_out {
@@ -261,4 +286,22 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
     }
     println!("{} calibration tokens, {seconds:.1} s", candidates.tokens);
     Ok(())
+}
+
+/// The first line in which two fingerprints differ, as `was X, now Y`.
+fn first_difference(theirs: &str, ours: &str) -> String {
+    let mut a = theirs.lines();
+    let mut b = ours.lines();
+    loop {
+        match (a.next(), b.next()) {
+            (Some(x), Some(y)) if x == y => continue,
+            (x, y) => {
+                return format!(
+                    "was `{}`, now `{}`",
+                    x.unwrap_or("(nothing)"),
+                    y.unwrap_or("(nothing)")
+                );
+            }
+        }
+    }
 }
