@@ -1,5 +1,8 @@
-//! Criterion benchmarks of the MoE layer: each dispatch implementation against the dense FFN of
-//! the same active width, forward and forward + backward, on a 512-token batch.
+//! Criterion benchmarks of the MoE layer: each dispatch implementation (fused, composed,
+//! masked; named by the implementation that really runs, e.g. composed where the fused kernel
+//! is unavailable) against the dense FFN of the same active width, forward and forward +
+//! backward, on a 512-token batch: 8 large experts, 64 fine ones, and 256 experts of 6 neurons
+//! with 96 chosen (the shape the masked dispatch is for).
 //!
 //! `cargo bench --bench moe_layer`; the full-size, JSON-reporting comparison with PyTorch is
 //! `examples/bench_moe_layer.rs`.
@@ -22,10 +25,22 @@ fn bench(c: &mut Criterion) {
     };
     let x = Tensor::<3>::random([1, T, H], Distribution::Normal(0.0, 1.0), &device);
     let xg = x.clone().autodiff().require_grad();
-    for (e, i, k) in [(8, 192, 2), (64, 24, 8)] {
+    let rows = x.clone().reshape([T, H]);
+    for (e, i, k) in [(8, 192, 2), (64, 24, 8), (256, 6, 96)] {
         let mut group = c.benchmark_group(format!("E{e}_I{i}_k{k}"));
         group.sample_size(20);
-        for mode in [DispatchMode::Fused, DispatchMode::Composed] {
+        let mut seen = Vec::new();
+        for mode in [
+            DispatchMode::Fused,
+            DispatchMode::Composed,
+            DispatchMode::Masked,
+        ] {
+            // Fused falls back to composed off Flex: bench each implementation once.
+            let resolved = mode.resolve(&rows);
+            if seen.contains(&resolved) {
+                continue;
+            }
+            seen.push(resolved);
             let mut layer = MoeLayerConfig::new(H, i, e)
                 .with_selection(Selection::TopK {
                     k,
@@ -41,12 +56,16 @@ fn bench(c: &mut Criterion) {
                 &device,
             ));
             let trained = layer.clone().train();
-            let name = format!("{mode:?}").to_lowercase();
+            let name = format!("{resolved:?}").to_lowercase();
             group.bench_function(BenchmarkId::new("forward", &name), |b| {
                 b.iter(|| layer.forward(x.clone()).unwrap().output.into_data())
             });
             group.bench_function(BenchmarkId::new("forward_backward", &name), |b| {
-                b.iter(|| trained.forward(xg.clone()).unwrap().output.sum().backward())
+                b.iter(|| {
+                    let grads = trained.forward(xg.clone()).unwrap().output.sum().backward();
+                    device.sync().expect("device sync");
+                    grads
+                })
             });
         }
         let dense = FeedForwardConfig::new(H, k * i)
@@ -58,7 +77,11 @@ fn bench(c: &mut Criterion) {
             b.iter(|| dense.forward(x.clone()).into_data())
         });
         group.bench_function(BenchmarkId::new("forward_backward", "dense_equiv"), |b| {
-            b.iter(|| trained.forward(xg.clone()).sum().backward())
+            b.iter(|| {
+                let grads = trained.forward(xg.clone()).sum().backward();
+                device.sync().expect("device sync");
+                grads
+            })
         });
         group.finish();
     }

@@ -147,15 +147,27 @@ fn run_case(impl_name: &str, all_linear: bool, layers: usize, steps: usize) {
     );
 }
 
-fn main() {
+fn main() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--case") {
-        let layers = args[3].parse().expect("layers");
-        let steps = args[4].parse().expect("steps");
-        return run_case(&args[1], args[2] == "all-linear", layers, steps);
+    let number = |i: usize, name: &str, default: usize| -> Result<usize, String> {
+        args.get(i).map_or(Ok(default), |a| {
+            a.parse()
+                .map_err(|_| format!("{name} must be a whole number, got `{a}`"))
+        })
+    };
+    let at = usize::from(args.first().map(String::as_str) == Some("--case")) * 3;
+    let layers = number(at, "LAYERS", 30)?;
+    let steps = number(at + 1, "STEPS", 3)?;
+    if layers == 0 || steps < 2 {
+        return Err(format!(
+            "LAYERS {layers} and STEPS {steps}: at least 1 layer and 2 steps (the first step, \
+             a warm-up, is not timed)"
+        ));
     }
-    let layers = args.first().map_or(30, |a| a.parse().expect("LAYERS"));
-    let steps = args.get(1).map_or(3, |a| a.parse().expect("STEPS"));
+    if at > 0 {
+        run_case(&args[1], args[2] == "all-linear", layers, steps);
+        return Ok(());
+    }
     // Each case in a fresh process, so one-time allocations (thread pools, caches) and
     // allocator state do not carry over between cases.
     let exe = std::env::current_exe().expect("own path");
@@ -166,7 +178,10 @@ fn main() {
                 .args([layers.to_string(), steps.to_string()])
                 .status()
                 .expect("spawn a case");
-            assert!(status.success(), "case {impl_name} {targets} failed");
+            if !status.success() {
+                return Err(format!("case {impl_name} {targets} failed"));
+            }
         }
     }
+    Ok(())
 }

@@ -95,7 +95,10 @@ fn run_once(work: &dyn Work, x: &Tensor<3>, backward: bool) -> f64 {
     let t = Instant::now();
     let y = work.forward(x.clone());
     if backward {
-        drop(y.sum().backward());
+        let grads = y.sum().backward();
+        // On GPU backends the backward pass is queued: wait for it before stopping the clock.
+        x.device().sync().expect("device sync");
+        drop(grads);
     } else {
         y.device().sync().expect("device sync");
     }

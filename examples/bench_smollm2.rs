@@ -12,6 +12,9 @@ use std::time::Instant;
 
 use moekit::llama::Checkpoint;
 
+#[path = "common/cache.rs"]
+mod cache;
+
 const B: usize = 4;
 const T: usize = 256;
 
@@ -24,16 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args()
         .nth(1)
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("MOEKIT_CACHE").map_or_else(
-                || {
-                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                        .join(".cache/moekit")
-                },
-                PathBuf::from,
-            );
-            cache.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
+        .unwrap_or_else(cache::smollm2_gguf);
     let device = moekit::default_device();
 
     let start = Instant::now();

@@ -22,12 +22,10 @@ const WINDOW: usize = 128;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [model_path, text_path, out] = [0, 1, 2].map(|i| {
-        PathBuf::from(
-            args.get(i)
-                .expect("usage: lora_finetune MODEL TEXT OUT [STEPS]"),
-        )
-    });
+    let [model_path, text_path, out] = match &args[..args.len().min(3)] {
+        [m, t, o] => [m, t, o].map(PathBuf::from),
+        _ => return Err("usage: lora_finetune MODEL TEXT OUT [STEPS]".into()),
+    };
     let steps: usize = args.get(3).map_or(Ok(30), |s| s.parse())?;
 
     let device = moekit::default_device().autodiff();

@@ -1,6 +1,8 @@
 //! Can a router pick a fine split's parts? Two probes on one layer of a `moekit convert`
 //! recording (`WORK/layerNNN.x.f32`, the FFN's inputs), used in docs/results.md ("Can a small
-//! router learn the choice?").
+//! router learn the choice?"). The recording is on disk only when it streams there and is
+//! kept: `moekit convert DENSE ... --memory-budget-mb 0 --work-dir WORK --keep-work`
+//! (`docs/data/recipes/ladimo-e512/run.sh` makes the one the results used).
 //!
 //! ```text
 //! cargo run --release --example probe_routing -- recall MODEL WORK LAYER K VARIANT[,VARIANT...] [STEPS]

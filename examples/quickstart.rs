@@ -24,7 +24,6 @@
 //! `--smollm2` needs `scripts/fetch-smollm2.sh` to have fetched the model (or
 //! `MOEKIT_SMOLLM2=/path/to/model.gguf`); it skips step 1 and uses the model's tokenizer.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use moekit::burn::module::Module;
@@ -36,6 +35,9 @@ use moekit::llama::{
 };
 use moekit::router::{ActiveParams, RoutingPolicy, SearchConfig, measure, proposals, select};
 use moekit::train::{TokenWindows, TrainConfig, TrainObserver, Trainer};
+#[path = "common/cache.rs"]
+mod cache;
+
 use moekit::upcycle::{
     ActivationStore, ConvertConfig, LayerwiseConfig, LogObserver, Method, RecordConfig, RouterInit,
     SplitStrategy, WarmupCosine, construct, convert,
@@ -144,13 +146,7 @@ fn main() -> Result<(), Error> {
     // 1. The dense model and the text.
     let t = Instant::now();
     let (dense, tokens, plan) = if smollm2 {
-        let path = std::env::var_os("MOEKIT_SMOLLM2")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                std::env::home_dir()
-                    .unwrap_or_default()
-                    .join(".cache/moekit/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-            });
+        let path = cache::smollm2_gguf();
         let ckpt = Checkpoint::open(&path)
             .map_err(|e| format!("{e} (run scripts/fetch-smollm2.sh or set MOEKIT_SMOLLM2)"))?;
         let tokens = ckpt.tokenizer()?.encode(TEXT)?;

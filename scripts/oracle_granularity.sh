@@ -15,12 +15,11 @@
 # Each line of CONFIGS is "method experts shared top-k"; finished ones are skipped on a rerun.
 # Knobs: CALIB_TOKENS (20000, for the neuron importances), EVAL_TOKENS (8192).
 set -euo pipefail
-OUT=${1:-$HOME/.cache/moekit/recipes/oracle-sweep}
-MODEL=${MODEL:-$HOME/.cache/moekit/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
-DOC=/usr/share/doc/python3.11/html/_sources
+. "$(dirname "$0")/env.sh"
+OUT=${1:-$CACHE/recipes/oracle-sweep}
+MODEL=${MODEL:-$SMOLLM2}
 CALIB_TOKENS=${CALIB_TOKENS:-20000}
 EVAL_TOKENS=${EVAL_TOKENS:-8192}
-BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/moekit}
 CONFIGS=${CONFIGS:-"split-importance 8 4 1
 split-importance 16 8 2
 split-importance 32 16 4

@@ -25,10 +25,9 @@
 # (DISTILL_TOKENS=100000 was `moekit distill`'s old default: the 320 steps pass 3.3 times over
 # the same text; drop it to train on fresh text.)
 set -euo pipefail
-OUT=${1:-$HOME/.cache/moekit/recipes/ladimo}
-DOC=/usr/share/doc/python3.11/html/_sources
-GGUF=${MOEKIT_SMOLLM2:-$HOME/.cache/moekit/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
-BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/moekit}
+. "$(dirname "$0")/env.sh"
+OUT=${1:-$CACHE/recipes/ladimo}
+GGUF=$SMOLLM2
 CALIB_TOKENS=${CALIB_TOKENS:-100000}
 METHOD=${METHOD:-split-coactivation}
 EXPERTS=${EXPERTS:-8}

@@ -14,13 +14,12 @@
 # CALIB_TOKENS (8192), EVAL_TOKENS (8192), REUSE_UNIFORM (0), MAX_K (E − 1: budgets up to
 # uniform top-MAX_K).
 set -euo pipefail
+. "$(dirname "$0")/env.sh"
 MODEL=$1
-OUT=${2:-$HOME/.cache/moekit/router-results}
-DOC=/usr/share/doc/python3.11/html/_sources
+OUT=${2:-$CACHE/router-results}
 EXPERTS=${EXPERTS:-8}
 CALIB_TOKENS=${CALIB_TOKENS:-8192}
 EVAL_TOKENS=${EVAL_TOKENS:-8192}
-BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/moekit}
 mkdir -p "$OUT"
 cat "$DOC"/tutorial/*.rst.txt > "$OUT/tutorial.txt"
 : > "$OUT/profiled.jsonl"
@@ -60,7 +59,7 @@ budgets | while read -r label target; do
     else
         extra=(--candidates-in "$OUT/candidates.json")
     fi
-    /usr/bin/time -f "%e" -o "$OUT/profile-$label.wall" "$BIN" profile "$MODEL" \
+    wall_time "$OUT/profile-$label.wall" "$BIN" profile "$MODEL" \
         --calib "$DOC/library" --calib-tokens "$CALIB_TOKENS" --target-active-params "$target" \
         --out "$OUT/policy-$label.json" "${extra[@]}" --json > "$OUT/profile-$label.json" < /dev/null
     evaluate "profiled-$label" --policy "$OUT/policy-$label.json" >> "$OUT/profiled.jsonl" < /dev/null

@@ -10,15 +10,14 @@
 # CALIB_TOKENS (100000), STEPS (layer-wise steps, 100), LR (3e-3), EVAL_TOKENS (8192),
 # METHODS (space-separated, default all).
 set -euo pipefail
-OUT=${1:-$HOME/.cache/moekit/results}
-MODEL=${MODEL:-$HOME/.cache/moekit/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
-DOC=/usr/share/doc/python3.11/html/_sources
+. "$(dirname "$0")/env.sh"
+OUT=${1:-$CACHE/results}
+MODEL=${MODEL:-$SMOLLM2}
 CALIB_TOKENS=${CALIB_TOKENS:-100000}
 STEPS=${STEPS:-100}
 LR=${LR:-3e-3}
 EVAL_TOKENS=${EVAL_TOKENS:-8192}
 METHODS=${METHODS:-"upcycle split-random split-cluster split-coactivation split-importance pesc lora-experts"}
-BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/moekit}
 mkdir -p "$OUT"
 cat "$DOC"/tutorial/*.rst.txt > "$OUT/tutorial.txt"
 
@@ -28,7 +27,7 @@ evaluate() { # name model
 }
 convert() { # name steps args...
     local name=$1 steps=$2; shift 2
-    /usr/bin/time -f "%e" -o "$OUT/$name.wall" "$BIN" convert "$MODEL" "$@" \
+    wall_time "$OUT/$name.wall" "$BIN" convert "$MODEL" "$@" \
         --calib "$DOC/library" --calib-tokens "$CALIB_TOKENS" --layerwise-steps "$steps" --lr "$LR" \
         --work-dir "$OUT/work" --keep-work --json --out "$OUT/$name" > "$OUT/$name.json"
     evaluate "$name" "$OUT/$name"

@@ -11,6 +11,9 @@ use moekit::lora::LoraConfig;
 use moekit::train::{EvalReport, StepReport, TokenWindows, TrainConfig, TrainObserver, Trainer};
 use moekit::upcycle::calibration;
 
+#[path = "cache.rs"]
+mod cache;
+
 pub type Error = Box<dyn std::error::Error>;
 
 /// Command-line settings shared by the recipes (`--name value` pairs).
@@ -31,7 +34,8 @@ pub struct Settings {
     pub lr: f64,
     /// Data-order seed (`--seed`).
     pub seed: u64,
-    /// JSON lines of results are appended here (`--out`).
+    /// JSON lines of results are appended here (`--out`, default in
+    /// `$MOEKIT_CACHE/recipes/`, outside the repo).
     pub out: PathBuf,
 }
 
@@ -39,13 +43,7 @@ impl Settings {
     /// Parses `--name value` pairs over the defaults.
     pub fn parse(steps: usize, lr: f64, out: &str) -> Result<Self, Error> {
         let mut s = Settings {
-            model: std::env::var_os("MOEKIT_SMOLLM2")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    std::env::home_dir()
-                        .unwrap_or_default()
-                        .join(".cache/moekit/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-                }),
+            model: cache::smollm2_gguf(),
             doc: PathBuf::from("/usr/share/doc/python3.11/html/_sources"),
             steps,
             batch_size: 4,
@@ -53,7 +51,7 @@ impl Settings {
             eval_tokens: 4096,
             lr,
             seed: 0,
-            out: PathBuf::from(out),
+            out: cache::cache_dir().join("recipes").join(out),
         };
         let args: Vec<String> = std::env::args().skip(1).collect();
         for pair in args.chunks(2) {
@@ -214,6 +212,9 @@ pub fn run(
             .expect("evaluated after training"),
         seed: s.seed,
     };
+    if let Some(dir) = s.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
