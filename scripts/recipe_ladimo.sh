@@ -51,9 +51,8 @@ evaluate() { # name model args... -> one JSON line in results.jsonl
         --json "${@:3}" | sed "s/^{/{\"stage\":\"$1\",/" | tee -a "$OUT/results.jsonl"
 }
 timed() { # name command... -> seconds appended to times.txt
-    local start=$SECONDS
-    "${@:2}"
-    echo "$1 $((SECONDS - start))" >> "$OUT/times.txt"
+    wall_time "$OUT/$1.wall" "${@:2}"
+    echo "$1 $(cat "$OUT/$1.wall")" >> "$OUT/times.txt"
 }
 : > "$OUT/results.jsonl"
 : > "$OUT/times.txt"

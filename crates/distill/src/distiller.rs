@@ -110,7 +110,7 @@ impl DistillConfig {
                 range: "[1, V]",
             });
         }
-        if let Some(term) = self.loss.terms().iter().find(|t| t.kind.is_hidden())
+        if let Some(term) = self.loss.active_terms().find(|t| t.kind.is_hidden())
             && self.layers.is_empty()
         {
             return Err(DistillError::NoLayerPairs {

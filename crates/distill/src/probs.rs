@@ -26,7 +26,9 @@ pub fn log_softmax(x: Tensor<3>) -> Tensor<3> {
 ///
 /// Computed as a two-term log-sum-exp of `a + ln w` and `b + ln(1 − w)` around their detached
 /// maximum; `w = 0` and `w = 1` return `b` and `a` exactly (no `ln 0`), and where both are
-/// `−∞` (a token neither distribution allows) the result is `−∞`, not NaN.
+/// `−∞` (a token neither distribution allows) the result is `−∞`, not NaN. (Its gradient
+/// there is NaN; the divergences never meet that case, since the student's log-probabilities
+/// are finite.)
 ///
 /// # Shapes
 /// - a, b, output: `[B, T, V]`

@@ -482,6 +482,12 @@ mod distill {
                 .unwrap()
                 .step(&teacher, &student, tokens.clone(), None, None)
         };
+        // A hidden-state term of weight 0 needs no layer map either.
+        assert!(
+            DistillConfig::new("kl:1,hidden-mse:0".parse().unwrap())
+                .init(&train)
+                .is_ok()
+        );
         let err = with("kl:1,hidden-mse:1").unwrap_err();
         assert!(err.to_string().contains("hidden-mse"), "{err}");
         let parts = with("kl:1,hidden-mse:0").unwrap();

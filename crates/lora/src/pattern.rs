@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::OnceLock;
 
 use regex::Regex;
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
@@ -12,12 +13,37 @@ use serde::ser::{Serialize, SerializeMap, Serializer};
 use crate::error::{LoraError, Result};
 
 /// Pattern → value overrides, kept in file order (a JSON object read and written in order).
-#[derive(Debug, Clone, PartialEq)]
-pub struct PatternMap<T>(pub Vec<(String, T)>);
+#[derive(Debug, Clone)]
+pub struct PatternMap<T> {
+    entries: Vec<(String, T)>,
+    /// Each pattern's regular expression (`None`: invalid), compiled on the first lookup.
+    compiled: OnceLock<Vec<Option<Regex>>>,
+}
 
 impl<T> Default for PatternMap<T> {
     fn default() -> Self {
-        Self(Vec::new())
+        Self::new(Vec::new())
+    }
+}
+
+impl<T: PartialEq> PartialEq for PatternMap<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
+}
+
+impl<T> PatternMap<T> {
+    /// The overrides `entries`, in the order given (the first match wins).
+    pub fn new(entries: Vec<(String, T)>) -> Self {
+        Self {
+            entries,
+            compiled: OnceLock::new(),
+        }
+    }
+
+    /// The `(pattern, value)` entries, in order.
+    pub fn entries(&self) -> &[(String, T)] {
+        &self.entries
     }
 }
 
@@ -25,26 +51,33 @@ impl<T: Copy> PatternMap<T> {
     /// The value of the first pattern matching `path` (PEFT's rule, [`pattern_regex`]); a
     /// pattern that is not a valid regular expression matches nothing (`validate` refuses it).
     pub fn lookup(&self, path: &str) -> Option<T> {
-        self.0
+        let compiled = self.compiled.get_or_init(|| {
+            self.entries
+                .iter()
+                .map(|(k, _)| pattern_regex(k).ok())
+                .collect()
+        });
+        self.entries
             .iter()
-            .find(|(k, _)| pattern_regex(k).is_ok_and(|re| re.is_match(path)))
-            .map(|(_, v)| *v)
+            .zip(compiled)
+            .find(|(_, re)| re.as_ref().is_some_and(|re| re.is_match(path)))
+            .map(|((_, v), _)| *v)
     }
 
     /// Whether there are no overrides.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.entries.is_empty()
     }
 
     /// The patterns, in order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(|(k, _)| k.as_str())
+        self.entries.iter().map(|(k, _)| k.as_str())
     }
 }
 
 impl<T> FromIterator<(String, T)> for PatternMap<T> {
     fn from_iter<I: IntoIterator<Item = (String, T)>>(iter: I) -> Self {
-        Self(iter.into_iter().collect())
+        Self::new(iter.into_iter().collect())
     }
 }
 
@@ -59,8 +92,8 @@ pub(crate) fn pattern_regex(key: &str) -> Result<Regex> {
 
 impl<T: Serialize> Serialize for PatternMap<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
+        let mut map = serializer.serialize_map(Some(self.entries.len()))?;
+        for (k, v) in &self.entries {
             map.serialize_entry(k, v)?;
         }
         map.end()
@@ -89,7 +122,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for PatternMap<T> {
                     }
                     entries.push((k, v));
                 }
-                Ok(PatternMap(entries))
+                Ok(PatternMap::new(entries))
             }
         }
 

@@ -10,8 +10,9 @@
 //!   picks one per layer for a budget of activated parameters ([`ActiveParams`] says exactly
 //!   what counts). The knapsack adds per-layer errors, a proxy; [`select`] runs its proposals
 //!   (several error exponents) and every uniform rule within the budget through the whole
-//!   model on calibration tokens and keeps the one of least NLL, reporting its KL from the
-//!   reference routing too.
+//!   model on calibration tokens and keeps the one of least NLL among those whose activated
+//!   fraction, measured there, keeps to the budget, reporting its KL from the reference
+//!   routing too.
 //! - [`route_by_oracle`]: every layer routed to the experts with the largest outputs, the
 //!   bound on what any router can reach with the same experts (a diagnostic).
 //! - [`RoutingPolicy`]: a rule per layer, saved as JSON and applied to a model at inference;
@@ -54,4 +55,4 @@ pub use search::{
     Candidate, Candidates, LayerCandidates, MAX_RESOLUTION, SearchConfig, choose, choose_weighted,
     measure,
 };
-pub use select::{ERROR_EXPONENTS, PolicyScore, Proposal, proposals, score, select};
+pub use select::{BUDGET_SLACK, ERROR_EXPONENTS, PolicyScore, Proposal, proposals, score, select};

@@ -14,10 +14,12 @@
 //!    of `k̄_c · P_e` must fit the budget `target · full − always` (see [`crate::params`]);
 //!    the sum of the layers' errors is minimised. Solved by dynamic programming over the
 //!    budget cut into `resolution` steps, each candidate's cost rounded up to whole steps
-//!    (the table runs `L` steps past the budget, and the best entry whose real cost fits is
-//!    taken): the chosen policy never exceeds the budget, and no policy whose cost is at least
-//!    `L` steps within the budget has a smaller error. `O(L · resolution · candidates)`:
-//!    milliseconds at the default 16,384 steps.
+//!    (the tables run `L` steps past the budget: one of least error, one of least real cost,
+//!    and of their entries whose real cost fits the one of least error is taken): the chosen
+//!    policy never exceeds the budget, one is found whenever any policy fits, and no policy
+//!    whose cost is at least `L` steps within the budget has a smaller error.
+//!    `O(L · resolution · candidates)`: milliseconds at the default 16,384 steps for a few
+//!    experts, more for fine splits (hundreds of candidates per layer).
 //!
 //! The errors and the top-p costs are measured on inputs from the reference model, so they
 //! ignore how earlier layers' changes move later layers' inputs: a top-p rule's real cost can
@@ -387,7 +389,9 @@ pub fn choose_weighted(
     let total = |table: &[Vec<f64>], picks: &[usize]| -> f64 {
         table.iter().zip(picks).map(|(t, &j)| t[j]).sum()
     };
-    let picks = (0..=capacity)
+    // Entries up to `resolution` steps always fit, and the least-error one at `resolution`
+    // is the best of them: only the rounding margin above it needs both tables.
+    let picks = (resolution..=capacity)
         .flat_map(|u| [least_error.picks(u, &units), least_cost.picks(u, &units)])
         .flatten()
         .filter(|picks| total(&costs, picks) <= budget + tolerance)

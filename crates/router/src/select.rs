@@ -24,6 +24,12 @@ use crate::params::ActiveParams;
 use crate::policy::{RoutingPolicy, Rule, Selected};
 use crate::search::{Candidates, choose_weighted};
 
+/// How far over its target a proposal may measure on the selection tokens and still count as
+/// within it (relative): the prediction and the measurement read different tokens (all the
+/// calibration tokens against the first `--select-tokens`), so a knapsack optimum at the
+/// budget measures a little over or under it by sampling alone.
+pub const BUDGET_SLACK: f64 = 0.0025;
+
 /// Exponents `γ` of the knapsack objective `Σ_l error_l^γ` that [`proposals`] tries.
 pub const ERROR_EXPONENTS: [f64; 4] = [0.5, 1.0, 2.0, 4.0];
 
@@ -155,7 +161,8 @@ pub fn score(
 }
 
 /// Scores every proposal and returns the one with the least NLL among those whose measured
-/// activated fraction on `tokens` stays within their target (top-p rules can cost more on
+/// activated fraction on `tokens` stays within their target ([`BUDGET_SLACK`] allowed for
+/// sampling; top-p rules can cost more on
 /// real text than predicted on the reference model's inputs), its [`Selected`] recorded,
 /// together with every proposal's score (in the order given). When every proposal measures
 /// over its target, the one that measures least is returned (and a warning logged).
@@ -177,7 +184,7 @@ pub fn select(
         p.policy
             .chosen
             .as_ref()
-            .is_none_or(|c| measured(s) <= c.target_fraction * (1.0 + 1e-9))
+            .is_none_or(|c| measured(s) <= c.target_fraction * (1.0 + BUDGET_SLACK))
     };
     let (best, s) = match scored
         .iter()

@@ -334,7 +334,7 @@ impl LayerObserver for Bars {
 /// other layers.
 fn fingerprint(args: &ConvertArgs, files: &[PathBuf]) -> String {
     let settings = format!("tokens={} seq={}", args.calib_tokens, args.seq_len);
-    super::inputs_fingerprint(&args.dense, settings, files)
+    super::inputs_fingerprint(super::stamp_model(&args.dense), settings, files)
 }
 
 /// The folder of a configuration's finished layers in the work directory: `layers-` and 16

@@ -95,13 +95,37 @@ pub fn stamp(p: &Path) -> String {
     format!("{}:{len}:{mtime}", p.display())
 }
 
-/// What a measurement on text depends on: the model ([`stamp_model`]), `settings` (the
-/// options that change it) and the text files' stamps, in order. Equal fingerprints mean the
-/// same inputs (as far as file sizes and times tell).
-pub fn inputs_fingerprint(model: &Path, settings: String, files: &[PathBuf]) -> String {
-    let mut parts = vec![stamp_model(model), settings];
+/// What a measurement on text depends on: the model's stamp ([`stamp_model`] or
+/// [`stamp_weights`]), `settings` (the options that change it) and the text files' stamps, in
+/// order. Equal fingerprints mean the same inputs (as far as file sizes and times tell).
+pub fn inputs_fingerprint(model: String, settings: String, files: &[PathBuf]) -> String {
+    let mut parts = vec![model, settings];
     parts.extend(files.iter().map(|f| stamp(f)));
     parts.join("\n")
+}
+
+/// Stamps of a model's weights and configuration only, under its canonical path: a .gguf
+/// file's, or an HF directory's `config.json` and `*.safetensors`. Unlike [`stamp_model`],
+/// files written beside the model (a policy, a plot) and the path as typed do not change it.
+pub fn stamp_weights(path: &Path) -> String {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let Ok(entries) = std::fs::read_dir(&path) else {
+        return stamp(&path);
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| {
+            p.is_file()
+                && (p.file_name().is_some_and(|n| n == "config.json")
+                    || p.extension().is_some_and(|e| e == "safetensors"))
+        })
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|p| stamp(p))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Stamps of a model: a .gguf file's, or those of a Hugging Face directory and every file in

@@ -66,8 +66,9 @@ pub struct ProfileArgs {
     /// Write every layer's measured candidate rules (cost, error) as JSON to this file.
     #[arg(long, value_name = "FILE")]
     candidates_out: Option<PathBuf>,
-    /// Reuse candidates measured by an earlier run on this model (--candidates-out) instead of
-    /// measuring them again: choosing for another target then takes seconds.
+    /// Reuse candidates measured by an earlier run (--candidates-out) instead of measuring them
+    /// again: choosing for another target then takes seconds. They must have been measured on
+    /// the same weights with the same --calib text and tokens, --seq-len and --top-p.
     #[arg(long, value_name = "FILE")]
     candidates_in: Option<PathBuf>,
     /// Print one JSON summary instead of text.
@@ -138,30 +139,19 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
     let files = calibration::files(&args.calib)?;
     let ids = calibration::tokens(&tokenizer, &files, args.calib_tokens)?;
 
-    // The profile itself is only drawn or saved; the policy search does not need it.
-    let routing = if args.plot.is_some() || args.profile_out.is_some() {
-        let bar = progress::bar("profile", "tokens");
-        let routing = profile(
-            &model,
-            &ids,
-            args.seq_len,
-            &args.top1_thresholds,
-            &mut progress::update(&bar),
-        )?;
-        bar.finish_and_clear();
-        if let Some(path) = &args.profile_out {
-            routing.save(path)?;
-        }
-        Some(routing)
-    } else {
-        None
-    };
-
+    // What the candidates depend on: the weights (not files written beside them, nor the path
+    // as typed), the calibration files, the tokens read and the measurement's settings.
     let settings = format!(
-        "calib-tokens={} seq-len={} top-p={:?}",
-        args.calib_tokens, args.seq_len, args.top_p
+        "tokens={} seq-len={} top-p={:?}",
+        ids.len(),
+        args.seq_len,
+        args.top_p
     );
-    let source = super::inputs_fingerprint(&args.model, settings, &files);
+    let canonical: Vec<PathBuf> = files
+        .iter()
+        .map(|f| f.canonicalize().unwrap_or_else(|_| f.clone()))
+        .collect();
+    let source = super::inputs_fingerprint(super::stamp_weights(&args.model), settings, &canonical);
     let candidates: Candidates = match &args.candidates_in {
         Some(path) => {
             let c: Candidates = load_json(path)?;
@@ -199,6 +189,25 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
             }
         }
     };
+    // The profile itself is only drawn or saved; the policy search does not need it.
+    let routing = if args.plot.is_some() || args.profile_out.is_some() {
+        let bar = progress::bar("profile", "tokens");
+        let routing = profile(
+            &model,
+            &ids,
+            args.seq_len,
+            &args.top1_thresholds,
+            &mut progress::update(&bar),
+        )?;
+        bar.finish_and_clear();
+        if let Some(path) = &args.profile_out {
+            routing.save(path)?;
+        }
+        Some(routing)
+    } else {
+        None
+    };
+
     if let Some(path) = &args.candidates_out {
         save_json(&candidates, path)?;
     }
