@@ -4,6 +4,7 @@ use std::time::Instant;
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
+use moekit_moe::MoeOutput;
 use serde::Serialize;
 
 use crate::model::Llama;
@@ -20,6 +21,39 @@ pub struct ExpertUsage {
     pub layer: usize,
     /// Mean routed experts computed per token.
     pub experts_per_token: f64,
+}
+
+/// Per MoE layer, the routed experts computed and the tokens routed over any number of
+/// forward passes: the mean experts per token each layer really used (what a top-p rule's
+/// activated parameters depend on).
+#[derive(Debug, Clone, Default)]
+pub struct UsageCounter {
+    /// `(layer, experts computed, tokens routed)`, in layer order.
+    layers: Vec<(usize, usize, usize)>,
+}
+
+impl UsageCounter {
+    /// Adds one forward pass's MoE outputs (`(layer, output)`, as the model returns them).
+    pub fn add(&mut self, moe: &[(usize, MoeOutput)]) {
+        if self.layers.is_empty() {
+            self.layers = moe.iter().map(|(l, _)| (*l, 0, 0)).collect();
+        }
+        for ((_, computed, routed), (_, out)) in self.layers.iter_mut().zip(moe) {
+            *computed += out.stats.tokens_per_expert.iter().sum::<usize>();
+            *routed += out.stats.tokens;
+        }
+    }
+
+    /// Mean experts per token of every MoE layer counted, in layer order.
+    pub fn usage(&self) -> Vec<ExpertUsage> {
+        self.layers
+            .iter()
+            .map(|&(layer, computed, routed)| ExpertUsage {
+                layer,
+                experts_per_token: computed as f64 / routed.max(1) as f64,
+            })
+            .collect()
+    }
 }
 
 /// The result of [`perplexity`].
@@ -65,20 +99,13 @@ pub fn perplexity(
     let (mut nll, mut predictions) = (0.0f64, 0usize);
     let start = Instant::now();
     let mut done = 0;
-    // Per MoE layer: (layer, experts computed, tokens routed).
-    let mut usage: Vec<(usize, usize, usize)> = Vec::new();
+    let mut usage = UsageCounter::default();
     for chunk in ids.chunks(window) {
         if chunk.len() >= 2 {
             let t = chunk.len();
             let (last, _, moe) =
                 model.forward_hidden(model.tokens(&[chunk], &device)?, false, None)?;
-            if usage.is_empty() {
-                usage = moe.iter().map(|(l, _)| (*l, 0, 0)).collect();
-            }
-            for ((_, computed, routed), (_, out)) in usage.iter_mut().zip(&moe) {
-                *computed += out.stats.tokens_per_expert.iter().sum::<usize>();
-                *routed += out.stats.tokens;
-            }
+            usage.add(&moe);
             // Logits for a few positions at a time: [HEAD_ROWS, V] instead of [T, V].
             for start in (0..t - 1).step_by(HEAD_ROWS) {
                 let rows = HEAD_ROWS.min(t - 1 - start);
@@ -110,12 +137,6 @@ pub fn perplexity(
         perplexity: mean.exp(),
         seconds,
         tokens_per_second: ids.len() as f64 / seconds,
-        experts_per_token: usage
-            .into_iter()
-            .map(|(layer, computed, routed)| ExpertUsage {
-                layer,
-                experts_per_token: computed as f64 / routed.max(1) as f64,
-            })
-            .collect(),
+        experts_per_token: usage.usage(),
     })
 }

@@ -39,7 +39,7 @@ pub mod tokenizer;
 pub use attention::{Attention, KvCache};
 pub use config::{Architecture, FfnSpec, LlamaConfig, ParamCounts};
 pub use error::{LlamaError, Result};
-pub use eval::{ExpertUsage, Perplexity, perplexity};
+pub use eval::{ExpertUsage, Perplexity, UsageCounter, perplexity};
 pub use ffn::FfnSlot;
 pub use generate::{GenerateConfig, Sampling, generate};
 pub use io::adapter::{load_adapter, save_adapter};

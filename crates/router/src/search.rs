@@ -302,107 +302,155 @@ pub fn choose_weighted(
     resolution: usize,
     exponent: f64,
 ) -> Result<RoutingPolicy> {
-    if !(exponent.is_finite() && exponent > 0.0) {
+    choose_each(candidates, target, resolution, &[exponent]).map(|mut p| p.remove(0))
+}
+
+/// [`choose_weighted`] for each of `exponents`, sharing what does not depend on the exponent
+/// (the checks, the costs in budget steps, the least-cost table).
+pub(crate) fn choose_each(
+    candidates: &Candidates,
+    target: f64,
+    resolution: usize,
+    exponents: &[f64],
+) -> Result<Vec<RoutingPolicy>> {
+    if let Some(exponent) = exponents.iter().find(|e| !(e.is_finite() && **e > 0.0)) {
         return Err(RouterError::Target(format!(
             "the error exponent {exponent} must be positive"
         )));
     }
-    if !(target > 0.0 && target <= 1.0) {
-        return Err(RouterError::Target(format!(
-            "the activated-parameter fraction {target} must be in (0, 1]"
-        )));
-    }
-    if candidates.layers.iter().any(|l| l.candidates.is_empty())
-        || candidates
+    let search = BudgetSearch::new(candidates, target, resolution)?;
+    exponents.iter().map(|&e| search.best(e)).collect()
+}
+
+/// One budget's knapsack inputs: each candidate's real cost and its cost in budget steps, and
+/// the table of least real cost (see the module docs).
+struct BudgetSearch<'a> {
+    candidates: &'a Candidates,
+    target: f64,
+    /// Parameters the routed experts may activate: `target · full − always`.
+    budget: f64,
+    /// Real costs that exceed `budget` by at most this still fit (rounding).
+    tolerance: f64,
+    resolution: usize,
+    /// `resolution + L`: rounding costs at most one step per layer.
+    capacity: usize,
+    /// `costs[i][j]`: layer `i`'s candidate `j`'s activated parameters per token.
+    costs: Vec<Vec<f64>>,
+    /// The same in budget steps, rounded up.
+    units: Vec<Vec<usize>>,
+    least_cost: Knapsack,
+}
+
+impl<'a> BudgetSearch<'a> {
+    fn new(candidates: &'a Candidates, target: f64, resolution: usize) -> Result<Self> {
+        if !(target > 0.0 && target <= 1.0) {
+            return Err(RouterError::Target(format!(
+                "the activated-parameter fraction {target} must be in (0, 1]"
+            )));
+        }
+        if candidates.layers.iter().any(|l| l.candidates.is_empty())
+            || candidates
+                .layers
+                .iter()
+                .any(|l| l.candidates.len() > u32::MAX as usize)
+            || resolution == 0
+        {
+            return Err(RouterError::Target("nothing to choose from".into()));
+        }
+        if resolution > MAX_RESOLUTION {
+            return Err(RouterError::Target(format!(
+                "a resolution of {resolution} budget steps is more than the {MAX_RESOLUTION} the search allows"
+            )));
+        }
+        let full = candidates.active(&vec![0; candidates.layers.len()]).full() as f64;
+        let budget = target * full - candidates.always as f64;
+        let costs: Vec<Vec<f64>> = candidates
             .layers
             .iter()
-            .any(|l| l.candidates.len() > u32::MAX as usize)
-        || resolution == 0
-    {
-        return Err(RouterError::Target("nothing to choose from".into()));
-    }
-    if resolution > MAX_RESOLUTION {
-        return Err(RouterError::Target(format!(
-            "a resolution of {resolution} budget steps is more than the {MAX_RESOLUTION} the search allows"
-        )));
-    }
-    let full = candidates.active(&vec![0; candidates.layers.len()]).full() as f64;
-    let budget = target * full - candidates.always as f64;
-    let cost =
-        |l: &LayerCandidates, c: &Candidate| c.experts_per_token * l.params_per_expert as f64;
-    let least: f64 = candidates
-        .layers
-        .iter()
-        .map(|l| {
-            l.candidates
-                .iter()
-                .map(|c| cost(l, c))
-                .fold(f64::INFINITY, f64::min)
+            .map(|l| {
+                l.candidates
+                    .iter()
+                    .map(|c| c.experts_per_token * l.params_per_expert as f64)
+                    .collect()
+            })
+            .collect();
+        let least: f64 = costs
+            .iter()
+            .map(|c| c.iter().copied().fold(f64::INFINITY, f64::min))
+            .sum();
+        if budget + 1e-9 * full < least {
+            return Err(RouterError::Target(format!(
+                "{:.1}% of the all-experts model's activated parameters is below the least any policy activates here ({:.1}%)",
+                100.0 * target,
+                100.0 * (candidates.always as f64 + least) / full
+            )));
+        }
+        // Each candidate's cost in budget steps, rounded up. The tables run to `resolution +
+        // L` steps: rounding costs at most one step per layer, so a policy whose real cost is
+        // the budget exactly (e.g. uniform top-1 when the target is its fraction) is still
+        // found.
+        let step = budget / resolution as f64;
+        let capacity = resolution + candidates.layers.len();
+        let units: Vec<Vec<usize>> = costs
+            .iter()
+            .map(|c| c.iter().map(|&c| (c / step).ceil() as usize).collect())
+            .collect();
+        let least_cost = knapsack(&costs, &units, capacity);
+        Ok(Self {
+            candidates,
+            target,
+            budget,
+            tolerance: 1e-9 * full,
+            resolution,
+            capacity,
+            costs,
+            units,
+            least_cost,
         })
-        .sum();
-    if budget + 1e-9 * full < least {
-        return Err(RouterError::Target(format!(
-            "{:.1}% of the all-experts model's activated parameters is below the least any policy activates here ({:.1}%)",
-            100.0 * target,
-            100.0 * (candidates.always as f64 + least) / full
-        )));
     }
-    // Each candidate's cost in budget steps, rounded up. The table runs to `resolution + L`
-    // steps: rounding costs at most one step per layer, so a policy whose real cost is the
-    // budget exactly (e.g. uniform top-1 when the target is its fraction) is still found.
-    let step = budget / resolution as f64;
-    let layers = candidates.layers.len();
-    let capacity = resolution + layers;
-    let units: Vec<Vec<usize>> = candidates
-        .layers
-        .iter()
-        .map(|l| {
-            l.candidates
-                .iter()
-                .map(|c| (cost(l, c) / step).ceil() as usize)
-                .collect()
-        })
-        .collect();
-    // Two tables over "at most u steps": the least weighted error and the least real cost,
-    // each with its picks. Above `resolution` steps the least-error policy may not really fit
-    // (rounding up can tie a candidate just over the budget with one exactly at it); the
-    // least-cost one fits whenever anything does, so together they always find a policy
-    // when one exists.
-    let weighted: Vec<Vec<f64>> = candidates
-        .layers
-        .iter()
-        .map(|l| {
-            l.candidates
-                .iter()
-                .map(|c| c.error.powf(exponent))
-                .collect()
-        })
-        .collect();
-    let costs: Vec<Vec<f64>> = candidates
-        .layers
-        .iter()
-        .map(|l| l.candidates.iter().map(|c| cost(l, c)).collect())
-        .collect();
-    let least_error = knapsack(&weighted, &units, capacity);
-    let least_cost = knapsack(&costs, &units, capacity);
-    let tolerance = 1e-9 * full;
-    let total = |table: &[Vec<f64>], picks: &[usize]| -> f64 {
-        table.iter().zip(picks).map(|(t, &j)| t[j]).sum()
-    };
-    // Entries up to `resolution` steps always fit, and the least-error one at `resolution`
-    // is the best of them: only the rounding margin above it needs both tables.
-    let picks = (resolution..=capacity)
-        .flat_map(|u| [least_error.picks(u, &units), least_cost.picks(u, &units)])
-        .flatten()
-        .filter(|picks| total(&costs, picks) <= budget + tolerance)
-        .min_by(|a, b| total(&weighted, a).total_cmp(&total(&weighted, b)))
-        .ok_or_else(|| {
-            RouterError::Target(format!(
-                "no policy fits {:.1}% of the all-experts model at this resolution; raise the target or the resolution",
-                100.0 * target
-            ))
-        })?;
-    Ok(candidates.chosen_policy(&picks, target))
+
+    /// The fitting policy of least `Σ error^exponent`. Two tables over "at most u steps": the
+    /// least weighted error and the least real cost, each with its picks. Above `resolution`
+    /// steps the least-error policy may not really fit (rounding up can tie a candidate just
+    /// over the budget with one exactly at it); the least-cost one fits whenever anything
+    /// does, so together they always find a policy when one exists.
+    fn best(&self, exponent: f64) -> Result<RoutingPolicy> {
+        let weighted: Vec<Vec<f64>> = self
+            .candidates
+            .layers
+            .iter()
+            .map(|l| {
+                l.candidates
+                    .iter()
+                    .map(|c| c.error.powf(exponent))
+                    .collect()
+            })
+            .collect();
+        let least_error = knapsack(&weighted, &self.units, self.capacity);
+        let total = |table: &[Vec<f64>], picks: &[usize]| -> f64 {
+            table.iter().zip(picks).map(|(t, &j)| t[j]).sum()
+        };
+        // Entries up to `resolution` steps always fit, and the least-error one at
+        // `resolution` is the best of them: only the rounding margin above it needs both
+        // tables.
+        let picks = (self.resolution..=self.capacity)
+            .flat_map(|u| {
+                [
+                    least_error.picks(u, &self.units),
+                    self.least_cost.picks(u, &self.units),
+                ]
+            })
+            .flatten()
+            .filter(|picks| total(&self.costs, picks) <= self.budget + self.tolerance)
+            .min_by(|a, b| total(&weighted, a).total_cmp(&total(&weighted, b)))
+            .ok_or_else(|| {
+                RouterError::Target(format!(
+                    "no policy fits {:.1}% of the all-experts model at this resolution; raise the target or the resolution",
+                    100.0 * self.target
+                ))
+            })?;
+        Ok(self.candidates.chosen_policy(&picks, self.target))
+    }
 }
 
 /// The largest `resolution` [`choose`] accepts: its tables hold `resolution + layers` entries

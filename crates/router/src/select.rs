@@ -15,14 +15,14 @@
 
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
-use moekit_llama::Llama;
+use moekit_llama::{Llama, UsageCounter};
 use serde::{Deserialize, Serialize};
 
 use crate::calib::windows;
 use crate::error::{Result, RouterError};
 use crate::params::ActiveParams;
 use crate::policy::{RoutingPolicy, Rule, Selected};
-use crate::search::{Candidates, choose_weighted};
+use crate::search::{Candidates, choose_each};
 
 /// How far over its target a proposal may measure on the selection tokens and still count as
 /// within it (relative): the prediction and the measurement read different tokens (all the
@@ -64,11 +64,9 @@ pub fn proposals(candidates: &Candidates, target: f64, resolution: usize) -> Res
             out.push(Proposal { name, policy });
         }
     };
-    for gamma in ERROR_EXPONENTS {
-        add(
-            format!("knapsack γ={gamma}"),
-            choose_weighted(candidates, target, resolution, gamma)?,
-        );
+    let optima = choose_each(candidates, target, resolution, &ERROR_EXPONENTS)?;
+    for (gamma, policy) in ERROR_EXPONENTS.iter().zip(optima) {
+        add(format!("knapsack γ={gamma}"), policy);
     }
     let rules: Vec<Rule> = candidates
         .layers
@@ -109,8 +107,7 @@ pub fn score(
         .collect::<Result<Vec<_>>>()?;
     let device = model.device();
     let mut sums = vec![(0.0f64, 0.0f64); policies.len()];
-    // Per policy and MoE layer: (experts computed, tokens routed).
-    let mut usage: Vec<Vec<(usize, usize)>> = vec![Vec::new(); policies.len()];
+    let mut usage = vec![UsageCounter::default(); policies.len()];
     let (mut predicted, mut done) = (0usize, 0usize);
     for w in windows(tokens, seq_len)? {
         let ids = model.tokens(&[w], &device)?;
@@ -121,11 +118,7 @@ pub fn score(
         let p = reference.clone().exp();
         for ((m, (nll, kl)), used) in models.iter().zip(sums.iter_mut()).zip(&mut usage) {
             let (last, _, moe) = m.forward_hidden(ids.clone(), false, None)?;
-            used.resize(moe.len(), (0, 0));
-            for ((computed, routed), (_, out)) in used.iter_mut().zip(&moe) {
-                *computed += out.stats.tokens_per_expert.iter().sum::<usize>();
-                *routed += out.stats.tokens;
-            }
+            used.add(&moe);
             let q = log_softmax(m.head(last).narrow(1, 0, t), 2);
             *kl += (p.clone() * (reference.clone() - q.clone()))
                 .sum()
@@ -139,10 +132,7 @@ pub fn score(
     sums.into_iter()
         .zip(models.iter().zip(usage))
         .map(|((nll, kl), (m, used))| {
-            let k: Vec<f64> = used
-                .iter()
-                .map(|&(computed, routed)| computed as f64 / routed.max(1) as f64)
-                .collect();
+            let k: Vec<f64> = used.usage().iter().map(|u| u.experts_per_token).collect();
             let s = PolicyScore {
                 nll: nll / predicted as f64,
                 kl: kl / predicted as f64,

@@ -109,33 +109,35 @@ pub fn inputs_fingerprint(model: String, settings: String, files: &[PathBuf]) ->
 /// files written beside the model (a policy, a plot) and the path as typed do not change it.
 pub fn stamp_weights(path: &Path) -> String {
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let Ok(entries) = std::fs::read_dir(&path) else {
-        return stamp(&path);
-    };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| Some(e.ok()?.path()))
-        .filter(|p| {
-            p.is_file()
-                && (p.file_name().is_some_and(|n| n == "config.json")
-                    || p.extension().is_some_and(|e| e == "safetensors"))
-        })
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .map(|p| stamp(p))
-        .collect::<Vec<_>>()
-        .join("\n")
+    match files_in(&path) {
+        Some(files) => files
+            .iter()
+            .filter(|p| {
+                p.file_name().is_some_and(|n| n == "config.json")
+                    || p.extension().is_some_and(|e| e == "safetensors")
+            })
+            .map(|p| stamp(p))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        None => stamp(&path),
+    }
 }
 
 /// Stamps of a model: a .gguf file's, or those of a Hugging Face directory and every file in
 /// it (the directory's own time does not change when a file in it is rewritten in place).
 pub fn stamp_model(path: &Path) -> String {
     let mut parts = vec![stamp(path)];
-    if let Ok(entries) = std::fs::read_dir(path) {
-        let mut inside: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
-        inside.sort();
-        parts.extend(inside.iter().filter(|p| p.is_file()).map(|p| stamp(p)));
-    }
+    parts.extend(files_in(path).unwrap_or_default().iter().map(|p| stamp(p)));
     parts.join("\n")
+}
+
+/// The files directly in `dir`, sorted; `None` when it is not a readable directory.
+fn files_in(dir: &Path) -> Option<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    Some(files)
 }
