@@ -594,6 +594,80 @@ fn split_random(dense: &str, out: &Path, top_k: usize, extra: &[&str]) -> String
 }
 
 #[test]
+fn profile_measures_a_grid_of_k_in_layers_of_many_experts() {
+    let root = tempfile::tempdir().unwrap();
+    let (dense, text) = dense_model_and_text(root.path());
+    let moe = root.path().join("moe8").display().to_string();
+    let out = moekit(&[
+        "convert",
+        &dense,
+        "--method",
+        "split-random",
+        "--experts",
+        "8",
+        "--top-k",
+        "5",
+        "--out",
+        &moe,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let policy = root.path().join("policy.json").display().to_string();
+    let candidates = root.path().join("candidates.json").display().to_string();
+    let profile = |extra: &[&str]| {
+        let mut args = vec![
+            "profile",
+            &moe,
+            "--calib",
+            &text,
+            "--seq-len",
+            "32",
+            "--select-tokens",
+            "64",
+            "--top-p",
+            "0.9",
+            "--json",
+            "--out",
+            &policy,
+        ];
+        args.extend_from_slice(extra);
+        moekit(&args)
+    };
+    success_json(profile(&[
+        "--top-k-rules",
+        "4",
+        "--candidates-out",
+        &candidates,
+    ]));
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&candidates).unwrap()).unwrap();
+    for layer in c["layers"].as_array().unwrap() {
+        let ks: Vec<u64> = layer["candidates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["rule"]["k"].as_u64())
+            .collect();
+        // Two values around the own top-5 and both ends.
+        assert_eq!(ks, vec![1, 4, 5, 8], "{layer}");
+    }
+    // The grid is part of what the candidates were measured with.
+    success_json(profile(&[
+        "--top-k-rules",
+        "4",
+        "--candidates-in",
+        &candidates,
+    ]));
+    assert_clean_failure(
+        &profile(&["--top-k-rules", "8", "--candidates-in", &candidates]),
+        "top-k-rules=4",
+    );
+}
+
+#[test]
 fn profile_chooses_a_policy_that_eval_applies() {
     let root = tempfile::tempdir().unwrap();
     let (dense, text) = dense_model_and_text(root.path());
@@ -699,6 +773,16 @@ fn profile_chooses_a_policy_that_eval_applies() {
         "--json",
         "--out",
         &policy_beside,
+    ]));
+    // A top-k limit that every layer's 4 experts fit changes nothing measured: reused.
+    success_json(profile(&[
+        "--top-k-rules",
+        "4",
+        "--candidates-in",
+        &candidates,
+        "--select-tokens",
+        "64",
+        "--json",
     ]));
     let edited = root.path().join("edited.json");
     let text_c = std::fs::read_to_string(&candidates).unwrap();
@@ -815,6 +899,10 @@ fn profile_chooses_a_policy_that_eval_applies() {
     );
     assert_clean_failure(&profile(&["--plot", "routing.png"]), "name the file .svg");
     assert_clean_failure(&profile(&["--select-tokens", "1"]), "at least 2");
+    assert_clean_failure(
+        &profile(&["--top-k-rules", "3"]),
+        "--top-k-rules 3: at least 4",
+    );
     assert_clean_failure(
         &profile(&["--target-active-params", "0.01"]),
         "below the least",

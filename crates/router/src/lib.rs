@@ -4,12 +4,12 @@
 //! - [`profile()`]: runs calibration text through a MoE model and records, per layer, the mean
 //!   sorted routing probabilities, entropy, how often the top-1 probability passes thresholds,
 //!   and expert load ([`RoutingProfile`], JSON; drawn by [`plot::profile_svg`]).
-//! - [`measure`] then [`choose`]: every layer's candidate rules (top-k for each `k`, top-p
-//!   thresholds) are measured against the model's own routing (the reference, e.g. the top-k
+//! - [`measure`] then [`choose`]: every layer's candidate rules (top-k for each `k`, or a grid
+//!   of `k` for layers of many experts ([`top_k_grid`]), top-p thresholds) are measured against the model's own routing (the reference, e.g. the top-k
 //!   it was trained with), and a multiple-choice knapsack
 //!   picks one per layer for a budget of activated parameters ([`ActiveParams`] says exactly
 //!   what counts). The knapsack adds per-layer errors, a proxy; [`select`] runs its proposals
-//!   (several error exponents) and every uniform rule within the budget through the whole
+//!   (several error exponents) and every measured uniform rule within the budget through the whole
 //!   model on calibration tokens and keeps the one of least NLL among those whose activated
 //!   fraction, measured there, keeps to the budget, reporting its KL from the reference
 //!   routing too.
@@ -52,7 +52,7 @@ pub use plot::{Series, profile_svg, tradeoff_svg};
 pub use policy::{Choice, LayerPolicy, RoutingPolicy, Rule};
 pub use profile::{LayerProfile, RoutingProfile, TOP1_THRESHOLDS, profile};
 pub use search::{
-    Candidate, Candidates, LayerCandidates, MAX_RESOLUTION, SearchConfig, choose, choose_weighted,
-    measure,
+    Candidate, Candidates, LayerCandidates, MAX_RESOLUTION, MIN_TOP_K_RULES, SearchConfig, choose,
+    choose_weighted, measure, top_k_grid,
 };
 pub use select::{BUDGET_SLACK, ERROR_EXPONENTS, PolicyScore, Proposal, proposals, score, select};

@@ -8,8 +8,10 @@
 //!    candidate rule `c` of every layer is applied to that layer alone on `x_l`, giving its
 //!    relative output error `‖MoE_c(x_l) − y_l‖² / ‖y_l‖²` and its measured mean experts per
 //!    token `k̄_c`. Cost: one forward pass plus, per layer, one MoE-layer pass per candidate
-//!    (`E` top-k rules and the top-p thresholds); about 3 minutes for SmolLM2 split into 8
-//!    experts on 8,192 tokens, 2 cores.
+//!    (top-k for every `k = 1..E`, or [`top_k_grid`]'s values when `E` is above
+//!    [`SearchConfig::max_top_k_rules`], and the top-p thresholds); about 3 minutes for
+//!    SmolLM2 split into 8 experts on 8,192 tokens, 2 cores. A fine split's hundreds of
+//!    experts would cost hundreds of passes per layer without the grid.
 //! 2. [`choose`]: a multiple-choice knapsack. Each layer takes exactly one candidate; the sum
 //!    of `k̄_c · P_e` must fit the budget `target · full − always` (see [`crate::params`]);
 //!    the sum of the layers' errors is minimised. Solved by dynamic programming over the
@@ -19,7 +21,8 @@
 //!    policy never exceeds the budget, one is found whenever any policy fits, and no policy
 //!    whose cost is at least `L` steps within the budget has a smaller error.
 //!    `O(L · resolution · candidates)`: milliseconds at the default 16,384 steps for a few
-//!    experts, more for fine splits (hundreds of candidates per layer).
+//!    experts, more for fine splits (up to [`SearchConfig::max_top_k_rules`] top-k
+//!    candidates per layer, 64 by default, and the top-p thresholds).
 //!
 //! The errors and the top-p costs are measured on inputs from the reference model, so they
 //! ignore how earlier layers' changes move later layers' inputs: a top-p rule's real cost can
@@ -28,7 +31,7 @@
 
 use burn::tensor::Tensor;
 use moekit_llama::Llama;
-use moekit_moe::MoeLayer;
+use moekit_moe::{MoeLayer, Selection};
 use serde::{Deserialize, Serialize};
 
 use crate::calib::windows;
@@ -39,10 +42,14 @@ use crate::policy::{Choice, LayerPolicy, RoutingPolicy, Rule, moe_layers};
 /// Settings of [`measure`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchConfig {
-    /// Top-p thresholds tried in every layer, besides top-k for every `k = 1..E`.
+    /// Top-p thresholds tried in every layer, besides the top-k rules.
     pub top_p: Vec<f64>,
     /// Tokens per calibration sequence.
     pub seq_len: usize,
+    /// Most top-k rules tried in a layer (at least [`MIN_TOP_K_RULES`]): a layer of `E` routed
+    /// experts tries every `k = 1..E` when `E` is at most this, and [`top_k_grid`]'s values
+    /// otherwise.
+    pub max_top_k_rules: usize,
 }
 
 impl Default for SearchConfig {
@@ -50,8 +57,40 @@ impl Default for SearchConfig {
         Self {
             top_p: vec![0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99],
             seq_len: 512,
+            max_top_k_rules: 64,
         }
     }
+}
+
+/// The least [`SearchConfig::max_top_k_rules`]: two values near the model's own `k` and both
+/// ends of `1..=E`.
+pub const MIN_TOP_K_RULES: usize = 4;
+
+/// The `k` of the top-k rules [`measure`] tries in a layer of `e` routed experts whose own rule
+/// uses `own` experts per token, in increasing order: every `k` when `e ≤ max`; otherwise
+/// exactly `max` values (`max` is raised to [`MIN_TOP_K_RULES`]): the `max / 2` consecutive
+/// values nearest `own` (budgets near the model's own cost choose among these, so the knapsack
+/// keeps a resolution of one expert there) and `max − max / 2` values spread evenly over the
+/// other `k` of `1..=e`, both ends of `1..=e` included (coarser, for budgets far from it).
+pub fn top_k_grid(e: usize, own: usize, max: usize) -> Vec<usize> {
+    let max = max.max(MIN_TOP_K_RULES);
+    if e <= max {
+        return (1..=e).collect();
+    }
+    let near = max / 2;
+    let start = own.saturating_sub(near / 2).clamp(1, e + 1 - near);
+    let window = start..start + near;
+    // The others, `e − near ≥ spread` of them: their first is 1 unless the window holds it,
+    // their last `e` unless the window holds it.
+    let others: Vec<usize> = (1..=e).filter(|k| !window.contains(k)).collect();
+    let spread = max - near;
+    let last = others.len() - 1;
+    let mut ks: Vec<usize> = (0..spread)
+        .map(|i| others[(i * last + (spread - 1) / 2) / (spread - 1)])
+        .chain(window)
+        .collect();
+    ks.sort_unstable();
+    ks
 }
 
 /// One rule of one layer, measured.
@@ -234,12 +273,28 @@ fn relative_error(layer: usize, got: Tensor<3>, want: &Tensor<3>) -> Result<f64>
     Ok(e)
 }
 
-fn candidate_rules(moe: &MoeLayer, top_p: &[f64]) -> Vec<Rule> {
+/// The rules tried in `moe` (input `x`): top-k for [`top_k_grid`]'s `k`, then the top-p
+/// thresholds. A layer routing by top-p whose `E` needs the grid runs once to find its own mean
+/// experts per token.
+fn candidate_rules(moe: &MoeLayer, x: &Tensor<3>, config: &SearchConfig) -> Result<Vec<Rule>> {
     let e = moe.router.num_experts();
-    (1..=e)
+    let ks = if e <= config.max_top_k_rules {
+        (1..=e).collect()
+    } else {
+        let own = match moe.router.selection {
+            Selection::TopK { k, .. } => k,
+            Selection::TopP { .. } => {
+                let out = moe.forward(x.clone())?;
+                out.stats.mean_experts_per_token().round() as usize
+            }
+        };
+        top_k_grid(e, own, config.max_top_k_rules)
+    };
+    Ok(ks
+        .into_iter()
         .map(|k| Rule::TopK { k })
-        .chain(top_p.iter().map(|&p| Rule::TopP { p, max_k: None }))
-        .collect()
+        .chain(config.top_p.iter().map(|&p| Rule::TopP { p, max_k: None }))
+        .collect())
 }
 
 /// Measures every candidate rule of every MoE layer on `tokens` (see the module docs).
@@ -253,6 +308,12 @@ pub fn measure(
     if let Some(p) = config.top_p.iter().find(|p| !(**p > 0.0 && **p <= 1.0)) {
         return Err(RouterError::Policy(format!("top-p {p} must be in (0, 1]")));
     }
+    if config.max_top_k_rules < MIN_TOP_K_RULES {
+        return Err(RouterError::Policy(format!(
+            "at most {} top-k rules per layer: at least {MIN_TOP_K_RULES} are needed",
+            config.max_top_k_rules
+        )));
+    }
     let io = record(model, tokens, config.seq_len)?;
     let counted = io.first().map_or(0, |(x, _)| x.dims()[1]);
     let active = ActiveParams::of(model, None)?;
@@ -260,7 +321,7 @@ pub fn measure(
     let mut layers = Vec::with_capacity(moe.len());
     for (i, ((l, layer), (x, y))) in moe.iter().zip(io).enumerate() {
         let mut candidates = Vec::new();
-        for rule in candidate_rules(layer, &config.top_p) {
+        for rule in candidate_rules(layer, &x, config)? {
             let mut reduced = (*layer).clone();
             reduced.router.selection = rule.selection(&layer.router.selection);
             let out = reduced.forward(x.clone())?;

@@ -3,14 +3,15 @@
 //! The knapsack of [`crate::search`] adds per-layer errors measured on the reference model's
 //! inputs, a proxy that ignores how errors compound through later layers. So for a budget,
 //! [`proposals`] offers several policies: the knapsack's optimum for each exponent in
-//! [`ERROR_EXPONENTS`] and every uniform rule (the same rule in every layer) that fits; and
+//! [`ERROR_EXPONENTS`] and every uniform rule (the same rule in every layer, among those measured in
+//! every layer) that fits; and
 //! [`score`] runs each through the whole model on calibration tokens. [`select`] keeps the
 //! policy with the least next-token negative log-likelihood (the quality a user sees) among
 //! those whose activated fraction, measured on the same tokens, stays within the target (a
 //! top-p rule's cost is predicted on the reference model's inputs and can be higher once other
 //! layers change); the KL from the reference routing is reported beside it. Because the uniform rules are among the
-//! proposals, the selected policy is at least as good as every uniform rule within the budget
-//! on the calibration tokens. Cost: one forward pass of the reference model and one per
+//! proposals, the selected policy is at least as good as every measured uniform rule within the
+//! budget on the calibration tokens. Cost: one forward pass of the reference model and one per
 //! distinct proposal over the selection tokens.
 
 use burn::tensor::activation::log_softmax;

@@ -8,16 +8,20 @@ use moekit_moe::Selection;
 use moekit_router::{
     ActiveParams, Candidate, Candidates, Choice, LayerCandidates, MAX_RESOLUTION, Proposal,
     RouterError, RoutingPolicy, Rule, SearchConfig, Series, TOP1_THRESHOLDS, choose, measure,
-    profile, profile_svg, proposals, route_by_oracle, score, select, tradeoff_svg,
+    profile, profile_svg, proposals, route_by_oracle, score, select, top_k_grid, tradeoff_svg,
 };
 use moekit_testing::{device, normal};
 
 const E: usize = 4;
 
 fn mixtral(layers: usize, renormalize: bool, device: &Device) -> Llama {
+    mixtral_of(E, layers, renormalize, device)
+}
+
+fn mixtral_of(experts: usize, layers: usize, renormalize: bool, device: &Device) -> Llama {
     let mut c = LlamaConfig::llama(40, 16, 24, layers, 4, 2);
     c.model_type = "mixtral".into();
-    c.num_local_experts = Some(E);
+    c.num_local_experts = Some(experts);
     c.num_experts_per_tok = Some(2);
     let mut model = c.init(device).unwrap();
     for layer in &mut model.layers {
@@ -25,7 +29,7 @@ fn mixtral(layers: usize, renormalize: bool, device: &Device) -> Llama {
             panic!("mixtral layers are MoE")
         };
         // Sharper routing than the default init, so rules differ.
-        m.router.gate = Param::from_tensor(normal([16, E], 0.8, device));
+        m.router.gate = Param::from_tensor(normal([16, experts], 0.8, device));
         m.router.selection = Selection::TopK { k: 2, renormalize };
     }
     model
@@ -182,6 +186,7 @@ fn measured_candidates_match_whole_model_runs() {
         let config = SearchConfig {
             top_p: vec![0.5, 0.9],
             seq_len: 16,
+            ..SearchConfig::default()
         };
         let c = measure(&model, &ids, &config, &mut |_, _| {}).unwrap();
         assert_eq!(c.tokens, 48);
@@ -221,6 +226,113 @@ fn measured_candidates_match_whole_model_runs() {
         };
         assert!(p(0.9) >= p(0.5));
     }
+}
+
+#[test]
+fn top_k_grids_keep_the_own_k_both_ends_and_the_limit() {
+    // Every k when E fits.
+    assert_eq!(top_k_grid(6, 2, 6), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(top_k_grid(8, 5, 4), vec![1, 4, 5, 8]);
+    // A limit below the least is raised to it.
+    assert_eq!(top_k_grid(8, 5, 1), top_k_grid(8, 5, 4));
+    for (e, max) in [(384, 64), (384, 4), (100, 9), (65, 64), (1000, 17), (6, 5)] {
+        for own in [0, 1, 2, e / 3, e / 2, e - 1, e, e + 3] {
+            let ks = top_k_grid(e, own, max);
+            // Exactly the limit, increasing, from 1 to E.
+            assert_eq!(ks.len(), max, "{e} {own} {max}: {ks:?}");
+            assert!(ks.windows(2).all(|w| w[0] < w[1]), "{ks:?}");
+            assert_eq!((ks[0], *ks.last().unwrap()), (1, e), "{ks:?}");
+            // max / 2 consecutive values hold the own k (clamped into 1..=E), centred unless
+            // they meet 1 or E.
+            let (near, centre) = (max / 2, own.clamp(1, e));
+            let centred = (1..=e + 1 - near).any(|s| {
+                let end = s + near - 1;
+                (s..=end).all(|k| ks.contains(&k))
+                    && (s..=end).contains(&centre)
+                    && (s == 1 || centre - s >= near / 2)
+                    && (end == e || end - centre >= (near - 1) / 2)
+            });
+            assert!(centred, "{e} {own} {max}: {ks:?}");
+        }
+    }
+    // The spread part: no gap wider than (E − 1) / (spread − 1), rounded up.
+    let ks = top_k_grid(384, 199, 64);
+    let widest = ks.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(widest <= 383usize.div_ceil(31), "{widest}: {ks:?}");
+}
+
+#[test]
+fn layers_with_more_experts_than_rules_measure_a_grid_of_k() {
+    let device = device(14);
+    let ids = tokens(48);
+    for (renormalize, own) in [(true, None), (false, Some(0.6))] {
+        let mut model = mixtral_of(8, 1, renormalize, &device);
+        let FfnSlot::Moe(m) = &mut model.layers[0].ffn else {
+            panic!("mixtral layers are MoE")
+        };
+        // Top-5 (the grid is then 1, 4, 5, 8; around 2 it would be 1, 2, 8), or top-p.
+        m.router.selection = match own {
+            None => Selection::TopK { k: 5, renormalize },
+            Some(p) => Selection::TopP {
+                p,
+                max_k: None,
+                renormalize,
+            },
+        };
+        let config = |max| SearchConfig {
+            top_p: vec![0.6, 0.9],
+            seq_len: 16,
+            max_top_k_rules: max,
+        };
+        let grid = measure(&model, &ids, &config(4), &mut |_, _| {}).unwrap();
+        let every = measure(&model, &ids, &config(8), &mut |_, _| {}).unwrap();
+        let ks = |c: &Candidates| -> Vec<usize> {
+            c.layers[0]
+                .candidates
+                .iter()
+                .filter_map(|c| match c.rule {
+                    Rule::TopK { k } => Some(k),
+                    Rule::TopP { .. } => None,
+                })
+                .collect()
+        };
+        assert_eq!(ks(&every), (1..=8).collect::<Vec<_>>());
+        // The own k: 5, or the top-p rule's mean experts per token, rounded.
+        let own_k = own.map_or(5, |p| {
+            let rule = Rule::TopP { p, max_k: None };
+            let c = every.layers[0].candidates.iter().find(|c| c.rule == rule);
+            c.unwrap().experts_per_token.round() as usize
+        });
+        assert_eq!(ks(&grid), top_k_grid(8, own_k, 4));
+        assert!(ks(&grid).contains(&own_k.clamp(1, 8)));
+        // The same rules measure the same, and against whole-model runs.
+        for c in &grid.layers[0].candidates {
+            let same = every.layers[0]
+                .candidates
+                .iter()
+                .find(|d| d.rule == c.rule)
+                .unwrap();
+            assert_eq!(c, same);
+            let want = first_layer_error(&model, c.rule, &ids);
+            assert!(
+                (c.error - want).abs() <= 1e-4 * want.max(1e-3),
+                "{}",
+                c.rule
+            );
+        }
+    }
+    assert!(matches!(
+        measure(
+            &mixtral(1, true, &device),
+            &ids,
+            &SearchConfig {
+                max_top_k_rules: 3,
+                ..SearchConfig::default()
+            },
+            &mut |_, _| {}
+        ),
+        Err(RouterError::Policy(_))
+    ));
 }
 
 /// Layers of different expert counts, expert sizes and numbers of candidates.
@@ -489,6 +601,7 @@ fn policy_files_round_trip_and_bad_files_are_errors() {
         &SearchConfig {
             top_p: vec![0.8],
             seq_len: 20,
+            ..SearchConfig::default()
         },
         &mut |_, _| {},
     )
@@ -547,6 +660,7 @@ fn a_policy_costs_what_it_predicts_and_the_kl_grows_as_experts_go() {
         &SearchConfig {
             top_p: vec![],
             seq_len: 32,
+            ..SearchConfig::default()
         },
         &mut |_, _| {},
     )
@@ -646,6 +760,7 @@ fn selection_keeps_to_the_budget_that_the_policies_really_use() {
         &SearchConfig {
             top_p: vec![0.9],
             seq_len: 32,
+            ..SearchConfig::default()
         },
         &mut |_, _| {},
     )

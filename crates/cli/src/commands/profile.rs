@@ -7,8 +7,8 @@ use std::time::Instant;
 use clap::Args;
 use moekit::router::file::{load_json, save_json};
 use moekit::router::{
-    ActiveParams, Candidates, MAX_RESOLUTION, RouterError, RoutingPolicy, SearchConfig,
-    TOP1_THRESHOLDS, measure, profile, profile_svg, proposals, select,
+    ActiveParams, Candidates, MAX_RESOLUTION, MIN_TOP_K_RULES, RouterError, RoutingPolicy,
+    SearchConfig, TOP1_THRESHOLDS, measure, profile, profile_svg, proposals, select,
 };
 use moekit::upcycle::calibration;
 use serde_json::json;
@@ -44,9 +44,14 @@ pub struct ProfileArgs {
     /// Budget as a count: at most N activated parameters per token.
     #[arg(long, value_name = "N", conflicts_with_all = ["target_active_params", "reference"])]
     max_active_params: Option<f64>,
-    /// Top-p thresholds tried in every layer (besides top-k for every k).
+    /// Top-p thresholds tried in every layer (besides the top-k rules).
     #[arg(long, value_delimiter = ',', default_values_t = SearchConfig::default().top_p)]
     top_p: Vec<f64>,
+    /// Most top-k rules measured per layer: every k when a layer has at most N routed experts;
+    /// otherwise the N/2 values of k nearest the model's own and the rest spread over 1..E (a
+    /// split into hundreds of experts would otherwise cost one MoE pass per k).
+    #[arg(long, value_name = "N", default_value_t = SearchConfig::default().max_top_k_rules)]
+    top_k_rules: usize,
     /// Top-1 routing probabilities the profile counts tokens above.
     #[arg(long, value_delimiter = ',', default_values_t = TOP1_THRESHOLDS)]
     top1_thresholds: Vec<f64>,
@@ -68,7 +73,8 @@ pub struct ProfileArgs {
     candidates_out: Option<PathBuf>,
     /// Reuse candidates measured by an earlier run (--candidates-out) instead of measuring them
     /// again: choosing for another target then takes seconds. They must have been measured on
-    /// the same weights with the same --calib text and tokens, --seq-len and --top-p.
+    /// the same weights with the same --calib text and tokens, --seq-len, --top-p and
+    /// --top-k-rules.
     #[arg(long, value_name = "FILE")]
     candidates_in: Option<PathBuf>,
     /// Print one JSON summary instead of text.
@@ -103,6 +109,13 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
             "--top-p {p}: thresholds are in (0, 1]"
         )));
     }
+    if args.top_k_rules < MIN_TOP_K_RULES {
+        return Err(CliError::Usage(format!(
+            "--top-k-rules {}: at least {MIN_TOP_K_RULES} (two near the model's own k and both \
+             ends)",
+            args.top_k_rules
+        )));
+    }
     if args.select_tokens < 2 {
         return Err(CliError::Usage("--select-tokens must be at least 2".into()));
     }
@@ -128,7 +141,8 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
         None => format!("{flag} {budget}"),
     };
     let (_, model, tokenizer) = super::load(&args.model, None)?;
-    let full = ActiveParams::of(&model, None)?.full() as f64;
+    let active = ActiveParams::of(&model, None)?;
+    let full = active.full() as f64;
     // As a fraction of the all-experts model. A count, or a fraction of another model, may
     // allow more than the all-experts model has: then every expert fits.
     let target = match (args.max_active_params, reference) {
@@ -140,13 +154,22 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
     let ids = calibration::tokens(&tokenizer, &files, args.calib_tokens)?;
 
     // What the candidates depend on: the weights (not files written beside them, nor the path
-    // as typed), the calibration files, the tokens read and the measurement's settings.
-    let settings = format!(
+    // as typed), the calibration files, the tokens read and the measurement's settings. The
+    // top-k limit only when it thins some layer's rules (files measured before it existed, on
+    // every k, stay reusable).
+    let mut settings = format!(
         "tokens={} seq-len={} top-p={:?}",
         ids.len(),
         args.seq_len,
         args.top_p
     );
+    if active
+        .layers
+        .iter()
+        .any(|l| l.num_experts > args.top_k_rules)
+    {
+        settings += &format!(" top-k-rules={}", args.top_k_rules);
+    }
     let canonical: Vec<PathBuf> = files
         .iter()
         .map(|f| f.canonicalize().unwrap_or_else(|_| f.clone()))
@@ -161,7 +184,7 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
                     return Err(CliError::Usage(format!(
                         "--candidates-in {}: measured on other inputs ({}); measure again \
                          without --candidates-in, or give the model, --calib, --calib-tokens, \
-                         --seq-len and --top-p they were measured with",
+                         --seq-len, --top-p and --top-k-rules they were measured with",
                         path.display(),
                         first_difference(theirs, &source)
                     )));
@@ -179,6 +202,7 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
             let config = SearchConfig {
                 top_p: args.top_p.clone(),
                 seq_len: args.seq_len,
+                max_top_k_rules: args.top_k_rules,
             };
             let bar = progress::bar("measure", "layers");
             let c = measure(&model, &ids, &config, &mut progress::update(&bar))?;
