@@ -3,15 +3,18 @@
 //! The knapsack of [`crate::search`] adds per-layer errors measured on the reference model's
 //! inputs, a proxy that ignores how errors compound through later layers. So for a budget,
 //! [`proposals`] offers several policies: the knapsack's optimum for each exponent in
-//! [`ERROR_EXPONENTS`] and every uniform rule (the same rule in every layer, among those measured in
-//! every layer) that fits; and
+//! [`ERROR_EXPONENTS`] and the uniform rules (the same rule in every layer, among those measured
+//! in every layer) that fit: the top-k rule of the largest `k` (a top-k rule's cost is exact, and
+//! a smaller `k` routes every token to a subset of its experts, so scoring it would cost a
+//! whole-model pass for a rule not better in expectation) and every top-p threshold (their
+//! costs are predictions); and
 //! [`score`] runs each through the whole model on calibration tokens. [`select`] keeps the
 //! policy with the least next-token negative log-likelihood (the quality a user sees) among
 //! those whose activated fraction, measured on the same tokens, stays within the target (a
 //! top-p rule's cost is predicted on the reference model's inputs and can be higher once other
 //! layers change); the KL from the reference routing is reported beside it. Because the uniform rules are among the
-//! proposals, the selected policy is at least as good as every measured uniform rule within the
-//! budget on the calibration tokens. Cost: one forward pass of the reference model and one per
+//! proposals, the selected policy is at least as good as the largest uniform top-k and every
+//! top-p threshold within the budget on the calibration tokens. Cost: one forward pass of the reference model and one per
 //! distinct proposal over the selection tokens.
 
 use burn::tensor::activation::log_softmax;
@@ -74,17 +77,21 @@ pub fn proposals(candidates: &Candidates, target: f64, resolution: usize) -> Res
         .first()
         .map(|l| l.candidates.iter().map(|c| c.rule).collect())
         .unwrap_or_default();
-    for rule in rules {
-        if let Some(picks) = candidates.picks_of(rule) {
-            let policy = candidates.chosen_policy(&picks, target);
-            if policy
-                .chosen
-                .as_ref()
-                .is_some_and(|c| c.predicted_fraction <= target + 1e-9)
-            {
-                add(format!("uniform {rule}"), policy);
-            }
-        }
+    let fitting = rules.into_iter().filter_map(|rule| {
+        let policy = candidates.chosen_policy(&candidates.picks_of(rule)?, target);
+        let fits = policy.chosen.as_ref()?.predicted_fraction <= target + 1e-9;
+        fits.then_some((rule, policy))
+    });
+    // Of the uniform top-k rules only the largest k: its cost is exact, and a smaller k routes
+    // every token to a subset of its experts.
+    let (top_k, top_p): (Vec<_>, Vec<_>) =
+        fitting.partition(|(rule, _)| matches!(rule, Rule::TopK { .. }));
+    let largest = top_k.into_iter().max_by_key(|(rule, _)| match rule {
+        Rule::TopK { k } => *k,
+        Rule::TopP { .. } => 0,
+    });
+    for (rule, policy) in largest.into_iter().chain(top_p) {
+        add(format!("uniform {rule}"), policy);
     }
     Ok(out)
 }

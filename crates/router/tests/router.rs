@@ -648,6 +648,57 @@ fn policy_files_round_trip_and_bad_files_are_errors() {
 }
 
 #[test]
+fn proposals_hold_the_largest_uniform_top_k_and_every_top_p_that_fit() {
+    let device = device(15);
+    let model = mixtral(2, true, &device);
+    let c = measure(
+        &model,
+        &tokens(64),
+        &SearchConfig {
+            top_p: vec![0.3, 0.5, 0.7, 0.9, 0.99],
+            seq_len: 32,
+            ..SearchConfig::default()
+        },
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let wide = c
+        .active(&c.picks_of(Rule::TopK { k: 3 }).unwrap())
+        .fraction();
+    let names = |offered: &[Proposal]| -> Vec<String> {
+        let uniform = offered.iter().filter(|p| p.name.starts_with("uniform"));
+        uniform.map(|p| p.name.clone()).collect()
+    };
+    let wide_names = names(&proposals(&c, wide, 1024).unwrap());
+    assert!(
+        wide_names.contains(&"uniform top-3".to_string()),
+        "{wide_names:?}"
+    );
+    for k in [1, 2, 4] {
+        assert!(
+            !wide_names.contains(&format!("uniform top-{k}")),
+            "{wide_names:?}"
+        );
+    }
+    // Every top-p threshold is offered exactly when it fits.
+    let mut fitting = 0;
+    for cand in &c.layers[0].candidates {
+        if let Rule::TopP { .. } = cand.rule {
+            let fraction = c.active(&c.picks_of(cand.rule).unwrap()).fraction();
+            let offered = wide_names.contains(&format!("uniform {}", cand.rule));
+            assert_eq!(
+                offered,
+                fraction <= wide + 1e-9,
+                "{}: {wide_names:?}",
+                cand.rule
+            );
+            fitting += usize::from(offered);
+        }
+    }
+    assert!(fitting > 0, "some top-p fits");
+}
+
+#[test]
 fn a_policy_costs_what_it_predicts_and_the_kl_grows_as_experts_go() {
     let device = device(7);
     let model = mixtral(2, true, &device);
@@ -710,8 +761,8 @@ fn a_policy_costs_what_it_predicts_and_the_kl_grows_as_experts_go() {
         ppl.nll
     );
 
-    // Selection: the proposals hold the knapsack's optima and every uniform rule that fits;
-    // the one of least NLL wins, and no uniform rule within the budget beats it.
+    // Selection: the proposals hold the knapsack's optima and the uniform rules; the one of
+    // least NLL wins, and no proposal within the budget beats it.
     let offered = proposals(&c, target, 1024).unwrap();
     assert!(offered.iter().any(|p| p.name == "uniform top-1"));
     assert!(!offered.iter().any(|p| p.name == "uniform top-2")); // over the budget
