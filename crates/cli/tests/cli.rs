@@ -593,6 +593,22 @@ fn split_random(dense: &str, out: &Path, top_k: usize, extra: &[&str]) -> String
     moe
 }
 
+/// `moekit profile MOE --calib TEXT --seq-len 32 --out POLICY` with `extra` arguments.
+fn profile_of(moe: &str, text: &str, policy: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "profile",
+        moe,
+        "--calib",
+        text,
+        "--seq-len",
+        "32",
+        "--out",
+        policy,
+    ];
+    args.extend_from_slice(extra);
+    moekit(&args)
+}
+
 #[test]
 fn profile_measures_a_grid_of_k_in_layers_of_many_experts() {
     let root = tempfile::tempdir().unwrap();
@@ -618,23 +634,12 @@ fn profile_measures_a_grid_of_k_in_layers_of_many_experts() {
     let policy = root.path().join("policy.json").display().to_string();
     let candidates = root.path().join("candidates.json").display().to_string();
     let profile = |extra: &[&str]| {
-        let mut args = vec![
-            "profile",
-            &moe,
-            "--calib",
-            &text,
-            "--seq-len",
-            "32",
-            "--select-tokens",
-            "64",
-            "--top-p",
-            "0.9",
-            "--json",
-            "--out",
-            &policy,
-        ];
-        args.extend_from_slice(extra);
-        moekit(&args)
+        let args = [
+            &["--select-tokens", "64", "--top-p", "0.9", "--json"],
+            extra,
+        ]
+        .concat();
+        profile_of(&moe, &text, &policy, &args)
     };
     success_json(profile(&[
         "--top-k-rules",
@@ -675,21 +680,7 @@ fn profile_chooses_a_policy_that_eval_applies() {
     let policy = root.path().join("policy.json").display().to_string();
     let plot = root.path().join("routing.svg");
     let candidates = root.path().join("candidates.json").display().to_string();
-    // `moekit profile` on the MoE model with its calibration text and `extra` arguments.
-    let profile = |extra: &[&str]| {
-        let mut args = vec![
-            "profile",
-            &moe,
-            "--calib",
-            &text,
-            "--seq-len",
-            "32",
-            "--out",
-            &policy,
-        ];
-        args.extend_from_slice(extra);
-        moekit(&args)
-    };
+    let profile = |extra: &[&str]| profile_of(&moe, &text, &policy, extra);
     let summary_09 = success_json(profile(&[
         "--target-active-params",
         "0.9",
