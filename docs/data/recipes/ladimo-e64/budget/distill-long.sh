@@ -12,6 +12,6 @@ B=$OUT/budget
 distil --student "$B/distilled/model" --policy "$B/distilled/model/policy.json" --data $FRESH \
     --trainable router,experts,shared --steps "${STEPS:-6000}" --lr 1.5e-4 --warmup-steps 50 \
     --min-lr-ratio 1 --eval-every 200 --checkpoint-every 20 --seed 3 --out "$B/distilled-long" \
-    > "$B/distill-long.json"
+    > "$B/distill-long-${STEPS:-6000}.json"
 OUT=$B record "distilled 700 steps, then ${STEPS:-6000} at constant lr" "$B/distilled-long/model" \
     --policy "$B/distilled-long/model/policy.json"
