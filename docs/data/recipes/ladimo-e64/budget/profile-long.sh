@@ -12,5 +12,5 @@ M=$B/distilled-long/model
 "$BIN" profile "$M" --calib "$DOC/library" --calib-tokens 4096 --reference "$GGUF" \
     --target-active-params 0.8 --candidates-out "$B/long-candidates.json" --json \
     --out "$B/long-policy.json" > "$B/profile-long.out.json"
-record "${NAME:-distilled-long, profiled policy (80% of dense)}" "$M" --policy "$B/long-policy.json" \
+OUT=$B record "${NAME:-distilled-long, profiled policy (80% of dense)}" "$M" --policy "$B/long-policy.json" \
     --reference "$GGUF"
