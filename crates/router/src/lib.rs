@@ -9,8 +9,8 @@
 //!   it was trained with), and a multiple-choice knapsack
 //!   picks one per layer for a budget of activated parameters ([`ActiveParams`] says exactly
 //!   what counts). The knapsack adds per-layer errors, a proxy; [`select`] runs its proposals
-//!   (several error exponents) and the uniform rules within the budget (the largest top-k, every
-//!   top-p threshold) through the whole
+//!   (several error exponents) and the uniform rules within the budget (top-k from the model's
+//!   own `k` up, or the largest below it; every top-p threshold) through the whole
 //!   model on calibration tokens and keeps the one of least NLL among those whose activated
 //!   fraction, measured there, keeps to the budget, reporting its KL from the reference
 //!   routing too.

@@ -4,17 +4,22 @@
 //! inputs, a proxy that ignores how errors compound through later layers. So for a budget,
 //! [`proposals`] offers several policies: the knapsack's optimum for each exponent in
 //! [`ERROR_EXPONENTS`] and the uniform rules (the same rule in every layer, among those measured
-//! in every layer) that fit: the top-k rule of the largest `k` (a top-k rule's cost is exact, and
-//! a smaller `k` routes every token to a subset of its experts, so scoring it would cost a
-//! whole-model pass for a rule not better in expectation) and every top-p threshold (their
-//! costs are predictions); and
+//! in every layer) that fit: every top-p threshold (their costs are predictions), and the top-k
+//! rules of `k` from the reference's up to the largest that fits (more experts than the model
+//! was trained with can score better or worse), or, when even the reference's `k` does not fit,
+//! the largest that fits alone: below the reference's `k` a smaller `k` routes every token to a
+//! subset of a larger one's experts, further from what the model was trained with, so scoring
+//! it would cost a whole-model pass for a rule not better in expectation (on SmolLM2's
+//! 512-part split, ~200 passes). The reference's `k` is, per layer, the top-k rule of least
+//! measured error (the model's own, at error 0), the least over layers.
 //! [`score`] runs each through the whole model on calibration tokens. [`select`] keeps the
 //! policy with the least next-token negative log-likelihood (the quality a user sees) among
 //! those whose activated fraction, measured on the same tokens, stays within the target (a
 //! top-p rule's cost is predicted on the reference model's inputs and can be higher once other
-//! layers change); the KL from the reference routing is reported beside it. Because the uniform rules are among the
-//! proposals, the selected policy is at least as good as the largest uniform top-k and every
-//! top-p threshold within the budget on the calibration tokens. Cost: one forward pass of the reference model and one per
+//! layers change); the KL from the reference routing is reported beside it. Because the
+//! uniform rules are among the proposals, the selected policy is at least as good on the
+//! calibration tokens as every offered uniform rule. Cost: one forward pass of the reference
+//! model and one per
 //! distinct proposal over the selection tokens.
 
 use burn::tensor::activation::log_softmax;
@@ -26,7 +31,7 @@ use crate::calib::windows;
 use crate::error::{Result, RouterError};
 use crate::params::ActiveParams;
 use crate::policy::{RoutingPolicy, Rule, Selected};
-use crate::search::{Candidates, choose_each};
+use crate::search::{Candidates, LayerCandidates, choose_each};
 
 /// How far over its target a proposal may measure on the selection tokens and still count as
 /// within it (relative): the prediction and the measurement read different tokens (all the
@@ -82,18 +87,40 @@ pub fn proposals(candidates: &Candidates, target: f64, resolution: usize) -> Res
         let fits = policy.chosen.as_ref()?.predicted_fraction <= target + 1e-9;
         fits.then_some((rule, policy))
     });
-    // Of the uniform top-k rules only the largest k: its cost is exact, and a smaller k routes
-    // every token to a subset of its experts.
     let (top_k, top_p): (Vec<_>, Vec<_>) =
         fitting.partition(|(rule, _)| matches!(rule, Rule::TopK { .. }));
-    let largest = top_k.into_iter().max_by_key(|(rule, _)| match rule {
+    let k_of = |rule: &Rule| match rule {
         Rule::TopK { k } => *k,
         Rule::TopP { .. } => 0,
-    });
-    for (rule, policy) in largest.into_iter().chain(top_p) {
+    };
+    let largest = top_k.iter().map(|(rule, _)| k_of(rule)).max().unwrap_or(0);
+    let from = reference_k(candidates).min(largest);
+    let top_k = top_k.into_iter().filter(|(rule, _)| k_of(rule) >= from);
+    for (rule, policy) in top_k.chain(top_p) {
         add(format!("uniform {rule}"), policy);
     }
     Ok(out)
+}
+
+/// The reference routing's `k` as the candidates show it: in each layer the top-k rule of least
+/// measured error (the model's own top-k has error 0), the least over layers (0 without top-k
+/// candidates).
+fn reference_k(candidates: &Candidates) -> usize {
+    let least_error_k = |l: &LayerCandidates| {
+        let top_k = l.candidates.iter().filter_map(|c| match c.rule {
+            Rule::TopK { k } => Some((k, c.error)),
+            Rule::TopP { .. } => None,
+        });
+        top_k
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or(0, |(k, _)| k)
+    };
+    candidates
+        .layers
+        .iter()
+        .map(least_error_k)
+        .min()
+        .unwrap_or(0)
 }
 
 /// Scores `policies` on `model` over `tokens` (windows of `seq_len`): each policy's mean

@@ -265,12 +265,12 @@ fn top_k_grids_keep_the_own_k_both_ends_and_the_limit() {
 fn layers_with_more_experts_than_rules_measure_a_grid_of_k() {
     let device = device(14);
     let ids = tokens(48);
-    for (renormalize, own) in [(true, None), (false, Some(0.6))] {
-        let mut model = mixtral_of(8, 1, renormalize, &device);
+    for (renormalize, own) in [(true, None), (false, Some(0.99))] {
+        let mut model = mixtral_of(16, 1, renormalize, &device);
         let FfnSlot::Moe(m) = &mut model.layers[0].ffn else {
             panic!("mixtral layers are MoE")
         };
-        // Top-5 (the grid is then 1, 4, 5, 8; around 2 it would be 1, 2, 8), or top-p.
+        // Top-5 (the grid is then 1, 4, 5, 16; around k it is 1, k − 1, k, 16), or top-p.
         m.router.selection = match own {
             None => Selection::TopK { k: 5, renormalize },
             Some(p) => Selection::TopP {
@@ -280,12 +280,12 @@ fn layers_with_more_experts_than_rules_measure_a_grid_of_k() {
             },
         };
         let config = |max| SearchConfig {
-            top_p: vec![0.6, 0.9],
+            top_p: vec![0.6, 0.9, 0.99],
             seq_len: 16,
             max_top_k_rules: max,
         };
         let grid = measure(&model, &ids, &config(4), &mut |_, _| {}).unwrap();
-        let every = measure(&model, &ids, &config(8), &mut |_, _| {}).unwrap();
+        let every = measure(&model, &ids, &config(16), &mut |_, _| {}).unwrap();
         let ks = |c: &Candidates| -> Vec<usize> {
             c.layers[0]
                 .candidates
@@ -296,15 +296,18 @@ fn layers_with_more_experts_than_rules_measure_a_grid_of_k() {
                 })
                 .collect()
         };
-        assert_eq!(ks(&every), (1..=8).collect::<Vec<_>>());
+        assert_eq!(ks(&every), (1..=16).collect::<Vec<_>>());
         // The own k: 5, or the top-p rule's mean experts per token, rounded.
         let own_k = own.map_or(5, |p| {
             let rule = Rule::TopP { p, max_k: None };
             let c = every.layers[0].candidates.iter().find(|c| c.rule == rule);
             c.unwrap().experts_per_token.round() as usize
         });
-        assert_eq!(ks(&grid), top_k_grid(8, own_k, 4));
-        assert!(ks(&grid).contains(&own_k.clamp(1, 8)));
+        assert_eq!(ks(&grid), top_k_grid(16, own_k, 4));
+        assert!(ks(&grid).contains(&own_k.clamp(1, 16)));
+        // The own k decides the grid (another k would give another).
+        assert!(own_k >= 4, "own k {own_k}");
+        assert_ne!(ks(&grid), top_k_grid(16, 1, 4));
         // The same rules measure the same, and against whole-model runs.
         for c in &grid.layers[0].candidates {
             let same = every.layers[0]
@@ -648,7 +651,7 @@ fn policy_files_round_trip_and_bad_files_are_errors() {
 }
 
 #[test]
-fn proposals_hold_the_largest_uniform_top_k_and_every_top_p_that_fit() {
+fn proposals_hold_top_k_from_the_own_k_up_and_every_top_p_that_fit() {
     let device = device(15);
     let model = mixtral(2, true, &device);
     let c = measure(
@@ -662,24 +665,33 @@ fn proposals_hold_the_largest_uniform_top_k_and_every_top_p_that_fit() {
         &mut |_, _| {},
     )
     .unwrap();
-    let wide = c
-        .active(&c.picks_of(Rule::TopK { k: 3 }).unwrap())
-        .fraction();
+    // Whether a proposal routes every layer by top-k.
+    let offers = |offered: &[Proposal], k: usize| {
+        let uniform = |p: &Proposal| p.policy.layers.iter().all(|l| l.rule == Rule::TopK { k });
+        offered.iter().any(uniform)
+    };
+    let fraction = |k: usize| c.active(&c.picks_of(Rule::TopK { k }).unwrap()).fraction();
+    // The model's own k is 2: top-k from 2 up to the largest that fits, never top-1 ...
+    for (budget, want) in [(3, vec![2, 3]), (4, vec![2, 3, 4])] {
+        let offered = proposals(&c, fraction(budget), 1024).unwrap();
+        for k in 1..=E {
+            assert_eq!(
+                offers(&offered, k),
+                want.contains(&k),
+                "top-{k} at top-{budget}'s cost"
+            );
+        }
+    }
+    // ... unless the own k does not fit: then the largest that does.
+    let between = (fraction(1) + fraction(2)) / 2.0;
+    let offered = proposals(&c, between, 1024).unwrap();
+    assert!(offers(&offered, 1) && !offers(&offered, 2));
+    let wide = fraction(3);
     let names = |offered: &[Proposal]| -> Vec<String> {
         let uniform = offered.iter().filter(|p| p.name.starts_with("uniform"));
         uniform.map(|p| p.name.clone()).collect()
     };
     let wide_names = names(&proposals(&c, wide, 1024).unwrap());
-    assert!(
-        wide_names.contains(&"uniform top-3".to_string()),
-        "{wide_names:?}"
-    );
-    for k in [1, 2, 4] {
-        assert!(
-            !wide_names.contains(&format!("uniform top-{k}")),
-            "{wide_names:?}"
-        );
-    }
     // Every top-p threshold is offered exactly when it fits.
     let mut fitting = 0;
     for cand in &c.layers[0].candidates {

@@ -155,8 +155,8 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
 
     // What the candidates depend on: the weights (not files written beside them, nor the path
     // as typed), the calibration files, the tokens read and the measurement's settings. The
-    // top-k limit only when it thins some layer's rules (files measured before it existed, on
-    // every k, stay reusable).
+    // top-k limit only when it thins some layer's rules (so files measured before it existed
+    // stay reusable on models whose layers it does not thin).
     let mut settings = format!(
         "tokens={} seq-len={} top-p={:?}",
         ids.len(),
