@@ -62,6 +62,14 @@ impl Default for SearchConfig {
     }
 }
 
+impl SearchConfig {
+    /// Whether a layer of `num_experts` routed experts tries fewer top-k rules than it has
+    /// experts ([`top_k_grid`]'s values instead of every `k = 1..E`).
+    pub fn thins(&self, num_experts: usize) -> bool {
+        num_experts > self.max_top_k_rules
+    }
+}
+
 /// The least [`SearchConfig::max_top_k_rules`]: two values near the model's own `k` and both
 /// ends of `1..=E`.
 pub const MIN_TOP_K_RULES: usize = 4;
@@ -278,7 +286,7 @@ fn relative_error(layer: usize, got: Tensor<3>, want: &Tensor<3>) -> Result<f64>
 /// experts per token.
 fn candidate_rules(moe: &MoeLayer, x: &Tensor<3>, config: &SearchConfig) -> Result<Vec<Rule>> {
     let e = moe.router.num_experts();
-    let ks = if e <= config.max_top_k_rules {
+    let ks = if !config.thins(e) {
         (1..=e).collect()
     } else {
         let own = match moe.router.selection {

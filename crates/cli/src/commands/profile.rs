@@ -157,17 +157,18 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
     // as typed), the calibration files, the tokens read and the measurement's settings. The
     // top-k limit only when it thins some layer's rules (so files measured before it existed
     // stay reusable on models whose layers it does not thin).
+    let config = SearchConfig {
+        top_p: args.top_p.clone(),
+        seq_len: args.seq_len,
+        max_top_k_rules: args.top_k_rules,
+    };
     let mut settings = format!(
         "tokens={} seq-len={} top-p={:?}",
         ids.len(),
         args.seq_len,
         args.top_p
     );
-    if active
-        .layers
-        .iter()
-        .any(|l| l.num_experts > args.top_k_rules)
-    {
+    if active.layers.iter().any(|l| config.thins(l.num_experts)) {
         settings += &format!(" top-k-rules={}", args.top_k_rules);
     }
     let canonical: Vec<PathBuf> = files
@@ -199,11 +200,6 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
             c
         }
         None => {
-            let config = SearchConfig {
-                top_p: args.top_p.clone(),
-                seq_len: args.seq_len,
-                max_top_k_rules: args.top_k_rules,
-            };
             let bar = progress::bar("measure", "layers");
             let c = measure(&model, &ids, &config, &mut progress::update(&bar))?;
             bar.finish_and_clear();

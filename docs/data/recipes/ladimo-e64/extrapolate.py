@@ -9,7 +9,10 @@
    floor, the power law has one.
 3. For each: the KL it predicts at step 1,100 (where the second stage measured), and the step
    at which it reaches the KL the target needs (with its time at the median measured seconds
-   per step), or that it never does. Run from anywhere: python3 extrapolate.py
+   per step), or that it never does.
+4. The same two fits to the within-budget long run (budget/distill-long-train.jsonl: top-25,
+   constant learning rate after the first 700 steps), its steps counted in all (700 + its own).
+Run from anywhere: python3 extrapolate.py
 """
 import json
 import math
@@ -65,39 +68,45 @@ for name, kl, p in pairs:
 kl_needed = (TARGET - c) / d
 print(f"ln(ppl/dense) = {c:.4f} + {d:.4f} * KL; the target (ln 1.1 = {TARGET:.4f}) needs KL <= {kl_needed:.4f}")
 
-train = lines(e64 / "distill-train.jsonl")
-evals = [(r["report"]["step"], r["report"]["kl"]) for r in train if r["event"] == "eval" and r["report"]["step"] >= 160]
-seconds = statistics.median(r["report"]["seconds"] for r in train if r["event"] == "step")
-measured = s64b["after"]["kl"]
-print(f"64 parts, first stage, held-out KL at steps {evals[0][0]}-{evals[-1][0]}; "
-      f"the second stage measured {measured:.4f} at step 1,100 (at half the learning rate)")
+
+def extrapolate(log, first, offset, at):
+    """Fits held-out KL against steps in all (OFFSET + the log's own, from FIRST on) and reports
+    where each fit reaches the target's KL; AT is a step in all to print its prediction at."""
+    train = lines(log)
+    evals = [(offset + r["report"]["step"], r["report"]["kl"]) for r in train
+             if r["event"] == "eval" and r["report"]["step"] >= first]
+    seconds = statistics.median(r["report"]["seconds"] for r in train if r["event"] == "step")
+
+    def sse(predict):
+        return sum((predict(t) - kl) ** 2 for t, kl in evals)
+
+    def report(name, predict, floor):
+        line = f"{name}: SSE {sse(predict):.2e}, predicts {predict(at):.4f} at step {at:,}; "
+        if floor >= kl_needed:
+            print(line + f"never reaches {kl_needed:.4f} (floor {floor:.4f}, ln(ppl/dense) "
+                  f"{c + d * floor:.4f}, perplexity {DENSE * math.exp(c + d * floor):.2f})")
+            return
+        lo, hi = 1.0, 1e12
+        while hi / lo > 1.001:  # predict decreases in the step
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if predict(mid) > kl_needed else (lo, mid)
+        print(line + f"reaches {kl_needed:.4f} at step ~{hi:,.0f}: "
+              f"{hi * seconds / 3600:,.0f} h at {seconds:.1f} s a step on these 2 cores")
+
+    a, slope = fit_line([math.log(t) for t, _ in evals], [kl for _, kl in evals])
+    report(f"KL = {a:.4f} - {-slope:.4f} * ln(step) ({-slope * math.log(2):.4f} per doubling)",
+           lambda t: a + slope * math.log(t), -math.inf)
+    fits = []
+    for c100 in range(1, 301):
+        power = c100 / 100
+        floor, b = fit_line([t ** -power for t, _ in evals], [kl for _, kl in evals])
+        fits.append((sse(lambda t: floor + b * t ** -power), floor, b, power))
+    _, floor, b, power = min(fits)
+    report(f"KL = {floor:.4f} + {b:.4f} * step^-{power:.2f}", lambda t: floor + b * t ** -power, floor)
 
 
-def sse(predict):
-    return sum((predict(t) - kl) ** 2 for t, kl in evals)
-
-
-def report(name, predict, floor):
-    line = f"{name}: SSE {sse(predict):.2e}, predicts {predict(1100):.4f} at step 1,100; "
-    if floor >= kl_needed:
-        print(line + f"never reaches {kl_needed:.4f} (floor {floor:.4f}, ln(ppl/dense) "
-              f"{c + d * floor:.4f}, perplexity {DENSE * math.exp(c + d * floor):.2f})")
-        return
-    lo, hi = 1.0, 1e12
-    while hi / lo > 1.001:  # predict decreases in the step
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if predict(mid) > kl_needed else (lo, mid)
-    print(line + f"reaches {kl_needed:.4f} at step ~{hi:,.0f}: "
-          f"{hi * seconds / 3600:,.0f} h at {seconds:.1f} s a step on these 2 cores")
-
-
-a, slope = fit_line([math.log(t) for t, _ in evals], [kl for _, kl in evals])
-report(f"KL = {a:.4f} - {-slope:.4f} * ln(step) ({-slope * math.log(2):.4f} per doubling)",
-       lambda t: a + slope * math.log(t), -math.inf)
-fits = []
-for c100 in range(1, 301):
-    power = c100 / 100
-    floor, b = fit_line([t ** -power for t, _ in evals], [kl for _, kl in evals])
-    fits.append((sse(lambda t: floor + b * t ** -power), floor, b, power))
-_, floor, b, power = min(fits)
-report(f"KL = {floor:.4f} + {b:.4f} * step^-{power:.2f}", lambda t: floor + b * t ** -power, floor)
+print(f"64 parts, first stage, held-out KL from step 160; the second stage measured "
+      f"{s64b['after']['kl']:.4f} at step 1,100 (at half the learning rate)")
+extrapolate(e64 / "distill-train.jsonl", 160, 0, 1100)
+print("64 parts within the budget (top-25), the long constant-rate run, steps in all (700 + its own)")
+extrapolate(e64 / "budget" / "distill-long-train.jsonl", 0, 700, 2000)
