@@ -259,6 +259,20 @@ fn top_k_grids_keep_the_own_k_both_ends_and_the_limit() {
     let ks = top_k_grid(384, 199, 64);
     let widest = ks.windows(2).map(|w| w[1] - w[0]).max().unwrap();
     assert!(widest <= 383usize.div_ceil(31), "{widest}: {ks:?}");
+    // `SearchConfig::thins` says which layers get fewer rules than experts.
+    for max in [4, 9, 64] {
+        let config = SearchConfig {
+            max_top_k_rules: max,
+            ..SearchConfig::default()
+        };
+        for e in 1..=2 * max {
+            assert_eq!(
+                config.thins(e),
+                top_k_grid(e, 1, max).len() < e,
+                "{e} {max}"
+            );
+        }
+    }
 }
 
 #[test]
