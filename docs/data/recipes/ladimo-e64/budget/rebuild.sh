@@ -7,7 +7,8 @@
 # steps, lr 3e-4 cosine), then the long constant-rate run (./distill-long.sh, resumed from its
 # newest checkpoint). The policy is the committed policy.json (uniform top-25, which
 # `./run.sh STAGE=profile` chose) instead of profiling again. NICE (default 10) lowers the
-# chain's priority so that builds and tests sharing the cores go first.
+# chain's priority so that builds and tests sharing the cores go first. A model folder counts
+# as done when its config.json exists: `save_pretrained` writes it last, after the weights.
 set -euo pipefail
 here=$(dirname "$0")
 . "$here/../env.sh"
