@@ -1,10 +1,11 @@
-//! Can a router pick a fine split's parts? Two probes on one layer of a `moekit convert`
-//! recording (`WORK/layerNNN.x.f32`, the FFN's inputs), used in docs/results.md ("Can a small
-//! router learn the choice?"). The recording is on disk only when it streams there and is
-//! kept: `moekit convert DENSE ... --memory-budget-mb 0 --work-dir WORK --keep-work`
-//! (`docs/data/recipes/ladimo-e512/run.sh` makes the one the results used).
+//! Can a router pick a fine split's parts? Two probes on one layer of a recording of the dense
+//! model's FFN inputs (`WORK/layerNNN.x.f32`), used in docs/results.md ("Can a small router
+//! learn the choice?"). `record` writes one with [`ActivationStore::record`] (the dense model
+//! over TOKENS tokens of the calibration files, in windows of 512); the results used 100,000
+//! tokens of python3.11-doc's `library/`.
 //!
 //! ```text
+//! cargo run --release --example probe_routing -- record DENSE WORK TOKENS CALIB...
 //! cargo run --release --example probe_routing -- recall MODEL WORK LAYER K VARIANT[,VARIANT...] [STEPS]
 //! cargo run --release --example probe_routing -- selection DENSE WORK LAYER BUDGET RANK[,RANK...] [MOE]
 //! ```
@@ -37,7 +38,7 @@ use burn::tensor::activation::{log_sigmoid, log_softmax, relu, silu};
 use burn::tensor::{Device, Tensor, TensorData};
 use moekit::llama::{Checkpoint, FfnSlot, Llama};
 use moekit::moe::MoeLayer;
-use moekit::upcycle::WarmupCosine;
+use moekit::upcycle::{ActivationStore, RecordConfig, WarmupCosine, calibration};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -52,14 +53,31 @@ const BATCH: usize = 2048;
 fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some("record") if args.len() >= 5 => record(&args[1..]),
         Some("recall") if args.len() >= 6 => recall(&args[1..]),
         Some("selection") if args.len() >= 6 => selection(&args[1..]),
-        _ => Err(
-            "usage: probe_routing recall MODEL WORK LAYER K VARIANTS [STEPS] | \
+        _ => Err("usage: probe_routing record DENSE WORK TOKENS CALIB... | \
+                  recall MODEL WORK LAYER K VARIANTS [STEPS] | \
                   selection DENSE WORK LAYER BUDGET RANKS [MOE]"
-                .into(),
-        ),
+            .into()),
     }
+}
+
+/// `record DENSE WORK TOKENS CALIB...`: every layer's FFN inputs and outputs on disk in WORK.
+fn record(args: &[String]) -> Res<()> {
+    let (dense, work, tokens) = (&args[0], Path::new(&args[1]), args[2].parse()?);
+    let files: Vec<std::path::PathBuf> = args[3..].iter().map(Into::into).collect();
+    let device = moekit::default_device();
+    let ckpt = Checkpoint::open(Path::new(dense))?;
+    let ids = calibration::tokens(&ckpt.tokenizer()?, &calibration::files(&files)?, tokens)?;
+    let model = ckpt.load(&device, &mut |_, _| {})?;
+    let config = RecordConfig {
+        memory_budget: 0,
+        ..RecordConfig::default()
+    };
+    let store = ActivationStore::record(&model, &ids, &config, Some(work), &mut |_, _| {})?;
+    println!("recorded {} tokens in {}", store.tokens(), work.display());
+    Ok(())
 }
 
 /// The recorded FFN inputs of `layer`, `[N·H]`.

@@ -1,12 +1,13 @@
 """Reference figures from Hugging Face transformers, to compare with `moekit eval` / `moekit generate`.
 
     python scripts/hf_reference.py MODEL --text FILE [--max-tokens 512] [--prompt TEXT --chat]
-                                   [--adapter DIR]
+                                   [--adapter DIR] [--dtype bfloat16]
 
 MODEL is a directory with config.json (safetensors) or a .gguf file (de-quantised by
 transformers). Prints JSON: perplexity over the first N tokens of FILE (no special tokens) and,
 with --prompt, the greedy continuation. --adapter applies a PEFT LoRA directory (PeftModel, not
-merged). Needs `torch transformers gguf` (and `peft` for --adapter; see ../shared/anchors).
+merged). --dtype bfloat16 loads and runs the model in bf16 (for models whose f32 weights do
+not fit in memory). Needs `torch transformers gguf` (and `peft` for --adapter; see ../shared/anchors).
 """
 import argparse, json, math, os, torch
 from hf_load import load
@@ -19,9 +20,10 @@ ap.add_argument("--prompt")
 ap.add_argument("--chat", action="store_true")
 ap.add_argument("--max-new-tokens", type=int, default=32)
 ap.add_argument("--adapter")
+ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 a = ap.parse_args()
 
-tok, model = load(a.model)
+tok, model = load(a.model, getattr(torch, a.dtype))
 model = model.eval()
 if a.adapter:
     from peft import PeftModel

@@ -37,7 +37,23 @@ pub enum CliError {
     /// Bad arguments.
     #[error("{0}")]
     Usage(String),
+    /// The work needs more memory than the machine has available.
+    #[error(
+        "{what} needs about {:.1} GiB of memory, but {:.1} GiB are available",
+        *need as f64 / GIB,
+        *have as f64 / GIB
+    )]
+    Memory {
+        /// What was to be done.
+        what: String,
+        /// Bytes it needs (the weights and what training keeps per weight).
+        need: u64,
+        /// Bytes available.
+        have: u64,
+    },
 }
+
+const GIB: f64 = (1u64 << 30) as f64;
 
 impl CliError {
     /// What the user can do about it.
@@ -79,6 +95,9 @@ impl CliError {
             Self::Train(TrainError::Checkpoint { .. }) => {
                 Some("use another --out, or delete OUT/checkpoints to start over")
             }
+            Self::Memory { .. } => Some(
+                "eval, convert and profile read one layer at a time; this command holds the whole model: use a machine with more memory or a smaller model",
+            ),
             Self::Train(TrainError::Data(_)) => {
                 Some("give more text with --data, or lower --seq-len / --batch-size")
             }

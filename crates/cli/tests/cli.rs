@@ -360,7 +360,7 @@ fn work_directories_follow_their_model_and_keep_other_files() {
     let work = root.path().join("work");
     let work_arg = work.display().to_string();
     let resumed = |keep: bool| -> Vec<bool> {
-        let mut extra = vec!["--layerwise-steps", "2", "--memory-budget-mb", "0"];
+        let mut extra = vec!["--layerwise-steps", "2"];
         extra.extend(["--work-dir", &work_arg]);
         if keep {
             extra.push("--keep-work");
@@ -403,14 +403,7 @@ fn work_directories_follow_their_model_and_keep_other_files() {
         &dense,
         &text,
         &both,
-        &[
-            "--layerwise-steps",
-            "1",
-            "--memory-budget-mb",
-            "0",
-            "--work-dir",
-            &both,
-        ],
+        &["--layerwise-steps", "1", "--work-dir", &both],
     );
     assert!(Path::new(&both).join("config.json").exists());
     assert!(!Path::new(&both).join("activations.json").exists());

@@ -44,6 +44,20 @@ impl UsageCounter {
         }
     }
 
+    /// Adds one MoE layer's output of one forward pass (layer-at-a-time passes count layer by
+    /// layer; layers are kept in the order first seen).
+    pub fn add_layer(&mut self, layer: usize, out: &MoeOutput) {
+        let at = match self.layers.iter().position(|(l, _, _)| *l == layer) {
+            Some(at) => at,
+            None => {
+                self.layers.push((layer, 0, 0));
+                self.layers.len() - 1
+            }
+        };
+        self.layers[at].1 += out.stats.tokens_per_expert.iter().sum::<usize>();
+        self.layers[at].2 += out.stats.tokens;
+    }
+
     /// Mean experts per token of every MoE layer counted, in layer order.
     pub fn usage(&self) -> Vec<ExpertUsage> {
         self.layers
@@ -84,17 +98,7 @@ pub fn perplexity(
     window: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Perplexity> {
-    if ids.len() < 2 {
-        return Err(LlamaError::Input(format!(
-            "perplexity needs at least 2 tokens, got {}",
-            ids.len()
-        )));
-    }
-    if window < 2 {
-        return Err(LlamaError::Input(format!(
-            "window {window} must be at least 2"
-        )));
-    }
+    check_input(ids, window)?;
     let device = model.device();
     let (mut nll, mut predictions) = (0.0f64, 0usize);
     let start = Instant::now();
@@ -123,20 +127,50 @@ pub fn perplexity(
         done += chunk.len();
         progress(done, ids.len());
     }
-    let seconds = start.elapsed().as_secs_f64();
-    let mean = nll / predictions as f64;
-    if !mean.is_finite() {
+    Perplexity::new(ids.len(), predictions, nll, start, &usage)
+}
+
+/// Refuses fewer than 2 tokens or a window below 2.
+pub(crate) fn check_input(ids: &[u32], window: usize) -> Result<()> {
+    if ids.len() < 2 {
         return Err(LlamaError::Input(format!(
-            "the negative log-likelihood is {mean}: the model produced non-finite logits"
+            "perplexity needs at least 2 tokens, got {}",
+            ids.len()
         )));
     }
-    Ok(Perplexity {
-        tokens: ids.len(),
-        predictions,
-        nll: mean,
-        perplexity: mean.exp(),
-        seconds,
-        tokens_per_second: ids.len() as f64 / seconds,
-        experts_per_token: usage.usage(),
-    })
+    if window < 2 {
+        return Err(LlamaError::Input(format!(
+            "window {window} must be at least 2"
+        )));
+    }
+    Ok(())
+}
+
+impl Perplexity {
+    /// The result of `predictions` predictions of total negative log-likelihood `nll` over
+    /// `tokens` tokens, timed from `start`; a non-finite mean is an error.
+    pub(crate) fn new(
+        tokens: usize,
+        predictions: usize,
+        nll: f64,
+        start: Instant,
+        usage: &UsageCounter,
+    ) -> Result<Self> {
+        let seconds = start.elapsed().as_secs_f64();
+        let mean = nll / predictions as f64;
+        if !mean.is_finite() {
+            return Err(LlamaError::Input(format!(
+                "the negative log-likelihood is {mean}: the model produced non-finite logits"
+            )));
+        }
+        Ok(Perplexity {
+            tokens,
+            predictions,
+            nll: mean,
+            perplexity: mean.exp(),
+            seconds,
+            tokens_per_second: tokens as f64 / seconds,
+            experts_per_token: usage.usage(),
+        })
+    }
 }

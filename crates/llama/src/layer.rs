@@ -62,16 +62,34 @@ impl DecoderLayer {
         cache: Option<(&mut KvCache, usize)>,
         observe: Option<&mut FfnObserver>,
     ) -> Result<(Tensor<3>, Option<MoeOutput>)> {
-        let h = h.clone()
-            + self
-                .attention
-                .forward(self.input_norm.forward(h), rope, cache);
-        let x = self.post_attention_norm.forward(h.clone());
+        let (h, x) = self.attention_block(h, rope, cache);
         let (y, moe) = self.ffn.forward(x.clone())?;
         if let Some(observe) = observe {
             observe(&x, &y)?;
         }
         Ok((h + y, moe))
+    }
+
+    /// The attention half of the layer: the residual stream after attention,
+    /// `r = h + attn(norm(h))`, and the FFN's input `norm(r)`. The layer's output is
+    /// `r + ffn(norm(r))`; layer-at-a-time conversion calls the halves apart, to build the FFN
+    /// that the second half runs from the inputs the first half gives.
+    ///
+    /// # Shapes
+    /// - h: `[B, T, H]`
+    /// - output: residual `[B, T, H]` and FFN input `[B, T, H]`
+    pub fn attention_block(
+        &self,
+        h: Tensor<3>,
+        rope: &RopeTables,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> (Tensor<3>, Tensor<3>) {
+        let h = h.clone()
+            + self
+                .attention
+                .forward(self.input_norm.forward(h), rope, cache);
+        let x = self.post_attention_norm.forward(h.clone());
+        (h, x)
     }
 }
 

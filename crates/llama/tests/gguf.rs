@@ -58,6 +58,34 @@ fn every_type_dequantises_like_gguf_py() {
 }
 
 #[test]
+fn rows_read_in_place_equal_the_rows_of_the_whole_tensor() {
+    let (_dir, path) = quants_file();
+    let file = GgufFile::open(&path).unwrap();
+    for name in file.names() {
+        let whole = file.read(&name).unwrap().unwrap();
+        let n = whole.shape[0];
+        let width = whole.data.len() / n;
+        // Out of order, repeated, and every row.
+        let rows: Vec<usize> = (0..n).rev().chain([0, n / 2, 0]).collect();
+        let got = file.read_rows(&name, &rows).unwrap().unwrap();
+        assert_eq!(got.shape[0], rows.len(), "{name}");
+        assert_eq!(&got.shape[1..], &whole.shape[1..], "{name}");
+        for (i, &r) in rows.iter().enumerate() {
+            assert_eq!(
+                &got.data[i * width..(i + 1) * width],
+                &whole.data[r * width..(r + 1) * width],
+                "{name} row {r}"
+            );
+        }
+        assert!(matches!(
+            file.read_rows(&name, &[n]),
+            Err(LlamaError::Input(_))
+        ));
+    }
+    assert!(file.read_rows("absent", &[0]).unwrap().is_none());
+}
+
+#[test]
 fn unpermute_inverts_the_llama_cpp_permutation() {
     // llama.cpp: w.reshape(heads, 2, D/2, in).swapaxes(1, 2).reshape(w.shape)
     let (heads, d, cols) = (3, 8, 5);

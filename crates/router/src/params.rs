@@ -8,7 +8,7 @@
 //! parameters of one expert (`3·H·I` for a SwiGLU, or its low-rank factors).
 
 use burn::module::Module;
-use moekit_llama::Llama;
+use moekit_llama::{Checkpoint, FfnSpec, Llama};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, RouterError};
@@ -76,6 +76,56 @@ impl ActiveParams {
         Ok(Self {
             always: model.num_params() - routed - embedding,
             layers,
+        })
+    }
+
+    /// [`ActiveParams::of`] from a checkpoint's configuration and tensor headers, without
+    /// loading its weights (every routed expert of a checkpoint is a SwiGLU, `3·H·I`).
+    pub fn of_checkpoint(
+        checkpoint: &Checkpoint,
+        experts_per_token: Option<&[f64]>,
+    ) -> Result<Self> {
+        let c = checkpoint.config();
+        let h = c.hidden_size;
+        let specs: Vec<(usize, usize, usize, usize)> = (0..c.num_hidden_layers)
+            .filter_map(|l| match c.ffn_spec(l) {
+                FfnSpec::Moe {
+                    num_experts,
+                    top_k,
+                    intermediate_size,
+                    ..
+                } => Some((l, num_experts, top_k, 3 * h * intermediate_size)),
+                FfnSpec::Dense { .. } => None,
+            })
+            .collect();
+        if let Some(k) = experts_per_token
+            && k.len() != specs.len()
+        {
+            return Err(RouterError::Policy(format!(
+                "{} expert counts for {} MoE layers",
+                k.len(),
+                specs.len()
+            )));
+        }
+        let embedding = if c.tie_word_embeddings {
+            0
+        } else {
+            c.vocab_size * h
+        };
+        let routed: usize = specs.iter().map(|&(_, e, _, p)| e * p).sum();
+        let total = checkpoint.param_counts()?.total;
+        Ok(Self {
+            always: total - routed - embedding,
+            layers: specs
+                .iter()
+                .enumerate()
+                .map(|(i, &(layer, e, k, p))| LayerExperts {
+                    layer,
+                    num_experts: e,
+                    params_per_expert: p,
+                    experts_per_token: experts_per_token.map_or(k as f64, |x| x[i]),
+                })
+                .collect(),
         })
     }
 

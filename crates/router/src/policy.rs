@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::path::Path;
 
-use moekit_llama::{FfnSlot, Llama};
+use moekit_llama::{FfnSlot, FfnSpec, Llama, LlamaConfig};
 use moekit_moe::{MoeLayer, Selection};
 use serde::{Deserialize, Serialize};
 
@@ -130,7 +130,90 @@ pub(crate) fn moe_layers(model: &Llama) -> Vec<(usize, &MoeLayer)> {
         .collect()
 }
 
+/// The MoE layers a configuration describes: `(layer, experts, current selection)`.
+pub(crate) fn moe_specs(config: &LlamaConfig) -> Vec<(usize, usize, Selection)> {
+    (0..config.num_hidden_layers)
+        .filter_map(|l| match config.ffn_spec(l) {
+            FfnSpec::Moe {
+                num_experts,
+                top_k,
+                renormalize,
+                ..
+            } => Some((
+                l,
+                num_experts,
+                Selection::TopK {
+                    k: top_k,
+                    renormalize,
+                },
+            )),
+            FfnSpec::Dense { .. } => None,
+        })
+        .collect()
+}
+
 impl RoutingPolicy {
+    /// The same rule in every MoE layer a configuration describes (for layer-at-a-time work,
+    /// where no whole model is loaded).
+    pub fn uniform_for(config: &LlamaConfig, rule: Rule) -> Result<Self> {
+        let layers: Vec<_> = moe_specs(config)
+            .into_iter()
+            .map(|(layer, _, _)| LayerPolicy { layer, rule })
+            .collect();
+        if layers.is_empty() {
+            return Err(RouterError::NoMoeLayers);
+        }
+        Ok(Self {
+            layers,
+            chosen: None,
+        })
+    }
+
+    /// Checks the policy against a configuration as [`RoutingPolicy::apply`] checks it against
+    /// a model (every named layer once, a MoE layer, its rule fits its experts), before any
+    /// layer is read; [`RoutingPolicy::apply_layer`] then sets each layer as it is read.
+    pub fn check_config(&self, config: &LlamaConfig) -> Result<()> {
+        let specs = moe_specs(config);
+        let mut seen = BTreeSet::new();
+        for p in &self.layers {
+            let bad = |why: String| RouterError::Policy(format!("layer {}: {why}", p.layer));
+            if !seen.insert(p.layer) {
+                return Err(bad("named twice".into()));
+            }
+            if p.layer >= config.num_hidden_layers {
+                return Err(bad(format!(
+                    "the model has {} layers (a policy for another model?)",
+                    config.num_hidden_layers
+                )));
+            }
+            let Some((_, e, current)) = specs.iter().find(|(l, _, _)| *l == p.layer) else {
+                return Err(bad("not a MoE layer (a policy for another model?)".into()));
+            };
+            p.rule
+                .selection(current)
+                .validate(*e)
+                .map_err(|e| bad(format!("{} does not fit: {e}", p.rule)))?;
+        }
+        Ok(())
+    }
+
+    /// Sets the routing of layer `l` (its FFN `ffn`) if the policy names it.
+    pub fn apply_layer(&self, l: usize, ffn: &mut FfnSlot) -> Result<()> {
+        let Some(p) = self.layers.iter().find(|p| p.layer == l) else {
+            return Ok(());
+        };
+        let bad = |why: String| RouterError::Policy(format!("layer {l}: {why}"));
+        let FfnSlot::Moe(moe) = ffn else {
+            return Err(bad("not a MoE layer (a policy for another model?)".into()));
+        };
+        let selection = p.rule.selection(&moe.router.selection);
+        selection
+            .validate(moe.router.num_experts())
+            .map_err(|e| bad(format!("{} does not fit: {e}", p.rule)))?;
+        moe.router.selection = selection;
+        Ok(())
+    }
+
     /// The same rule in every MoE layer of `model`.
     pub fn uniform(model: &Llama, rule: Rule) -> Result<Self> {
         let layers: Vec<_> = moe_layers(model)

@@ -23,7 +23,7 @@ pub const PROFILE_TOKENS: usize = 16_384;
 const KMEANS_ITERS: usize = 25;
 
 /// The seed of layer `layer`'s random choices.
-fn layer_seed(seed: u64, layer: usize) -> u64 {
+pub(crate) fn layer_seed(seed: u64, layer: usize) -> u64 {
     seed ^ (layer as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 

@@ -109,7 +109,7 @@ impl LayerwiseConfig {
 }
 
 /// What happened to one layer.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LayerReport {
     /// Layer index.
     pub layer: usize,
@@ -571,98 +571,132 @@ pub fn construct(
         let FfnSlot::Moe(moe) = &layer.ffn else {
             continue;
         };
-        let start = Instant::now();
         let (x, y) = store.layer_host(l)?;
-        let h = store.hidden();
-        let n = x.len() / h;
-        let held = ((n as f64 * config.holdout) as usize).min(8192).min(n / 2);
-        let train_n = if held > 0 { n - held } else { n };
-        let holdout = if held > 0 {
-            Rows {
-                x: &x[train_n * h..],
-                y: &y[train_n * h..],
-                hidden: h,
-            }
-        } else {
-            Rows {
-                x: &x,
-                y: &y,
-                hidden: h,
-            }
-        };
-        let error_before = relative_error(moe, &holdout, &device)?;
-        let (tx, ty) = (&x[..train_n * h], &y[..train_n * h]);
-        let saved = work_dir.map(|d| checkpoint(d, l));
-        let untouched = error_before == 0.0;
-        let (trained, resumed) = match &saved {
-            // A block that already reproduces its FFN exactly (PESC and LoRA experts at
-            // initialisation contain the frozen FFN and add zero) has a zero gradient: there
-            // is nothing to train.
-            _ if untouched => {
-                tracing::info!(
-                    layer = l,
-                    "the block reproduces its FFN exactly; not trained"
-                );
-                (moe.clone(), false)
-            }
-            Some(path) if path.exists() => {
-                let loaded =
-                    moe.clone()
-                        .try_load_file(path)
-                        .map_err(|e| UpcycleError::WorkDir {
-                            path: path.clone(),
-                            reason: format!(
-                                "cannot load the saved layer ({e}); delete it to retrain"
-                            ),
-                        })?;
-                (loaded, true)
-            }
-            _ => {
-                let trained = train_block(moe.clone(), tx, ty, h, &device, config, l, observer)?;
-                if let Some(path) = &saved {
-                    let tmp = path.with_extension("bpk.tmp");
-                    trained
-                        .clone()
-                        .save_file(&tmp)
-                        .map_err(|e| UpcycleError::WorkDir {
-                            path: tmp.clone(),
-                            reason: format!("cannot save the layer: {e}"),
-                        })?;
-                    std::fs::rename(&tmp, path).map_err(|e| UpcycleError::io(path, e))?;
-                }
-                (trained, false)
-            }
-        };
-        // The saved layer holds the trained block; the router fit and the refinement run on
-        // it every time, so that one work directory serves several of their settings.
-        let trained = if config.router_steps > 0 && !untouched {
-            fit_router(trained, tx, h, &device, config, l, observer)?
-        } else {
-            trained
-        };
-        let trained = if config.refine_steps > 0 && !untouched {
-            refine_experts(trained, tx, ty, h, &device, config, l, observer)?
-        } else {
-            trained
-        };
-        let recall = (!untouched)
-            .then(|| oracle_recall(&trained, &holdout, &device))
-            .flatten();
-        let report = LayerReport {
-            layer: l,
-            error_before,
-            error_after: if untouched {
-                error_before
-            } else {
-                relative_error(&trained, &holdout, &device)?
-            },
-            seconds: start.elapsed().as_secs_f64(),
-            resumed,
-            oracle_recall: recall,
-        };
-        observer.finish(&report);
+        let (trained, report) = construct_layer(
+            l,
+            moe,
+            &x,
+            &y,
+            store.hidden(),
+            &device,
+            config,
+            work_dir,
+            observer,
+        )?;
         reports.push(report);
         layer.ffn = FfnSlot::Moe(trained);
     }
     Ok((model, reports))
+}
+
+/// Layer-wise construction of one block: `moe` (layer `l`) trained against the dense FFN's
+/// outputs `y` on its inputs `x` (host rows `[N·H]`, the last `config.holdout` of them held out
+/// to measure the error), then its router fitted and its experts refined as `config` says.
+/// With a `work_dir`, the trained block is saved there (before the router-only steps, so that
+/// it serves every router setting) and loaded instead of trained when it is there already.
+#[allow(clippy::too_many_arguments)]
+pub fn construct_layer(
+    l: usize,
+    moe: &MoeLayer,
+    x: &[f32],
+    y: &[f32],
+    h: usize,
+    device: &Device,
+    config: &LayerwiseConfig,
+    work_dir: Option<&Path>,
+    observer: &mut dyn LayerObserver,
+) -> Result<(MoeLayer, LayerReport)> {
+    config.validate()?;
+    Rows::checked(x, y, h, l)?;
+    if let Some(dir) = work_dir {
+        std::fs::create_dir_all(dir).map_err(|e| UpcycleError::io(dir, e))?;
+    }
+    let device = device.clone();
+    let start = Instant::now();
+    let n = x.len() / h;
+    let held = ((n as f64 * config.holdout) as usize).min(8192).min(n / 2);
+    let train_n = if held > 0 { n - held } else { n };
+    let holdout = if held > 0 {
+        Rows {
+            x: &x[train_n * h..],
+            y: &y[train_n * h..],
+            hidden: h,
+        }
+    } else {
+        Rows {
+            x: &x,
+            y: &y,
+            hidden: h,
+        }
+    };
+    let error_before = relative_error(moe, &holdout, &device)?;
+    let (tx, ty) = (&x[..train_n * h], &y[..train_n * h]);
+    let saved = work_dir.map(|d| checkpoint(d, l));
+    let untouched = error_before == 0.0;
+    let (trained, resumed) = match &saved {
+        // A block that already reproduces its FFN exactly (PESC and LoRA experts at
+        // initialisation contain the frozen FFN and add zero) has a zero gradient: there
+        // is nothing to train.
+        _ if untouched => {
+            tracing::info!(
+                layer = l,
+                "the block reproduces its FFN exactly; not trained"
+            );
+            (moe.clone(), false)
+        }
+        Some(path) if path.exists() => {
+            let loaded = moe
+                .clone()
+                .try_load_file(path)
+                .map_err(|e| UpcycleError::WorkDir {
+                    path: path.clone(),
+                    reason: format!("cannot load the saved layer ({e}); delete it to retrain"),
+                })?;
+            (loaded, true)
+        }
+        _ => {
+            let trained = train_block(moe.clone(), tx, ty, h, &device, config, l, observer)?;
+            if let Some(path) = &saved {
+                let tmp = path.with_extension("bpk.tmp");
+                trained
+                    .clone()
+                    .save_file(&tmp)
+                    .map_err(|e| UpcycleError::WorkDir {
+                        path: tmp.clone(),
+                        reason: format!("cannot save the layer: {e}"),
+                    })?;
+                std::fs::rename(&tmp, path).map_err(|e| UpcycleError::io(path, e))?;
+            }
+            (trained, false)
+        }
+    };
+    // The saved layer holds the trained block; the router fit and the refinement run on
+    // it every time, so that one work directory serves several of their settings.
+    let trained = if config.router_steps > 0 && !untouched {
+        fit_router(trained, tx, h, &device, config, l, observer)?
+    } else {
+        trained
+    };
+    let trained = if config.refine_steps > 0 && !untouched {
+        refine_experts(trained, tx, ty, h, &device, config, l, observer)?
+    } else {
+        trained
+    };
+    let recall = (!untouched)
+        .then(|| oracle_recall(&trained, &holdout, &device))
+        .flatten();
+    let report = LayerReport {
+        layer: l,
+        error_before,
+        error_after: if untouched {
+            error_before
+        } else {
+            relative_error(&trained, &holdout, &device)?
+        },
+        seconds: start.elapsed().as_secs_f64(),
+        resumed,
+        oracle_recall: recall,
+    };
+    observer.finish(&report);
+    Ok((trained, report))
 }

@@ -18,6 +18,7 @@ pub mod calibration;
 pub mod config;
 pub mod convert;
 pub mod error;
+pub mod layered;
 pub mod layerwise;
 pub mod partition;
 pub mod profile;
@@ -29,9 +30,10 @@ pub mod split;
 pub use config::{ConvertConfig, Method, RouterInit, SplitStrategy};
 pub use convert::{convert, convert_ffn};
 pub use error::{Result, UpcycleError};
+pub use layered::{HiddenPath, LayeredReport, LayeredSettings, convert_layered};
 pub use layerwise::{
-    LayerObserver, LayerReport, LayerwiseConfig, LogObserver, construct, fit_router,
-    oracle_experts, refine_experts, router_supervision,
+    LayerObserver, LayerReport, LayerwiseConfig, LogObserver, construct, construct_layer,
+    fit_router, oracle_experts, refine_experts, router_supervision,
 };
 pub use profile::{NeuronProfile, profile};
 pub use record::{ActivationStore, RecordConfig};

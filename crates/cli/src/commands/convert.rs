@@ -2,15 +2,14 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar};
-use moekit::llama::{ExportFormat, Llama, SaveDtype, check_export, save_pretrained};
+use moekit::llama::{Checkpoint, ExportFormat, SaveDtype};
 use moekit::moe::Activation;
 use moekit::upcycle::{
-    ActivationStore, ConvertConfig, LayerObserver, LayerReport, LayerwiseConfig, Method,
-    RecordConfig, RouterInit, SplitStrategy, calibration, construct, convert,
+    ActivationStore, ConvertConfig, HiddenPath, LayerObserver, LayerReport, LayeredSettings,
+    LayerwiseConfig, Method, RouterInit, SplitStrategy, calibration, convert_layered,
 };
 use serde_json::json;
 
@@ -71,6 +70,15 @@ pub enum FormatArg {
     Mixtral,
     /// `Qwen2MoeForCausalLM`.
     Qwen2Moe,
+}
+
+/// Which hidden states feed each next layer.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HiddenPathArg {
+    /// The dense model's.
+    Dense,
+    /// The converted model's (sequential).
+    Converted,
 }
 
 /// Weight types of the written checkpoint.
@@ -169,13 +177,15 @@ pub struct ConvertArgs {
     /// router-only steps, the router frozen, at --lr (0: none).
     #[arg(long, default_value_t = 0)]
     refine_steps: usize,
-    /// Activations kept in memory up to this many MiB; the rest streams to the work directory.
-    #[arg(long, default_value_t = 2048)]
-    memory_budget_mb: usize,
-    /// Recorded activations and finished layers (default: OUT/.moekit-work). Rerunning the
-    /// same command resumes from it; what moekit wrote there is removed after success unless
-    /// --keep-work (the folder too when nothing else is left). A recording that would not fit
-    /// in its free space is refused before the model runs.
+    /// Which hidden states feed each next layer: the dense model's (each block converted and
+    /// constructed in the dense context, as LaDiMo does) or the converted model's (errors of
+    /// earlier layers are seen and corrected, GPTQ's sequential mode).
+    #[arg(long, value_enum, default_value = "dense")]
+    hidden_path: HiddenPathArg,
+    /// Finished layers, the hidden states after them and trained blocks (default:
+    /// OUT/.moekit-work). The model is converted one layer at a time; rerunning the same
+    /// command resumes at the first unfinished layer. What moekit wrote there is removed after
+    /// success unless --keep-work (the folder too when nothing else is left).
     #[arg(long)]
     work_dir: Option<PathBuf>,
     /// Keep the work directory after success.
@@ -256,16 +266,14 @@ impl ConvertArgs {
             .with_seed(self.seed)
     }
 
-    /// The layout to write `model` in, checked before any training so that a long run does
-    /// not fail at the end (`auto`: Mixtral where the model fits it, else Qwen2-MoE).
-    fn format(&self, model: &Llama) -> Result<ExportFormat, CliError> {
-        let format = match self.format {
-            FormatArg::Mixtral => ExportFormat::Mixtral,
-            FormatArg::Qwen2Moe => ExportFormat::Qwen2Moe,
-            FormatArg::Auto => return super::auto_format(model),
-        };
-        check_export(model, format)?;
-        Ok(format)
+    /// The layout asked for (`None`: Mixtral where the converted layers fit it, else
+    /// Qwen2-MoE).
+    fn format(&self) -> Option<ExportFormat> {
+        match self.format {
+            FormatArg::Mixtral => Some(ExportFormat::Mixtral),
+            FormatArg::Qwen2Moe => Some(ExportFormat::Qwen2Moe),
+            FormatArg::Auto => None,
+        }
     }
 }
 
@@ -328,31 +336,31 @@ impl LayerObserver for Bars {
     }
 }
 
-/// What a recording depends on: the dense model (a .gguf file, or every file of a Hugging
-/// Face directory, whose own time does not change when a file in it is rewritten), the
-/// calibration files and the token counts. Another fingerprint records again and trains
-/// other layers.
+/// What a conversion's calibration depends on: the dense model (a .gguf file, or every file
+/// of a Hugging Face directory, whose own time does not change when a file in it is
+/// rewritten), the calibration files and the token counts.
 fn fingerprint(args: &ConvertArgs, files: &[PathBuf]) -> String {
     let settings = format!("tokens={} seq={}", args.calib_tokens, args.seq_len);
     super::inputs_fingerprint(super::stamp_model(&args.dense), settings, files)
 }
 
-/// The folder of a configuration's finished layers in the work directory: `layers-` and 16
-/// hex digits of a hash of `key`.
-fn layers_dir(work: &Path, key: &str) -> PathBuf {
+/// A folder of the work directory for `key`: `prefix-` and 16 hex digits of a hash of it.
+fn keyed_dir(work: &Path, prefix: &str, key: &str) -> PathBuf {
     let mut hasher = std::hash::DefaultHasher::new();
     key.hash(&mut hasher);
-    work.join(format!("layers-{:016x}", hasher.finish()))
+    work.join(format!("{prefix}-{:016x}", hasher.finish()))
 }
 
-/// Whether `name` is one [`layers_dir`] makes.
-fn is_layers_dir(name: &str) -> bool {
-    name.strip_prefix("layers-")
-        .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+/// Whether `name` is a folder [`keyed_dir`] makes (or an earlier moekit's `layers-`).
+fn is_keyed_dir(name: &str) -> bool {
+    ["layers-", "blocks-", "run-"].iter().any(|p| {
+        name.strip_prefix(p)
+            .is_some_and(|h| h.len() == 16 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+    })
 }
 
-/// Deletes what conversions wrote into `work` (the recording and every configuration's
-/// finished layers), then the folder itself if nothing else is left in it: a `--work-dir`
+/// Deletes what conversions wrote into `work` (runs, trained blocks, and an earlier
+/// moekit's recording), then the folder itself if nothing else is left in it: a `--work-dir`
 /// that holds other files keeps them.
 fn remove_work(work: &Path) -> Result<(), CliError> {
     let read = |source| CliError::Read {
@@ -364,7 +372,7 @@ fn remove_work(work: &Path) -> Result<(), CliError> {
         let path = entry.map_err(read)?.path();
         let ours = path
             .file_name()
-            .is_some_and(|n| is_layers_dir(&n.to_string_lossy()));
+            .is_some_and(|n| is_keyed_dir(&n.to_string_lossy()));
         if ours && path.is_dir() {
             std::fs::remove_dir_all(&path).map_err(read)?;
         }
@@ -377,38 +385,8 @@ fn remove_work(work: &Path) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Records calibration activations (or reuses recorded ones from the work directory).
-fn calibrate(
-    args: &ConvertArgs,
-    model: &Llama,
-    tokenizer: &moekit::llama::Tokenizer,
-    work: &Path,
-    (files, fingerprint): &(Vec<PathBuf>, String),
-) -> Result<ActivationStore, CliError> {
-    let record = RecordConfig {
-        seq_len: args.seq_len,
-        batch: 4,
-        memory_budget: args.memory_budget_mb << 20,
-        fingerprint: fingerprint.clone(),
-    };
-    if let Some(store) = ActivationStore::open(work, fingerprint)? {
-        tracing::info!(tokens = store.tokens(), "reusing recorded activations");
-        return Ok(store);
-    }
-    let ids = calibration::tokens(tokenizer, files, args.calib_tokens)?;
-    let bar = progress::bar("record", "tokens");
-    let store = ActivationStore::record(
-        model,
-        &ids,
-        &record,
-        Some(work),
-        &mut progress::update(&bar),
-    )?;
-    bar.finish_and_clear();
-    Ok(store)
-}
-
-/// Converts, optionally constructs layer-wise, and writes the checkpoint.
+/// Converts one layer at a time (optionally constructing each block), and writes the
+/// checkpoint as it goes.
 pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
     let config = args.config();
     // Router-only steps without block training fit routers to the converted experts (for a
@@ -423,99 +401,99 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
             "this conversion needs calibration text: add --calib FILE_OR_DIR...".into(),
         ));
     }
-    args.layerwise(args.layerwise_steps).validate()?;
-    // The calibration files and the fingerprint of their recording, found before the model
-    // loads so that a missing file fails at once.
-    let calib = if needs_calib {
+    let lw = args.layerwise(args.layerwise_steps);
+    lw.validate()?;
+    // The calibration files, found before the model opens so that a missing file fails at
+    // once.
+    let (files, print) = if needs_calib {
         let files = calibration::files(&args.calib)?;
         let print = fingerprint(args, &files);
         (files, print)
     } else {
-        Default::default()
+        (Vec::new(), super::stamp_model(&args.dense))
     };
-    let (_, dense, tokenizer) = super::load(&args.dense, None)?;
-    config.validate(dense.config.hidden_size, dense.config.intermediate_size)?;
-    let dense_counts = dense.param_counts();
+    let ckpt = Checkpoint::open(&args.dense)?;
+    let tokenizer = ckpt.tokenizer()?;
+    config.validate(ckpt.config().hidden_size, ckpt.config().intermediate_size)?;
     let work = args
         .work_dir
         .clone()
         .unwrap_or_else(|| args.out.join(".moekit-work"));
-    let mut record_seconds = 0.0;
-    let mut record = |dense: &Llama| {
-        let start = Instant::now();
-        let store = calibrate(args, dense, &tokenizer, &work, &calib);
-        record_seconds += start.elapsed().as_secs_f64();
-        store
+    let ids = if needs_calib {
+        calibration::tokens(&tokenizer, &files, args.calib_tokens)?
+    } else {
+        Vec::new()
     };
-    // Conversion that needs calibration records first; otherwise the export check runs before
-    // the (long) recording, so that an unexportable configuration fails at once.
-    let mut store = config
-        .needs_calibration()
-        .then(|| record(&dense))
-        .transpose()?;
-    let for_layerwise = (needs_calib && store.is_none()).then(|| dense.clone());
-
-    let t = Instant::now();
-    let bar = progress::bar("convert", "layers");
-    let model = convert(dense, &config, store.as_ref(), &mut progress::update(&bar))?;
-    bar.finish_and_clear();
-    let convert_seconds = t.elapsed().as_secs_f64();
-    let format = args.format(&model)?;
-    if let Some(dense) = for_layerwise {
-        store = Some(record(&dense)?);
-    }
-
-    let t = Instant::now();
-    let (model, reports) = match (&store, args.layerwise_steps) {
-        (Some(store), steps) if layerwise => {
-            let lw = args.layerwise(steps);
-            let mut bars = Bars {
-                multi: MultiProgress::new(),
-                current: None,
-            };
-            // Finished layers are kept per configuration and recording, so that one work
-            // directory serves several conversions, whatever their router-only steps, and
-            // never one trained on another model or text.
-            let key = format!("{config:?} {:?} {}", lw.block_settings(), calib.1);
-            construct(model, store, &lw, Some(&layers_dir(&work, &key)), &mut bars)?
-        }
-        _ => (model, Vec::new()),
+    // Trained blocks are kept per configuration and calibration, so that one work directory
+    // serves several conversions, whatever their router-only steps, and never one trained on
+    // another model or text; a run (its finished layers and hidden states) is kept per every
+    // setting that changes the output.
+    let blocks_key = format!("{config:?} {:?} {print}", lw.block_settings());
+    let run_key = format!(
+        "{blocks_key} {lw:?} {:?} {:?} {:?}",
+        args.format, args.dtype, args.hidden_path
+    );
+    let settings = LayeredSettings {
+        layerwise: layerwise.then_some(lw),
+        path: match args.hidden_path {
+            HiddenPathArg::Dense => HiddenPath::Dense,
+            HiddenPathArg::Converted => HiddenPath::Converted,
+        },
+        format: args.format(),
+        dtype: dtype(args.dtype),
+        seq_len: args.seq_len,
+        blocks_dir: Some(keyed_dir(&work, "blocks", &blocks_key)),
+        ..LayeredSettings::default()
     };
-    let layerwise_seconds = t.elapsed().as_secs_f64();
-
-    let written = save_pretrained(
-        &model,
+    let mut bars = Bars {
+        multi: MultiProgress::new(),
+        current: None,
+    };
+    let layer_bar = bars.multi.add(progress::bar("convert", "layers"));
+    let report = convert_layered(
+        &ckpt,
         Some(&tokenizer),
+        &ids,
+        &config,
+        &settings,
         &args.out,
-        format,
-        dtype(args.dtype),
+        &keyed_dir(&work, "run", &run_key),
+        &moekit::default_device(),
+        &mut bars,
+        &mut progress::update(&layer_bar),
     )?;
+    layer_bar.finish_and_clear();
     if !args.keep_work && work.exists() {
         remove_work(&work)?;
     }
-    let counts = model.param_counts();
+    let (counts, dense_counts) = (report.params, report.dense_params);
+    let reports = &report.layers;
     let summary = json!({
         "out": args.out,
-        "architecture": written.model_type,
+        "architecture": report.config.model_type,
         "method": format!("{:?}", config.method),
         "experts": config.num_experts,
         "top_k": config.top_k,
         "shared_experts": config.shared_experts,
-        "calibration_tokens": store.as_ref().map(|s| s.tokens()),
+        "calibration_tokens": needs_calib.then_some(report.calibration_tokens),
         "dense_params": dense_counts,
         "params": counts,
         "active_ratio": counts.active as f64 / dense_counts.active as f64,
+        "resumed_layers": report.resumed_layers,
         "seconds": {
-            "record": record_seconds,
-            "convert": convert_seconds,
-            "layerwise": layerwise_seconds,
+            "convert": report.seconds - report.layerwise_seconds,
+            "layerwise": report.layerwise_seconds,
         },
         "layers": reports,
     });
     if args.json {
         println!("{summary}");
     } else {
-        println!("wrote {} ({})", args.out.display(), written.model_type);
+        println!(
+            "wrote {} ({})",
+            args.out.display(),
+            report.config.model_type
+        );
         println!(
             "parameters: {} total, {} active per token ({:.1}% of the dense model's {})",
             counts.total,
@@ -532,7 +510,7 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
                 mean(|r| r.error_before),
                 mean(|r| r.error_after),
                 reports.len(),
-                layerwise_seconds
+                report.layerwise_seconds
             );
         }
     }

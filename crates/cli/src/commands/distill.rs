@@ -240,6 +240,14 @@ pub fn run(args: &DistillArgs) -> Result<(), CliError> {
         .validate()
         .map_err(|e| CliError::Usage(e.to_string()))?;
 
+    // f32 weights of both; the student's gradients and AdamW's two moments besides, unless
+    // only LoRA adapters train.
+    let per_student_param = if args.lora_rank.is_some() { 4 } else { 16 };
+    crate::memory::check(
+        "distillation",
+        4 * crate::memory::params(&args.teacher)?
+            + per_student_param * crate::memory::params(&args.student)?,
+    )?;
     let (_, teacher, tokenizer) = super::load(&args.teacher, None)?;
     let (_, mut student, _) = super::load(&args.student, None)?;
     let format = super::auto_format(&student)?;

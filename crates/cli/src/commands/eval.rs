@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use moekit::llama::{Llama, perplexity};
+use moekit::llama::{
+    Checkpoint, DecoderLayer, FfnSlot, FfnSpec, LayeredConfig, Llama, LlamaConfig, Perplexity,
+    Tokenizer, perplexity, perplexity_layered,
+};
 use moekit::router::{ActiveParams, RouterError, RoutingPolicy, Rule, route_by_oracle};
 use serde_json::json;
 
@@ -53,7 +56,66 @@ pub struct EvalArgs {
     json: bool,
 }
 
-/// The model with the routing asked for on the command line.
+/// The routing asked for on the command line, checked against the configuration before any
+/// layer is read.
+enum Routing {
+    /// Each layer's own router.
+    Own,
+    /// A rule per layer.
+    Policy(RoutingPolicy),
+    /// Oracle routing to `k` experts.
+    Oracle(usize),
+}
+
+impl Routing {
+    fn of(args: &EvalArgs, config: &LlamaConfig) -> Result<Self, CliError> {
+        if let Some(k) = args.oracle {
+            let specs: Vec<usize> = (0..config.num_hidden_layers)
+                .filter_map(|l| match config.ffn_spec(l) {
+                    FfnSpec::Moe { num_experts, .. } => Some(num_experts),
+                    FfnSpec::Dense { .. } => None,
+                })
+                .collect();
+            if specs.is_empty() {
+                return Err(RouterError::NoMoeLayers.into());
+            }
+            if let Some(e) = specs.iter().find(|&&e| !(1..=e).contains(&k)) {
+                // Not a policy file's fault: say which flag is wrong.
+                return Err(CliError::Usage(format!(
+                    "--oracle {k}: oracle routing to {k} experts: a layer has {e}"
+                )));
+            }
+            return Ok(Self::Oracle(k));
+        }
+        let policy = match (&args.policy, args.top_k, args.top_p) {
+            (Some(path), _, _) => RoutingPolicy::load(path)?,
+            (_, Some(k), _) => RoutingPolicy::uniform_for(config, Rule::TopK { k })?,
+            (_, _, Some(p)) => RoutingPolicy::uniform_for(config, Rule::TopP { p, max_k: None })?,
+            _ => return Ok(Self::Own),
+        };
+        policy.check_config(config)?;
+        Ok(Self::Policy(policy))
+    }
+
+    /// Layer `l` routed as asked (checked by [`Routing::of`]).
+    fn apply(&self, l: usize, mut layer: DecoderLayer) -> moekit::llama::Result<DecoderLayer> {
+        match self {
+            Self::Own => {}
+            Self::Policy(policy) => policy
+                .apply_layer(l, &mut layer.ffn)
+                .map_err(|e| moekit::llama::LlamaError::Config(e.to_string()))?,
+            Self::Oracle(k) => {
+                if let FfnSlot::Moe(moe) = &mut layer.ffn {
+                    moe.check_oracle(Some(*k))?;
+                    moe.oracle = Some(*k);
+                }
+            }
+        }
+        Ok(layer)
+    }
+}
+
+/// The model with the routing asked for (the whole-model path, for adapters).
 fn routed(mut model: Llama, args: &EvalArgs) -> Result<Llama, CliError> {
     if let Some(k) = args.oracle {
         // Not a policy file's fault: say which flag is wrong.
@@ -73,15 +135,12 @@ fn routed(mut model: Llama, args: &EvalArgs) -> Result<Llama, CliError> {
     Ok(model)
 }
 
-/// Loads the model, tokenises the file and prints its perplexity and speed.
-pub fn run(args: &EvalArgs) -> Result<(), CliError> {
+/// Tokens of the file, at most `--max-tokens`; at least 2.
+fn token_ids(args: &EvalArgs, tokenizer: &Tokenizer) -> Result<Vec<u32>, CliError> {
     let text = std::fs::read_to_string(&args.text).map_err(|source| CliError::Read {
         path: args.text.clone(),
         source,
     })?;
-    let reference = super::reference_params(args.reference.as_deref())?;
-    let (_, model, tokenizer) = super::load(&args.model, args.adapter.as_deref())?;
-    let model = routed(model, args)?;
     let mut ids = tokenizer.encode(&text)?;
     if let Some(n) = args.max_tokens {
         ids.truncate(n);
@@ -93,16 +152,46 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
             ids.len()
         )));
     }
-    let window = args.window.unwrap_or(model.config.max_position_embeddings);
-    let bar = progress::bar("eval", "tokens");
-    let result = perplexity(&model, &ids, window, &mut progress::update(&bar))?;
-    bar.finish_and_clear();
-    let k: Vec<f64> = result
-        .experts_per_token
-        .iter()
-        .map(|u| u.experts_per_token)
-        .collect();
-    let active = ActiveParams::of(&model, Some(&k))?;
+    Ok(ids)
+}
+
+/// Reads the model one layer at a time (or whole, to apply an adapter), tokenises the file and
+/// prints its perplexity and speed.
+pub fn run(args: &EvalArgs) -> Result<(), CliError> {
+    let reference = super::reference_params(args.reference.as_deref())?;
+    let (result, active) = match &args.adapter {
+        Some(adapter) => {
+            let (_, model, tokenizer) = super::load(&args.model, Some(adapter))?;
+            let model = routed(model, args)?;
+            let ids = token_ids(args, &tokenizer)?;
+            let window = args.window.unwrap_or(model.config.max_position_embeddings);
+            let bar = progress::bar("eval", "tokens");
+            let result = perplexity(&model, &ids, window, &mut progress::update(&bar))?;
+            bar.finish_and_clear();
+            let active = ActiveParams::of(&model, Some(&per_layer(&result)))?;
+            (result, active)
+        }
+        None => {
+            let ckpt = Checkpoint::open(&args.model)?;
+            let routing = Routing::of(args, ckpt.config())?;
+            let ids = token_ids(args, &ckpt.tokenizer()?)?;
+            let window = args.window.unwrap_or(ckpt.config().max_position_embeddings);
+            let bar = progress::bar("eval", "layers");
+            let result = perplexity_layered(
+                &ckpt,
+                &ids,
+                window,
+                &LayeredConfig::new(),
+                &moekit::default_device(),
+                &mut |l, layer| routing.apply(l, layer),
+                &mut progress::update(&bar),
+            )?;
+            bar.finish_and_clear();
+            let active = ActiveParams::of_checkpoint(&ckpt, Some(&per_layer(&result)))?;
+            (result, active)
+        }
+    };
+    let k = per_layer(&result);
     if args.json {
         let mut out = json!(result);
         out["activated_params"] = json!(active.activated().round());
@@ -133,4 +222,13 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+/// Mean experts per token of every MoE layer, in layer order.
+fn per_layer(result: &Perplexity) -> Vec<f64> {
+    result
+        .experts_per_token
+        .iter()
+        .map(|u| u.experts_per_token)
+        .collect()
 }

@@ -45,9 +45,9 @@ pub fn load(
 /// `--reference` budgets and reports are fractions of.
 pub fn reference_params(path: Option<&Path>) -> Result<Option<f64>, CliError> {
     let Some(path) = path else { return Ok(None) };
-    let (_, model, _) = load(path, None)
+    let ckpt = Checkpoint::open(path)
         .map_err(|e| CliError::Usage(format!("--reference {}: {e}", path.display())))?;
-    Ok(Some(ActiveParams::of(&model, None)?.activated()))
+    Ok(Some(ActiveParams::of_checkpoint(&ckpt, None)?.activated()))
 }
 
 /// Adds `reference_params` and `reference_fraction` (of `activated` parameters) to a JSON

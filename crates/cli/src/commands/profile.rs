@@ -140,6 +140,8 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
         Some(r) => format!("{flag} {budget} of {}", r.display()),
         None => format!("{flag} {budget}"),
     };
+    // Profiling holds the whole model in f32 (it is not layer-at-a-time yet).
+    crate::memory::check("profiling", 4 * crate::memory::params(&args.model)?)?;
     let (_, model, tokenizer) = super::load(&args.model, None)?;
     let active = ActiveParams::of(&model, None)?;
     let full = active.full() as f64;

@@ -51,12 +51,33 @@ pub fn write_with(
         fill(&mut writer)?;
         let file = writer.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // The rename itself is durable once the folder is synced.
+        sync_dir_io(path.parent().unwrap_or(Path::new(".")))
     })();
     result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         LlamaError::io(path, e)
     })
+}
+
+/// Syncs the folder `dir`, so that renames and removals in it survive a crash.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    sync_dir_io(dir).map_err(|e| LlamaError::io(dir, e))
+}
+
+fn sync_dir_io(dir: &Path) -> std::io::Result<()> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    // Folders can be opened and synced on Unix; elsewhere this is not possible and not needed.
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -13,13 +13,15 @@ use super::router_factors;
 use super::safetensors::{SaveDtype, write};
 use crate::config::{Architecture, LlamaConfig};
 use crate::ffn::FfnSlot;
+use crate::layer::DecoderLayer;
 use crate::lora_ffn::LoraFfn;
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
 use crate::{LlamaError, Result};
 
 /// The checkpoint layout to write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ExportFormat {
     /// Dense LLaMA / Mistral / Qwen2, as the model's configuration names it. Every FFN must be
     /// dense.
@@ -32,7 +34,7 @@ pub enum ExportFormat {
 }
 
 impl ExportFormat {
-    fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Self::Dense => "dense",
             Self::Mixtral => "mixtral",
@@ -40,7 +42,7 @@ impl ExportFormat {
         }
     }
 
-    fn scheme(self) -> Scheme {
+    pub(crate) fn scheme(self) -> Scheme {
         match self {
             Self::Dense => Scheme::Hf,
             Self::Mixtral => Scheme::Mixtral,
@@ -104,16 +106,28 @@ pub fn check_export(model: &Llama, format: ExportFormat) -> Result<()> {
 
 /// The `config.json` of the exported model.
 fn export_config(model: &Llama, format: ExportFormat, dtype: SaveDtype) -> Result<LlamaConfig> {
+    let ffns: Vec<&FfnSlot> = model.layers.iter().map(|l| &l.ffn).collect();
+    export_config_of(&model.config, &ffns, format, dtype)
+}
+
+/// The `config.json` of a model of configuration `base` whose layers hold `ffns`.
+pub(crate) fn export_config_of(
+    base: &LlamaConfig,
+    ffns: &[&FfnSlot],
+    format: ExportFormat,
+    dtype: SaveDtype,
+) -> Result<LlamaConfig> {
     let fail = |reason: String| LlamaError::Export {
         format: format.label(),
         reason,
     };
-    let mut c = model.config.clone();
+    let mut c = base.clone();
+    c.num_hidden_layers = ffns.len();
     let mut dense_widths = Vec::new();
     let mut dense_layers = Vec::new();
     let mut shape: Option<MoeShape> = None;
-    for (l, layer) in model.layers.iter().enumerate() {
-        match &layer.ffn {
+    for (l, ffn) in ffns.iter().enumerate() {
+        match ffn {
             FfnSlot::Dense(ffn) | FfnSlot::Lora(LoraFfn { base: ffn, .. }) => {
                 dense_widths.push(ffn.intermediate_size());
                 dense_layers.push(l);
@@ -147,9 +161,9 @@ fn export_config(model: &Llama, format: ExportFormat, dtype: SaveDtype) -> Resul
     // Resolved values are written out: transformers 5 may keep θ and the scaling in
     // `rope_parameters` (removed below), and keys left out take the target class's defaults,
     // which differ (Mixtral: θ = 1e6 and 8 KV heads; Qwen2-MoE: 16 KV heads).
-    c.rope_theta = Some(model.config.rope_base());
-    c.rope_scaling = model.config.rope_scaling()?;
-    c.num_key_value_heads = Some(model.config.kv_heads());
+    c.rope_theta = Some(base.rope_base());
+    c.rope_scaling = base.rope_scaling()?;
+    c.num_key_value_heads = Some(base.kv_heads());
     for key in [
         "rope_parameters",
         "layer_types",
@@ -193,7 +207,7 @@ fn export_config(model: &Llama, format: ExportFormat, dtype: SaveDtype) -> Resul
                         .into(),
                 ));
             }
-            if model.config.qkv_bias() || model.config.o_bias() {
+            if base.qkv_bias() || base.o_bias() {
                 return Err(fail(
                     "Mixtral attention has no biases (use qwen2_moe)".into(),
                 ));
@@ -205,7 +219,7 @@ fn export_config(model: &Llama, format: ExportFormat, dtype: SaveDtype) -> Resul
         }
         ExportFormat::Qwen2Moe => {
             let s = shape.ok_or_else(|| fail("the model has no MoE layer".into()))?;
-            if model.config.o_bias() {
+            if base.o_bias() {
                 return Err(fail("Qwen2-MoE's output projection has no bias".into()));
             }
             if let Some(&i) = dense_widths.first() {
@@ -227,7 +241,7 @@ fn export_config(model: &Llama, format: ExportFormat, dtype: SaveDtype) -> Resul
     c.model_type = arch.model_type().into();
     c.architectures = vec![arch.class_name().into()];
     c.attention_bias = matches!(arch, Architecture::Llama | Architecture::Mistral)
-        .then_some(model.config.o_bias() || model.config.qkv_bias())
+        .then_some(base.o_bias() || base.qkv_bias())
         .filter(|&b| b);
     c.extra.insert(
         "torch_dtype".into(),
@@ -238,12 +252,25 @@ fn export_config(model: &Llama, format: ExportFormat, dtype: SaveDtype) -> Resul
 }
 
 /// Collects `(name, tensor)` pairs in PyTorch layouts.
-struct Collector {
+pub(crate) struct Collector {
     scheme: Scheme,
     tensors: Vec<(String, HostTensor)>,
 }
 
 impl Collector {
+    /// An empty collection named in `scheme`.
+    pub(crate) fn new(scheme: Scheme) -> Self {
+        Self {
+            scheme,
+            tensors: Vec::new(),
+        }
+    }
+
+    /// The collected pairs.
+    pub(crate) fn into_tensors(self) -> Vec<(String, HostTensor)> {
+        self.tensors
+    }
+
     fn push(&mut self, w: Weight, t: HostTensor) {
         let n = name(w, self.scheme).expect("the export table names every weight it writes");
         self.tensors.push((n, t));
@@ -271,12 +298,32 @@ fn collect(model: &Llama, config: &LlamaConfig, scheme: Scheme) -> Vec<(String, 
         scheme,
         tensors: Vec::new(),
     };
-    let h = config.hidden_size;
     out.push(
         Weight::Embed,
         HostTensor::from_tensor(model.embed_tokens.weight.val()),
     );
     for (l, layer) in model.layers.iter().enumerate() {
+        out.layer(l, layer, config);
+    }
+    out.push(
+        Weight::FinalNorm,
+        HostTensor::from_tensor(model.norm.gamma.val()),
+    );
+    if let Some(head) = &model.lm_head {
+        out.push(
+            Weight::LmHead,
+            HostTensor::from_tensor(head.weight.val()).transpose(),
+        );
+    }
+    out.tensors
+}
+
+impl Collector {
+    /// Pushes decoder layer `l`'s tensors, in PyTorch layouts, as `config` (the exported
+    /// configuration) names them.
+    pub(crate) fn layer(&mut self, l: usize, layer: &DecoderLayer, config: &LlamaConfig) {
+        let out = self;
+        let (h, scheme) = (config.hidden_size, out.scheme);
         out.push(
             Weight::AttnNorm(l),
             HostTensor::from_tensor(layer.input_norm.gamma.val()),
@@ -363,17 +410,6 @@ fn collect(model: &Llama, config: &LlamaConfig, scheme: Scheme) -> Vec<(String, 
             }
         }
     }
-    out.push(
-        Weight::FinalNorm,
-        HostTensor::from_tensor(model.norm.gamma.val()),
-    );
-    if let Some(head) = &model.lm_head {
-        out.push(
-            Weight::LmHead,
-            HostTensor::from_tensor(head.weight.val()).transpose(),
-        );
-    }
-    out.tensors
 }
 
 /// Writes `model` into `dir` (created if needed) as a Hugging Face checkpoint in `format`,

@@ -465,6 +465,16 @@ impl GgufFile {
     }
 }
 
+impl GgufFile {
+    fn ggml_type(&self, name: &str, info: &GgufTensorInfo) -> Result<GgmlType> {
+        GgmlType::from_id(info.type_id).ok_or_else(|| LlamaError::UnsupportedDtype {
+            path: self.path.clone(),
+            name: name.into(),
+            dtype: GgmlType::id_name(info.type_id),
+        })
+    }
+}
+
 impl TensorSource for GgufFile {
     fn path(&self) -> &Path {
         &self.path
@@ -474,19 +484,48 @@ impl TensorSource for GgufFile {
         self.tensors.keys().cloned().collect()
     }
 
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|t| t.shape.clone())
+    }
+
     fn read(&self, name: &str) -> Result<Option<HostTensor>> {
         let Some(info) = self.tensors.get(name) else {
             return Ok(None);
         };
-        let ty = GgmlType::from_id(info.type_id).ok_or_else(|| LlamaError::UnsupportedDtype {
-            path: self.path.clone(),
-            name: name.into(),
-            dtype: GgmlType::id_name(info.type_id),
-        })?;
+        let ty = self.ggml_type(name, info)?;
         let n = info.shape.iter().product();
         let mut data = vec![0.0f32; n];
         ty.dequantize(&self.mmap[info.offset..info.offset + info.len], &mut data);
         Ok(Some(HostTensor::new(info.shape.clone(), data)))
+    }
+
+    /// Rows de-quantised in place: the parser checked that each row is whole blocks.
+    fn read_rows(&self, name: &str, rows: &[usize]) -> Result<Option<HostTensor>> {
+        let Some(info) = self.tensors.get(name) else {
+            return Ok(None);
+        };
+        if info.shape.len() < 2 {
+            // A vector's blocks run across its "rows": read it whole.
+            let t = self.read(name)?.expect("listed");
+            super::source::check_rows(&self.path, name, t.shape[0], rows)?;
+            return Ok(Some(HostTensor::new(
+                vec![rows.len()],
+                rows.iter().map(|&r| t.data[r]).collect(),
+            )));
+        }
+        let ty = self.ggml_type(name, info)?;
+        super::source::check_rows(&self.path, name, info.shape[0], rows)?;
+        let width: usize = info.shape[1..].iter().product();
+        let row_bytes = info.len / info.shape[0].max(1);
+        let mut data = vec![0.0f32; rows.len() * width];
+        for (out, &r) in data.chunks_exact_mut(width.max(1)).zip(rows) {
+            let at = info.offset + r * row_bytes;
+            ty.dequantize(&self.mmap[at..at + row_bytes], out);
+        }
+        Ok(Some(HostTensor::new(
+            super::source::row_shape(&info.shape, rows.len()),
+            data,
+        )))
     }
 }
 

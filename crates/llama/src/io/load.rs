@@ -14,7 +14,7 @@ use super::host::HostTensor;
 use super::names::{Scheme, Weight, name};
 use super::quant::GgmlType;
 use super::router_factors;
-use super::safetensors::SafetensorsDir;
+use super::safetensors::{SafetensorsDir, SourceRows};
 use super::source::TensorSource;
 use crate::config::{Architecture, FfnSpec, LlamaConfig, ParamCounts};
 use crate::ffn::FfnSlot;
@@ -171,29 +171,93 @@ impl Checkpoint {
         device: &Device,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<(Llama, Vec<String>)> {
-        let (source, factors, scheme, permuted): (&dyn TensorSource, _, Scheme, bool) =
-            match &self.files {
-                Files::Hf(dir, factors) => (dir, factors.as_ref(), self.scheme()?, false),
-                Files::Gguf(g) => (g, None, Scheme::Gguf, g.qk_permuted()),
-            };
-        let reader = Reader {
-            source,
-            factors,
-            scheme,
-            qk_permuted: permuted,
-            config: &self.config,
-            device,
-            read: Default::default(),
-        };
+        let reader = self.reader(device)?;
         let model = build(&reader, progress)?;
         let read = reader.read.into_inner();
-        let unused = source
+        let unused = reader
+            .source
             .names()
             .into_iter()
             .filter(|n| !read.contains(n))
             .filter(|n| !n.ends_with("rotary_emb.inv_freq") && n != "rope_freqs.weight")
             .collect();
         Ok((model, unused))
+    }
+}
+
+/// Layer at a time: the pieces of the model read one by one from the memory-mapped file, for
+/// pipelines whose memory follows one decoder layer rather than the model (GPTQ and
+/// SparseGPT process models larger than memory the same way; see [`crate::layered`]).
+impl Checkpoint {
+    fn reader<'a>(&'a self, device: &'a Device) -> Result<Reader<'a>> {
+        let (source, factors, scheme, qk_permuted): (&dyn TensorSource, _, Scheme, bool) =
+            match &self.files {
+                Files::Hf(dir, factors) => (dir, factors.as_ref(), self.scheme()?, false),
+                Files::Gguf(g) => (g, None, Scheme::Gguf, g.qk_permuted()),
+            };
+        Ok(Reader {
+            source,
+            factors,
+            scheme,
+            qk_permuted,
+            config: &self.config,
+            device,
+            read: Default::default(),
+        })
+    }
+
+    /// Decoder layer `layer` alone, in f32 on `device` (what [`Checkpoint::load`] builds
+    /// for it).
+    pub fn load_layer(&self, layer: usize, device: &Device) -> Result<DecoderLayer> {
+        let layers = self.config.num_hidden_layers;
+        if layer >= layers {
+            return Err(LlamaError::Input(format!(
+                "layer {layer} asked for, but the model has {layers}"
+            )));
+        }
+        self.reader(device)?.layer(layer)
+    }
+
+    /// The embedding rows of `ids`, `[ids.len(), H]`: the only rows of the `[V, H]` matrix
+    /// that are read.
+    pub fn embed_rows(&self, ids: &[u32], device: &Device) -> Result<Tensor<2>> {
+        let rows: Vec<usize> = ids.iter().map(|&i| i as usize).collect();
+        self.reader(device)?.rows(Weight::Embed, &rows)
+    }
+
+    /// Weight `w` (not of a layer) as it is stored, to be copied by row blocks.
+    pub(crate) fn rows_of(&self, w: Weight) -> Result<SourceRows<'_>> {
+        let (source, scheme) = match &self.files {
+            Files::Hf(dir, _) => (dir as &dyn TensorSource, self.scheme()?),
+            Files::Gguf(g) => (g as &dyn TensorSource, Scheme::Gguf),
+        };
+        let n = name(w, scheme).unwrap_or_else(|| format!("{w:?}"));
+        let shape = source.shape(&n).ok_or_else(|| LlamaError::MissingTensor {
+            path: self.path.clone(),
+            name: n.clone(),
+        })?;
+        Ok(SourceRows {
+            source,
+            name: n,
+            shape,
+        })
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm(&self, device: &Device) -> Result<RmsNorm> {
+        self.reader(device)?.norm(Weight::FinalNorm)
+    }
+
+    /// Rows `rows` of the output projection in PyTorch's layout, `[rows.len(), H]` (the
+    /// embedding's rows when the two are tied): a block of the vocabulary's logits is
+    /// `h · rowsᵀ`.
+    pub fn head_rows(&self, rows: &[usize], device: &Device) -> Result<Tensor<2>> {
+        let w = if self.config.tie_word_embeddings {
+            Weight::Embed
+        } else {
+            Weight::LmHead
+        };
+        self.reader(device)?.rows(w, rows)
     }
 }
 
@@ -241,6 +305,30 @@ impl Reader<'_> {
             }
             _ => t,
         }))
+    }
+
+    /// Rows `rows` of the `[V, H]` matrix `w` (the embedding or the LM head).
+    fn rows(&self, w: Weight, rows: &[usize]) -> Result<Tensor<2>> {
+        let (v, h) = (self.config.vocab_size, self.config.hidden_size);
+        let n = self.name(w);
+        let t = self
+            .source
+            .read_rows(&n, rows)?
+            .ok_or_else(|| LlamaError::MissingTensor {
+                path: self.source.path().to_path_buf(),
+                name: n.clone(),
+            })?;
+        let width: usize = t.shape[1..].iter().product();
+        if width != h || t.shape.len() != 2 {
+            let mut got = t.shape.clone();
+            got[0] = v;
+            return Err(LlamaError::TensorShape {
+                name: n,
+                expected: vec![v, h],
+                got,
+            });
+        }
+        Ok(HostTensor::new(vec![rows.len(), h], t.data).to_tensor(self.device))
     }
 
     fn take(&self, w: Weight, shape: &[usize]) -> Result<HostTensor> {

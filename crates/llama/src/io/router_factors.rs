@@ -37,24 +37,7 @@ pub(crate) fn save(model: &Llama, dir: &Path, scheme: Scheme, dtype: SaveDtype) 
     let path = dir.join(ROUTER_FACTORS);
     let mut tensors = Vec::new();
     for (l, layer) in model.layers.iter().enumerate() {
-        let FfnSlot::Moe(moe) = &layer.ffn else {
-            continue;
-        };
-        let Some(up) = &moe.router.gate_up else {
-            continue;
-        };
-        // Factors of the gate the model file holds, `W_g / τ` (`W_up / τ` here).
-        let up = up.val() / moe.router.combine_temperature;
-        for (w, t) in [
-            (Weight::RouterDown(l), moe.router.gate.val()),
-            (Weight::RouterUp(l), up),
-        ] {
-            let n = name(w, scheme).ok_or_else(|| LlamaError::Export {
-                format: "a checkpoint without MoE layers",
-                reason: format!("layer {l} has a factored router"),
-            })?;
-            tensors.push((n, HostTensor::from_tensor(t).transpose()));
-        }
+        tensors.extend(layer_factors(l, &layer.ffn, scheme)?);
     }
     if tensors.is_empty() {
         if path.exists() {
@@ -63,6 +46,36 @@ pub(crate) fn save(model: &Llama, dir: &Path, scheme: Scheme, dtype: SaveDtype) 
         return Ok(());
     }
     write(&path, &tensors, dtype)
+}
+
+/// The factors of layer `l`'s router, if it is factored (of the gate the model file holds,
+/// `W_g / τ`), named in `scheme`; none for a full gate or a dense layer.
+pub(crate) fn layer_factors(
+    l: usize,
+    ffn: &FfnSlot,
+    scheme: Scheme,
+) -> Result<Vec<(String, HostTensor)>> {
+    let FfnSlot::Moe(moe) = ffn else {
+        return Ok(Vec::new());
+    };
+    let Some(up) = &moe.router.gate_up else {
+        return Ok(Vec::new());
+    };
+    // Factors of the gate the model file holds, `W_g / τ` (`W_up / τ` here).
+    let up = up.val() / moe.router.combine_temperature;
+    [
+        (Weight::RouterDown(l), moe.router.gate.val()),
+        (Weight::RouterUp(l), up),
+    ]
+    .into_iter()
+    .map(|(w, t)| {
+        let n = name(w, scheme).ok_or_else(|| LlamaError::Export {
+            format: "a checkpoint without MoE layers",
+            reason: format!("layer {l} has a factored router"),
+        })?;
+        Ok((n, HostTensor::from_tensor(t).transpose()))
+    })
+    .collect()
 }
 
 /// Opens `dir/`[`ROUTER_FACTORS`] if there is one.

@@ -152,37 +152,97 @@ impl TensorSource for SafetensorsDir {
         SafetensorsDir::names(self)
     }
 
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        SafetensorsDir::shape(self, name)
+    }
+
     fn read(&self, name: &str) -> Result<Option<HostTensor>> {
-        let Some(&s) = self.index.get(name) else {
+        let Some(shape) = self.shape(name) else {
             return Ok(None);
         };
-        let shard = &self.shards[s];
-        let info = shard.metadata.info(name).expect("checked when opened");
-        let (a, b) = info.data_offsets;
-        let bytes = &shard.mmap[shard.data_start + a..shard.data_start + b];
-        let data: Vec<f32> = match info.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(LlamaError::UnsupportedDtype {
-                    path: shard.path.clone(),
-                    name: name.into(),
-                    dtype: format!("{other:?}"),
-                });
-            }
-        };
-        Ok(Some(HostTensor::new(info.shape.clone(), data)))
+        let rows: Vec<usize> = (0..shape.first().copied().unwrap_or(1)).collect();
+        if shape.is_empty() {
+            // A scalar: one "row" of one value.
+            let (shard, info) = self.info(name).expect("listed");
+            let data = decode_values(shard, name, info.dtype, self.bytes(name, 0, 1))?;
+            return Ok(Some(HostTensor::new(shape, data)));
+        }
+        self.read_rows(name, &rows)
     }
+
+    fn read_rows(&self, name: &str, rows: &[usize]) -> Result<Option<HostTensor>> {
+        let Some((shard, info)) = self.info(name) else {
+            return Ok(None);
+        };
+        let shape = &info.shape;
+        let len = shape.first().copied().unwrap_or(1);
+        let width: usize = shape.iter().skip(1).product();
+        super::source::check_rows(&shard.path, name, len, rows)?;
+        let mut data = Vec::with_capacity(rows.len() * width);
+        // Consecutive rows are decoded as one run.
+        let mut i = 0;
+        while i < rows.len() {
+            let mut j = i + 1;
+            while j < rows.len() && rows[j] == rows[j - 1] + 1 {
+                j += 1;
+            }
+            let bytes = self.bytes(name, rows[i] * width, (j - i) * width);
+            data.extend(decode_values(shard, name, info.dtype, bytes)?);
+            i = j;
+        }
+        Ok(Some(HostTensor::new(
+            super::source::row_shape(shape, rows.len()),
+            data,
+        )))
+    }
+}
+
+impl SafetensorsDir {
+    fn info(&self, name: &str) -> Option<(&Shard, &safetensors::tensor::TensorInfo)> {
+        let &s = self.index.get(name)?;
+        let shard = &self.shards[s];
+        shard.metadata.info(name).map(|info| (shard, info))
+    }
+
+    /// The stored bytes of `count` values of `name` from value `start` on (within the
+    /// tensor's extent, which the safetensors crate checked when the file was opened).
+    fn bytes(&self, name: &str, start: usize, count: usize) -> &[u8] {
+        let (shard, info) = self.info(name).expect("listed");
+        let width = info.dtype.bitsize() / 8;
+        let (a, _) = info.data_offsets;
+        let from = shard.data_start + a + start * width;
+        &shard.mmap[from..from + count * width]
+    }
+
+    /// The storage type of `name` (`F32`, `BF16`, ...), or `None` if it is absent.
+    pub fn dtype(&self, name: &str) -> Option<Dtype> {
+        self.info(name).map(|(_, info)| info.dtype)
+    }
+}
+
+/// Stored values in `dtype` as f32.
+fn decode_values(shard: &Shard, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
+    Ok(match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(LlamaError::UnsupportedDtype {
+                path: shard.path.clone(),
+                name: name.into(),
+                dtype: format!("{other:?}"),
+            });
+        }
+    })
 }
 
 /// Storage type of written tensors.
@@ -236,17 +296,83 @@ impl SaveDtype {
     }
 }
 
+/// A tensor to write, produced a block of rows at a time, so that a large tensor (an
+/// embedding read from a checkpoint, say) never needs to be in memory whole.
+pub trait RowSource {
+    /// The tensor's shape, outermost first.
+    fn shape(&self) -> Vec<usize>;
+    /// `count` rows (of the first dimension) from row `start`, row-major.
+    fn rows(&self, start: usize, count: usize) -> Result<Vec<f32>>;
+}
+
+impl RowSource for HostTensor {
+    fn shape(&self) -> Vec<usize> {
+        self.shape.clone()
+    }
+
+    fn rows(&self, start: usize, count: usize) -> Result<Vec<f32>> {
+        let width: usize = self.shape.iter().skip(1).product();
+        Ok(self.data[start * width..(start + count) * width].to_vec())
+    }
+}
+
+/// A tensor of a checkpoint, copied row block by row block.
+pub struct SourceRows<'a> {
+    /// Where it is read from.
+    pub source: &'a dyn TensorSource,
+    /// Its name there.
+    pub name: String,
+    /// Its shape there.
+    pub shape: Vec<usize>,
+}
+
+impl RowSource for SourceRows<'_> {
+    fn shape(&self) -> Vec<usize> {
+        self.shape.clone()
+    }
+
+    fn rows(&self, start: usize, count: usize) -> Result<Vec<f32>> {
+        let rows: Vec<usize> = (start..start + count).collect();
+        let t =
+            self.source
+                .read_rows(&self.name, &rows)?
+                .ok_or_else(|| LlamaError::MissingTensor {
+                    path: self.source.path().to_path_buf(),
+                    name: self.name.clone(),
+                })?;
+        Ok(t.data)
+    }
+}
+
+/// Values encoded per block of rows while writing (16 Mi values: 64 MiB of f32).
+const WRITE_BLOCK_VALUES: usize = 16 << 20;
+
 /// Writes `tensors` as one safetensors file at `path`, atomically, with the
 /// `{"format": "pt"}` metadata transformers expects.
 pub fn write(path: &Path, tensors: &[(String, HostTensor)], dtype: SaveDtype) -> Result<()> {
+    let refs: Vec<(String, &dyn RowSource)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t as &dyn RowSource))
+        .collect();
+    write_rows(path, &refs, dtype)
+}
+
+/// [`write`] from tensors produced a block of rows at a time: memory follows the block, not
+/// the file.
+pub fn write_rows(
+    path: &Path,
+    tensors: &[(String, &dyn RowSource)],
+    dtype: SaveDtype,
+) -> Result<()> {
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut offset = 0usize;
     for (name, t) in tensors {
-        let len = t.data.len() * dtype.width();
+        let shape = t.shape();
+        let len = shape.iter().product::<usize>() * dtype.width();
         header.insert(
             name.clone(),
-            json!({"dtype": dtype.safetensors_name(), "shape": t.shape, "data_offsets": [offset, offset + len]}),
+            json!({"dtype": dtype.safetensors_name(), "shape": shape, "data_offsets": [offset, offset + len]}),
         );
         offset += len;
     }
@@ -258,8 +384,19 @@ pub fn write(path: &Path, tensors: &[(String, HostTensor)], dtype: SaveDtype) ->
         w.write_all(&header)?;
         let mut buf = Vec::new();
         for (_, t) in tensors {
-            dtype.encode(&t.data, &mut buf);
-            w.write_all(&buf)?;
+            let shape = t.shape();
+            let (rows, width) = match shape.split_first() {
+                Some((&r, rest)) => (r, rest.iter().product::<usize>()),
+                None => (1, 1),
+            };
+            let block = (WRITE_BLOCK_VALUES / width.max(1)).max(1);
+            for start in (0..rows).step_by(block) {
+                let values = t
+                    .rows(start, block.min(rows - start))
+                    .map_err(std::io::Error::other)?;
+                dtype.encode(&values, &mut buf);
+                w.write_all(&buf)?;
+            }
         }
         Ok(())
     })

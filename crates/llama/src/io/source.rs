@@ -15,4 +15,44 @@ pub trait TensorSource {
 
     /// Every tensor name the checkpoint holds, sorted.
     fn names(&self) -> Vec<String>;
+
+    /// The shape of `name` (PyTorch order), or `None` if the checkpoint does not hold it;
+    /// no data is read.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+
+    /// Reads the rows `rows` (indices into the first dimension, in the order given) of `name`
+    /// as a `[rows.len(), ...]` tensor, or `None` if the checkpoint does not hold it. What
+    /// layer-at-a-time work reads of the embedding and the LM head: a few rows, or a block of
+    /// the vocabulary, never the whole matrix in f32. Sources that can address rows in place
+    /// (memory-mapped safetensors, GGUF) override the default, which reads the whole tensor.
+    fn read_rows(&self, name: &str, rows: &[usize]) -> Result<Option<HostTensor>> {
+        let Some(t) = self.read(name)? else {
+            return Ok(None);
+        };
+        let width: usize = t.shape[1..].iter().product();
+        check_rows(self.path(), name, t.shape[0], rows)?;
+        let data = rows
+            .iter()
+            .flat_map(|&r| t.data[r * width..(r + 1) * width].iter().copied())
+            .collect();
+        Ok(Some(HostTensor::new(row_shape(&t.shape, rows.len()), data)))
+    }
+}
+
+/// The shape of `count` rows of a tensor of `shape`.
+pub(crate) fn row_shape(shape: &[usize], count: usize) -> Vec<usize> {
+    let mut out = shape.to_vec();
+    out[0] = count;
+    out
+}
+
+/// Refuses a row index past `len`, naming the tensor.
+pub(crate) fn check_rows(path: &Path, name: &str, len: usize, rows: &[usize]) -> Result<()> {
+    match rows.iter().find(|&&r| r >= len) {
+        Some(r) => Err(crate::LlamaError::Input(format!(
+            "{}: row {r} of `{name}` asked for, but it has {len} rows",
+            path.display()
+        ))),
+        None => Ok(()),
+    }
 }

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Time and peak memory of moekit's layer-at-a-time pipelines at the sizes people convert.
+#
+#   scripts/scale_bench.sh [SHAPE...]     # default: all four shapes, then the 8B width at 8/16 layers
+#
+# For each shape (smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b; `NAME:LAYERS` cuts a
+# shape to LAYERS layers) a random-weight bf16 checkpoint is made once by
+# scripts/make_random_llama.py and cached in $MOEKIT_CACHE/scale/. Then, each through
+# scripts/peak_rss.py (wall time and the kernel's peak resident set):
+#   info; eval --max-tokens 512; convert --method split-importance --experts 16
+#   --shared-experts 2 --top-k 4 on 2,048 calibration tokens; the same with
+#   --layerwise-steps 10; eval of the converted model (the export, as transformers would load
+#   it); profile for a 75% budget on 512 tokens; and transformers' eval of the same 512 tokens
+#   in bf16 (its f32 weights of the larger shapes do not fit in memory).
+# One JSON line per case goes to $MOEKIT_CACHE/scale/results.jsonl (appended) and to stdout.
+# Needs the transformers venv of ../shared/anchors (TORCH_PY, default
+# $MOEKIT_CACHE/torch-venv/bin/python) for numpy, the tokenizer export and the comparison.
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+PY=${TORCH_PY:-$CACHE/torch-venv/bin/python}
+[ -x "$PY" ] || { echo "error: no python with numpy/transformers at $PY: see ../shared/anchors/README.md, or set TORCH_PY" >&2; exit 1; }
+SCALE=$CACHE/scale
+mkdir -p "$SCALE"
+RESULTS=$SCALE/results.jsonl
+EVAL_TEXT=$DOC/tutorial/introduction.rst.txt
+CALIB=$DOC/library
+SHAPES=("$@")
+[ ${#SHAPES[@]} -gt 0 ] || SHAPES=(smollm2-135m llama-3.2-1b llama-3.2-3b llama-3.1-8b llama-3.1-8b:8 llama-3.1-8b:16)
+
+# The tokenizer: SmolLM2's (49,152 ids, below every shape's vocabulary), exported by transformers.
+TOK=$SCALE/tokenizer
+if [ ! -f "$TOK/tokenizer.json" ]; then
+    "$PY" - "$SMOLLM2" "$TOK" <<'PY'
+import os, sys
+from transformers import AutoTokenizer
+d, f = os.path.split(os.path.abspath(sys.argv[1]))
+AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(sys.argv[2])
+PY
+fi
+
+measure() { # LABEL COMMAND...: one JSON line, with the shape
+    local label=$1
+    shift
+    python3 "$ROOT/scripts/peak_rss.py" "$label" "$@" 2>>"$SCALE/log.txt" |
+        sed "s/^{/{\"shape\": \"$NAME\", /" | tee -a "$RESULTS" || true
+}
+
+for SPEC in "${SHAPES[@]}"; do
+    SHAPE=${SPEC%%:*}
+    LAYERS=${SPEC#*:}
+    [ "$LAYERS" = "$SPEC" ] && LAYERS=
+    NAME=$SHAPE${LAYERS:+-${LAYERS}l}
+    MODEL=$SCALE/$NAME
+    echo "== $NAME" >&2
+    "$PY" "$ROOT/scripts/make_random_llama.py" "$SHAPE" "$MODEL" --tokenizer "$TOK" ${LAYERS:+--layers $LAYERS} >/dev/null
+    OUT=$SCALE/out-$NAME
+    rm -rf "$OUT" "$OUT-lw"
+    measure info "$BIN" info "$MODEL"
+    measure eval "$BIN" eval "$MODEL" --text "$EVAL_TEXT" --max-tokens 512 --json
+    measure convert "$BIN" convert "$MODEL" --method split-importance --experts 16 --shared-experts 2 \
+        --top-k 4 --calib "$CALIB" --calib-tokens 2048 --dtype bf16 --json --out "$OUT"
+    measure eval-converted "$BIN" eval "$OUT" --text "$EVAL_TEXT" --max-tokens 512 --json
+    measure profile "$BIN" profile "$OUT" --calib "$CALIB" --calib-tokens 512 --select-tokens 512 --target-active-params 0.75 \
+        --reference "$MODEL" --out "$SCALE/policy-$NAME.json"
+    measure convert-layerwise "$BIN" convert "$MODEL" --method split-importance --experts 16 --shared-experts 2 \
+        --top-k 4 --calib "$CALIB" --calib-tokens 2048 --layerwise-steps 10 --dtype bf16 --json --out "$OUT-lw"
+    measure transformers-eval "$PY" "$ROOT/scripts/hf_reference.py" "$MODEL" --text "$EVAL_TEXT" \
+        --max-tokens 512 --dtype bfloat16
+    rm -rf "$OUT" "$OUT-lw"
+done
