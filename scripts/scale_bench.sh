@@ -2,6 +2,8 @@
 # Time and peak memory of moekit's layer-at-a-time pipelines at the sizes people convert.
 #
 #   scripts/scale_bench.sh [SHAPE...]     # default: all four shapes, then the 8B width at 8/16 layers
+#   LAYERWISE=0 scripts/scale_bench.sh ... # without the layer-wise construction case (it trains
+#                                          # 10 steps of 2,048 rows per layer: ~80 s a layer at 8B)
 #
 # For each shape (smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b; `NAME:LAYERS` cuts a
 # shape to LAYERS layers) a random-weight bf16 checkpoint is made once by
@@ -62,7 +64,7 @@ for SPEC in "${SHAPES[@]}"; do
     measure eval-converted "$BIN" eval "$OUT" --text "$EVAL_TEXT" --max-tokens 512 --json
     measure profile "$BIN" profile "$OUT" --calib "$CALIB" --calib-tokens 512 --select-tokens 512 --target-active-params 0.75 \
         --reference "$MODEL" --out "$SCALE/policy-$NAME.json"
-    measure convert-layerwise "$BIN" convert "$MODEL" --method split-importance --experts 16 --shared-experts 2 \
+    [ "${LAYERWISE:-1}" = 0 ] || measure convert-layerwise "$BIN" convert "$MODEL" --method split-importance --experts 16 --shared-experts 2 \
         --top-k 4 --calib "$CALIB" --calib-tokens 2048 --layerwise-steps 10 --dtype bf16 --json --out "$OUT-lw"
     measure transformers-eval "$PY" "$ROOT/scripts/hf_reference.py" "$MODEL" --text "$EVAL_TEXT" \
         --max-tokens 512 --dtype bfloat16

@@ -32,3 +32,12 @@ pub fn check(what: &str, need: u64) -> Result<(), CliError> {
         _ => Ok(()),
     }
 }
+
+/// Bytes of one decoder layer of `config` in f32: what layer-at-a-time work holds of the
+/// model (the embedding and LM head are read by rows).
+pub fn layer_bytes(config: &moekit::llama::LlamaConfig) -> u64 {
+    let embeddings = config.vocab_size * config.hidden_size;
+    let tables = if config.tie_word_embeddings { 1 } else { 2 } * embeddings;
+    let layers = config.num_hidden_layers.max(1);
+    4 * (config.param_counts().total.saturating_sub(tables) / layers) as u64
+}

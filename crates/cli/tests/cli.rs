@@ -40,6 +40,65 @@ fn missing_and_non_model_paths() {
 }
 
 #[test]
+fn models_too_large_for_memory_are_refused_before_loading() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, text) = dense_model_and_text(root.path());
+    let text = format!("{text}/0.txt");
+    // The configuration of a model far larger than any test machine (one layer alone is
+    // 3·65536·262144 parameters, ~200 GB in f32); the weights are never read.
+    let path = Path::new(&model).join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["hidden_size"] = 65536.into();
+    config["intermediate_size"] = 262144.into();
+    config["num_attention_heads"] = 512.into();
+    config["num_key_value_heads"] = 512.into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    let out = root.path().join("o").display().to_string();
+    for (args, what) in [
+        (
+            vec!["generate", &model, "--prompt", "hi"],
+            "generation needs about",
+        ),
+        (
+            vec!["eval", &model, "--text", &text],
+            "evaluating one layer at a time needs about",
+        ),
+        (
+            vec![
+                "convert",
+                &model,
+                "--method",
+                "upcycle",
+                "--experts",
+                "2",
+                "--top-k",
+                "1",
+                "--out",
+                &out,
+            ],
+            "converting one layer at a time needs about",
+        ),
+        (
+            vec![
+                "distill",
+                "--teacher",
+                &model,
+                "--student",
+                &model,
+                "--data",
+                &text,
+                "--out",
+                &out,
+            ],
+            "distillation needs about",
+        ),
+    ] {
+        assert_clean_failure(&moekit(&args), what);
+    }
+}
+
+#[test]
 fn corrupt_gguf_files() {
     let dir = tempfile::tempdir().unwrap();
     let good = fixture_bytes();

@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 
 use moekit_llama::{
-    Checkpoint, GenerateConfig, Llama, Message, Sampling, Tokenizer, generate, perplexity,
+    Checkpoint, GenerateConfig, LayeredConfig, Llama, Message, Sampling, Tokenizer, generate,
+    perplexity, perplexity_layered,
 };
 use serde_json::Value;
 
@@ -79,6 +80,23 @@ fn perplexity_and_greedy_answer_match_transformers() {
     assert!(
         (ppl.perplexity / 18.8325 - 1.0).abs() < 0.005,
         "perplexity {} vs transformers 18.8325",
+        ppl.perplexity
+    );
+    // Read one layer at a time (the quantised embedding and head by rows): the same figure.
+    let layered = perplexity_layered(
+        &Checkpoint::open(&path).unwrap(),
+        &ids(&f["gpl3_first_512"]),
+        512,
+        &LayeredConfig::new(),
+        &moekit_testing::device(0),
+        &mut |_, layer| Ok(layer),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert!(
+        (layered.nll / ppl.nll - 1.0).abs() < 1e-5,
+        "layered {} vs whole {}",
+        layered.perplexity,
         ppl.perplexity
     );
     let prompt = tokenizer

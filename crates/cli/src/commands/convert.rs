@@ -413,6 +413,18 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
         (Vec::new(), super::stamp_model(&args.dense))
     };
     let ckpt = Checkpoint::open(&args.dense)?;
+    // One layer dense and converted, its tensors on the host for writing, and the calibration
+    // tokens' hidden states, FFN inputs and (for construction) outputs.
+    let per_token = 4 * ckpt.config().hidden_size as u64 * if layerwise { 4 } else { 2 };
+    let tokens = if needs_calib {
+        args.calib_tokens as u64
+    } else {
+        0
+    };
+    crate::memory::check(
+        "converting one layer at a time",
+        3 * crate::memory::layer_bytes(ckpt.config()) + tokens * per_token,
+    )?;
     let tokenizer = ckpt.tokenizer()?;
     config.validate(ckpt.config().hidden_size, ckpt.config().intermediate_size)?;
     let work = args

@@ -173,6 +173,14 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
         }
         None => {
             let ckpt = Checkpoint::open(&args.model)?;
+            let settings = LayeredConfig::new();
+            // One layer, and a block of the LM head with its logits.
+            let c = ckpt.config();
+            let head = 4 * (settings.vocab_block * c.hidden_size) as u64;
+            crate::memory::check(
+                "evaluating one layer at a time",
+                2 * crate::memory::layer_bytes(c) + 2 * head,
+            )?;
             let routing = Routing::of(args, ckpt.config())?;
             let ids = token_ids(args, &ckpt.tokenizer()?)?;
             let window = args.window.unwrap_or(ckpt.config().max_position_embeddings);
@@ -181,7 +189,7 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
                 &ckpt,
                 &ids,
                 window,
-                &LayeredConfig::new(),
+                &settings,
                 &moekit::default_device(),
                 &mut |l, layer| routing.apply(l, layer),
                 &mut progress::update(&bar),

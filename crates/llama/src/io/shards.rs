@@ -156,7 +156,9 @@ impl ShardedWriter {
     /// Names an already staged part (see [`ShardedWriter::has_part`]) in its place in the
     /// order.
     pub fn reuse(&mut self, part: &str) -> Result<()> {
-        read_header(&self.part_path(part))?;
+        if !self.planned(part) {
+            read_header(&self.part_path(part))?;
+        }
         self.note(part);
         Ok(())
     }
@@ -170,17 +172,126 @@ impl ShardedWriter {
     /// Packs the staged parts into shards in `dir` (one `model.safetensors` when they fit in
     /// one shard), writes the index, removes shards of an earlier save that the new ones do not
     /// replace, and deletes the staged parts. Returns the shard file names.
+    ///
+    /// Each shard's parts are deleted as soon as it is written, so the disk holds at most one
+    /// shard twice, not the model. The plan of the shards is saved first (`plan.json` in the
+    /// staging folder): a finish cut short is taken up again by the next one, parts that went
+    /// into a written shard included.
     pub fn finish(self) -> Result<Vec<String>> {
         std::fs::create_dir_all(&self.dir).map_err(|e| LlamaError::io(&self.dir, e))?;
-        let headers: Vec<(PathBuf, PartHeader)> = self
+        let plan = match self.read_plan()? {
+            Some(plan) => plan,
+            None => {
+                let plan = self.plan()?;
+                let text = serde_json::to_vec(&plan).expect("a plan serialises");
+                atomic::write(&self.plan_path(), &text)?;
+                plan
+            }
+        };
+        for shard in &plan.shards {
+            self.write_shard(shard)?;
+        }
+        let names: Vec<String> = plan.shards.iter().map(|s| s.file.clone()).collect();
+        let n = names.len();
+        let single = format!("{}.safetensors", self.stem);
+        let index_name = format!("{single}.index.json");
+        if n > 1 {
+            let text = serde_json::to_string_pretty(&json!({
+                "metadata": {"total_size": plan.total},
+                "weight_map": plan.weight_map,
+            }))
+            .expect("JSON serialises");
+            atomic::write(&self.dir.join(&index_name), text.as_bytes())?;
+        }
+        // Files of an earlier save that would shadow or contradict this one.
+        let read = |e| LlamaError::io(&self.dir, e);
+        for entry in std::fs::read_dir(&self.dir).map_err(read)? {
+            let entry = entry.map_err(read)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let stale = (is_shard_name(&self.stem, &name) && !names.contains(&name))
+                || (n > 1 && name == single)
+                || (n == 1 && name == index_name);
+            if stale {
+                std::fs::remove_file(entry.path()).map_err(|e| LlamaError::io(entry.path(), e))?;
+            }
+        }
+        atomic::sync_dir(&self.dir)?;
+        std::fs::remove_file(self.plan_path()).map_err(|e| LlamaError::io(self.plan_path(), e))?;
+        if std::fs::read_dir(&self.staging).is_ok_and(|mut d| d.next().is_none()) {
+            let _ = std::fs::remove_dir(&self.staging);
+        }
+        Ok(names)
+    }
+
+    /// Writes one shard of the plan from its parts (unless a finish cut short wrote it and
+    /// deleted them), then deletes its parts.
+    fn write_shard(&self, shard: &ShardPlan) -> Result<()> {
+        let out = self.dir.join(&shard.file);
+        let paths: Vec<PathBuf> = shard.parts.iter().map(|p| self.part_path(&p.0)).collect();
+        if paths.iter().all(|p| p.exists()) {
+            atomic::write_with(&out, |w| {
+                w.write_all(&(shard.header.len() as u64).to_le_bytes())?;
+                w.write_all(shard.header.as_bytes())?;
+                w.flush()?;
+                for (path, (_, start, len)) in paths.iter().zip(&shard.parts) {
+                    let mut part = std::fs::File::open(path)?;
+                    part.seek(SeekFrom::Start(*start))?;
+                    let copied = std::io::copy(&mut part.take(*len), w.get_mut())?;
+                    if copied != *len {
+                        return Err(std::io::Error::other(format!(
+                            "{} ended early",
+                            path.display()
+                        )));
+                    }
+                }
+                Ok(())
+            })?;
+        } else if !out.exists() {
+            return Err(LlamaError::corrupt(
+                &self.staging,
+                format!(
+                    "parts of {} are missing and the shard was not written; delete the \
+                     work directory to start over",
+                    shard.file
+                ),
+            ));
+        }
+        for path in paths.iter().filter(|p| p.exists()) {
+            std::fs::remove_file(path).map_err(|e| LlamaError::io(path, e))?;
+        }
+        Ok(())
+    }
+
+    fn plan_path(&self) -> PathBuf {
+        self.staging.join("plan.json")
+    }
+
+    fn read_plan(&self) -> Result<Option<Plan>> {
+        let path = self.plan_path();
+        if !path.exists() {
+            return Ok(None);
+        }
+        let bytes = std::fs::read(&path).map_err(|e| LlamaError::io(&path, e))?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| LlamaError::corrupt(&path, format!("unreadable shard plan: {e}")))
+    }
+
+    /// Whether `part` went into a shard of a finish that was cut short.
+    fn planned(&self, part: &str) -> bool {
+        self.read_plan()
+            .ok()
+            .flatten()
+            .is_some_and(|p| p.shards.iter().any(|s| s.parts.iter().any(|x| x.0 == part)))
+    }
+
+    /// The shards of the named parts: consecutive parts while they fit.
+    fn plan(&self) -> Result<Plan> {
+        let headers: Vec<(String, PartHeader)> = self
             .parts
             .iter()
-            .map(|p| {
-                let path = self.part_path(p);
-                read_header(&path).map(|h| (path, h))
-            })
+            .map(|p| read_header(&self.part_path(p)).map(|h| (p.clone(), h)))
             .collect::<Result<_>>()?;
-        // Consecutive parts while they fit.
         let mut groups: Vec<Vec<usize>> = Vec::new();
         let mut size = 0u64;
         for (i, (_, h)) in headers.iter().enumerate() {
@@ -196,20 +307,24 @@ impl ShardedWriter {
             }
         }
         let n = groups.len();
-        let single = format!("{}.safetensors", self.stem);
-        let names: Vec<String> = if n == 1 {
-            vec![single.clone()]
-        } else {
-            (1..=n).map(|i| shard_name(&self.stem, i, n)).collect()
+        let mut plan = Plan {
+            shards: Vec::new(),
+            weight_map: BTreeMap::new(),
+            total: 0,
         };
-        let mut weight_map = BTreeMap::new();
-        let mut total = 0u64;
-        for (group, file) in groups.iter().zip(&names) {
+        for (k, group) in groups.iter().enumerate() {
+            let file = if n == 1 {
+                format!("{}.safetensors", self.stem)
+            } else {
+                shard_name(&self.stem, k + 1, n)
+            };
             let mut header = serde_json::Map::new();
             header.insert("__metadata__".into(), json!({"format": "pt"}));
             let mut offset = 0u64;
+            let mut parts = Vec::new();
             for &i in group {
-                for (name, info) in &headers[i].1.tensors {
+                let (part, h) = &headers[i];
+                for (name, info) in &h.tensors {
                     let (a, b) = (
                         info["data_offsets"][0].as_u64().unwrap_or(0),
                         info["data_offsets"][1].as_u64().unwrap_or(0),
@@ -217,63 +332,40 @@ impl ShardedWriter {
                     let mut info = info.clone();
                     info["data_offsets"] = json!([offset + a, offset + b]);
                     header.insert(name.clone(), info);
-                    weight_map.insert(name.clone(), Value::String(file.clone()));
+                    plan.weight_map.insert(name.clone(), file.clone());
                 }
-                offset += headers[i].1.data_len;
+                offset += h.data_len;
+                parts.push((part.clone(), h.data_start, h.data_len));
             }
-            total += offset;
-            let mut header = serde_json::to_vec(&header).expect("a JSON map serialises");
-            header.resize(header.len().div_ceil(8) * 8, b' ');
-            atomic::write_with(&self.dir.join(file), |w| {
-                w.write_all(&(header.len() as u64).to_le_bytes())?;
-                w.write_all(&header)?;
-                w.flush()?;
-                for &i in group {
-                    let (path, h) = &headers[i];
-                    let mut part = std::fs::File::open(path)?;
-                    part.seek(SeekFrom::Start(h.data_start))?;
-                    let copied = std::io::copy(&mut part.take(h.data_len), w.get_mut())?;
-                    if copied != h.data_len {
-                        return Err(std::io::Error::other(format!(
-                            "{} ended early",
-                            path.display()
-                        )));
-                    }
-                }
-                Ok(())
-            })?;
-        }
-        let index_name = format!("{single}.index.json");
-        let index = self.dir.join(&index_name);
-        if n > 1 {
-            let text = serde_json::to_string_pretty(&json!({
-                "metadata": {"total_size": total},
-                "weight_map": weight_map,
-            }))
-            .expect("JSON serialises");
-            atomic::write(&index, text.as_bytes())?;
-        }
-        // Files of an earlier save that would shadow or contradict this one.
-        let read = |e| LlamaError::io(&self.dir, e);
-        for entry in std::fs::read_dir(&self.dir).map_err(read)? {
-            let entry = entry.map_err(read)?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let stale = (is_shard_name(&self.stem, &name) && !names.contains(&name))
-                || (n > 1 && name == single)
-                || (n == 1 && name == index_name);
-            if stale {
-                std::fs::remove_file(entry.path()).map_err(|e| LlamaError::io(entry.path(), e))?;
+            plan.total += offset;
+            let mut header = serde_json::to_string(&header).expect("a JSON map serialises");
+            while !header.len().is_multiple_of(8) {
+                header.push(' ');
             }
+            plan.shards.push(ShardPlan {
+                file,
+                header,
+                parts,
+            });
         }
-        atomic::sync_dir(&self.dir)?;
-        for (path, _) in &headers {
-            std::fs::remove_file(path).map_err(|e| LlamaError::io(path, e))?;
-        }
-        if std::fs::read_dir(&self.staging).is_ok_and(|mut d| d.next().is_none()) {
-            let _ = std::fs::remove_dir(&self.staging);
-        }
-        Ok(names)
+        Ok(plan)
     }
+}
+
+/// How staged parts become shards (saved while a finish runs, so that it can be resumed).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Plan {
+    shards: Vec<ShardPlan>,
+    weight_map: BTreeMap<String, String>,
+    total: u64,
+}
+
+/// One shard: its file name, its header, and its parts' `(name, data start, data length)`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ShardPlan {
+    file: String,
+    header: String,
+    parts: Vec<(String, u64, u64)>,
 }
 
 #[cfg(test)]
@@ -344,6 +436,39 @@ mod tests {
             SafetensorsDir::open(&out).unwrap().read("x").unwrap(),
             Some(t)
         );
+    }
+
+    #[test]
+    fn a_finish_cut_short_is_taken_up_by_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, staging) = (dir.path().join("m"), dir.path().join("s"));
+        let tensors: Vec<HostTensor> = (0..3).map(|p| tensor(4, p as f32 * 10.0)).collect();
+        let mut writer = ShardedWriter::new(&out, &staging, SaveDtype::F32)
+            .unwrap()
+            .with_max_shard_bytes(48);
+        for (p, t) in tensors.iter().enumerate() {
+            writer
+                .put(&format!("p{p}"), &[(format!("t{p}"), t as &dyn RowSource)])
+                .unwrap();
+        }
+        // The first shard is written and its part deleted; then the process dies.
+        let plan = writer.plan().unwrap();
+        assert_eq!(plan.shards.len(), 3);
+        atomic::write(&writer.plan_path(), &serde_json::to_vec(&plan).unwrap()).unwrap();
+        std::fs::create_dir_all(&out).unwrap();
+        writer.write_shard(&plan.shards[0]).unwrap();
+        assert!(!staging.join("p0.safetensors").exists());
+        // A rerun names every part again, as its pipeline does, and finishes.
+        let mut again = ShardedWriter::new(&out, &staging, SaveDtype::F32).unwrap();
+        for p in 0..3 {
+            again.reuse(&format!("p{p}")).unwrap();
+        }
+        assert_eq!(again.finish().unwrap().len(), 3);
+        let read = SafetensorsDir::open(&out).unwrap();
+        for (p, t) in tensors.iter().enumerate() {
+            assert_eq!(read.read(&format!("t{p}")).unwrap().as_ref(), Some(t));
+        }
+        assert!(!staging.exists());
     }
 
     #[test]
