@@ -4,6 +4,9 @@
 #   scripts/scale_bench.sh [SHAPE...]     # default: all four shapes, then the 8B width at 8/16 layers
 #   LAYERWISE=0 scripts/scale_bench.sh ... # without the layer-wise construction case (it trains
 #                                          # 10 steps of 2,048 rows per layer: ~80 s a layer at 8B)
+#   TRANSFORMERS=0 scripts/scale_bench.sh ... # without transformers' eval
+#   PROFILE=0 scripts/scale_bench.sh ...   # without profile (it holds the whole model in f32 and
+#                                          # refuses, in one line, a model that does not fit)
 #
 # For each shape (smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b; `NAME:LAYERS` cuts a
 # shape to LAYERS layers) a random-weight bf16 checkpoint is made once by
@@ -62,11 +65,35 @@ for SPEC in "${SHAPES[@]}"; do
     measure convert "$BIN" convert "$MODEL" --method split-importance --experts 16 --shared-experts 2 \
         --top-k 4 --calib "$CALIB" --calib-tokens 2048 --dtype bf16 --json --out "$OUT"
     measure eval-converted "$BIN" eval "$OUT" --text "$EVAL_TEXT" --max-tokens 512 --json
-    measure profile "$BIN" profile "$OUT" --calib "$CALIB" --calib-tokens 512 --select-tokens 512 --target-active-params 0.75 \
+    [ "${PROFILE:-1}" = 0 ] || measure profile "$BIN" profile "$OUT" --calib "$CALIB" --calib-tokens 512 --select-tokens 512 --target-active-params 0.75 \
         --reference "$MODEL" --out "$SCALE/policy-$NAME.json"
     [ "${LAYERWISE:-1}" = 0 ] || measure convert-layerwise "$BIN" convert "$MODEL" --method split-importance --experts 16 --shared-experts 2 \
         --top-k 4 --calib "$CALIB" --calib-tokens 2048 --layerwise-steps 10 --dtype bf16 --json --out "$OUT-lw"
-    measure transformers-eval "$PY" "$ROOT/scripts/hf_reference.py" "$MODEL" --text "$EVAL_TEXT" \
+    [ "${TRANSFORMERS:-1}" = 0 ] || measure transformers-eval "$PY" "$ROOT/scripts/hf_reference.py" "$MODEL" --text "$EVAL_TEXT" \
         --max-tokens 512 --dtype bfloat16
     rm -rf "$OUT" "$OUT-lw"
 done
+
+# The table of docs/performance.md: the last result of each shape and case.
+python3 - "$RESULTS" <<'PY'
+import json, sys
+rows = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    rows[(r["shape"], r["case"])] = r
+shapes = list(dict.fromkeys(s for s, _ in rows))
+cases = list(dict.fromkeys(c for _, c in rows))
+print("| case | " + " | ".join(shapes) + " |")
+print("|---|" + "---:|" * len(shapes))
+for c in cases:
+    cells = []
+    for s in shapes:
+        r = rows.get((s, c))
+        if r is None:
+            cells.append("")
+        elif r["rc"] != 0:
+            cells.append(f"refused ({r['seconds']:.1f} s)")
+        else:
+            cells.append(f"{r['seconds']:.1f} s, {r['peak_rss_mib'] / 1024:.2f} GiB")
+    print(f"| {c} | " + " | ".join(cells) + " |")
+PY

@@ -623,11 +623,7 @@ pub fn construct_layer(
             hidden: h,
         }
     } else {
-        Rows {
-            x: &x,
-            y: &y,
-            hidden: h,
-        }
+        Rows { x, y, hidden: h }
     };
     let error_before = relative_error(moe, &holdout, &device)?;
     let (tx, ty) = (&x[..train_n * h], &y[..train_n * h]);

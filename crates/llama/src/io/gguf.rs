@@ -13,6 +13,7 @@ use memmap2::Mmap;
 
 use super::host::HostTensor;
 use super::quant::GgmlType;
+use super::safetensors::read_at;
 use super::source::TensorSource;
 use crate::config::{LlamaConfig, TokenIds};
 use crate::{LlamaError, Result};
@@ -88,7 +89,9 @@ pub struct GgufTensorInfo {
 #[derive(Debug)]
 pub struct GgufFile {
     path: PathBuf,
-    mmap: Mmap,
+    /// Tensor data is read with positioned reads ([`read_at`]); the header is parsed through a
+    /// memory map that is dropped once open.
+    file: std::fs::File,
     /// Format version (2 or 3).
     pub version: u32,
     /// Metadata key/values.
@@ -353,9 +356,11 @@ impl GgufFile {
                 format!("tensors `{}` and `{}` overlap in the file", w[0].2, w[1].2),
             ));
         }
+        // Data is read from `file`; the map's pages leave the resident set with it.
+        drop(mmap);
         Ok(Self {
             path: path.to_path_buf(),
-            mmap,
+            file,
             version,
             metadata,
             tensors,
@@ -495,7 +500,8 @@ impl TensorSource for GgufFile {
         let ty = self.ggml_type(name, info)?;
         let n = info.shape.iter().product();
         let mut data = vec![0.0f32; n];
-        ty.dequantize(&self.mmap[info.offset..info.offset + info.len], &mut data);
+        let bytes = read_at(&self.file, &self.path, info.offset, info.len)?;
+        ty.dequantize(&bytes, &mut data);
         Ok(Some(HostTensor::new(info.shape.clone(), data)))
     }
 
@@ -520,7 +526,7 @@ impl TensorSource for GgufFile {
         let mut data = vec![0.0f32; rows.len() * width];
         for (out, &r) in data.chunks_exact_mut(width.max(1)).zip(rows) {
             let at = info.offset + r * row_bytes;
-            ty.dequantize(&self.mmap[at..at + row_bytes], out);
+            ty.dequantize(&read_at(&self.file, &self.path, at, row_bytes)?, out);
         }
         Ok(Some(HostTensor::new(
             super::source::row_shape(&info.shape, rows.len()),

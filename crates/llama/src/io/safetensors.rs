@@ -15,11 +15,12 @@ use super::host::HostTensor;
 use super::source::TensorSource;
 use crate::{LlamaError, Result};
 
-/// One memory-mapped `.safetensors` file.
+/// One `.safetensors` file: its header checked through a memory map, its data read with
+/// positioned reads (see [`read_at`]).
 #[derive(Debug)]
 struct Shard {
     path: PathBuf,
-    mmap: Mmap,
+    file: std::fs::File,
     data_start: usize,
     metadata: Metadata,
 }
@@ -41,7 +42,7 @@ impl Shard {
             .map_err(|e| LlamaError::corrupt(path, format!("invalid safetensors file: {e}")))?;
         Ok(Self {
             path: path.to_path_buf(),
-            mmap,
+            file,
             data_start: 8 + header,
             metadata,
         })
@@ -164,7 +165,7 @@ impl TensorSource for SafetensorsDir {
         if shape.is_empty() {
             // A scalar: one "row" of one value.
             let (shard, info) = self.info(name).expect("listed");
-            let data = decode_values(shard, name, info.dtype, self.bytes(name, 0, 1))?;
+            let data = decode_values(shard, name, info.dtype, &self.bytes(name, 0, 1)?)?;
             return Ok(Some(HostTensor::new(shape, data)));
         }
         self.read_rows(name, &rows)
@@ -186,8 +187,8 @@ impl TensorSource for SafetensorsDir {
             while j < rows.len() && rows[j] == rows[j - 1] + 1 {
                 j += 1;
             }
-            let bytes = self.bytes(name, rows[i] * width, (j - i) * width);
-            data.extend(decode_values(shard, name, info.dtype, bytes)?);
+            let bytes = self.bytes(name, rows[i] * width, (j - i) * width)?;
+            data.extend(decode_values(shard, name, info.dtype, &bytes)?);
             i = j;
         }
         Ok(Some(HostTensor::new(
@@ -206,18 +207,48 @@ impl SafetensorsDir {
 
     /// The stored bytes of `count` values of `name` from value `start` on (within the
     /// tensor's extent, which the safetensors crate checked when the file was opened).
-    fn bytes(&self, name: &str, start: usize, count: usize) -> &[u8] {
+    fn bytes(&self, name: &str, start: usize, count: usize) -> Result<Vec<u8>> {
         let (shard, info) = self.info(name).expect("listed");
         let width = info.dtype.bitsize() / 8;
         let (a, _) = info.data_offsets;
         let from = shard.data_start + a + start * width;
-        &shard.mmap[from..from + count * width]
+        read_at(&shard.file, &shard.path, from, count * width)
     }
 
     /// The storage type of `name` (`F32`, `BF16`, ...), or `None` if it is absent.
     pub fn dtype(&self, name: &str) -> Option<Dtype> {
         self.info(name).map(|(_, info)| info.dtype)
     }
+}
+
+/// `len` bytes of `file` from `offset`, read with a positioned read. Reading through the
+/// memory map instead would leave every page of the checkpoint that was ever read in the
+/// process's resident set (file-backed pages count there), so that a layer-at-a-time pass over
+/// a 16 GB model would end with a 16 GB resident set; read like this, the pages stay in the
+/// page cache, which the kernel gives back under pressure, and the resident set follows the
+/// layer.
+pub(crate) fn read_at(
+    file: &std::fs::File,
+    path: &Path,
+    offset: usize,
+    len: usize,
+) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(&mut buf, offset as u64)
+            .map_err(|e| LlamaError::io(path, e))?;
+    }
+    #[cfg(not(unix))]
+    {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = file;
+        f.seek(SeekFrom::Start(offset as u64))
+            .and_then(|_| f.read_exact(&mut buf))
+            .map_err(|e| LlamaError::io(path, e))?;
+    }
+    Ok(buf)
 }
 
 /// Stored values in `dtype` as f32.
