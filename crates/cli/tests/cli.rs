@@ -88,6 +88,8 @@ fn models_too_large_for_memory_are_refused_before_loading() {
                 &model,
                 "--data",
                 &text,
+                "--steps",
+                "1",
                 "--out",
                 &out,
             ],
