@@ -156,10 +156,12 @@ impl RoutingPolicy {
     /// The same rule in every MoE layer a configuration describes (for layer-at-a-time work,
     /// where no whole model is loaded).
     pub fn uniform_for(config: &LlamaConfig, rule: Rule) -> Result<Self> {
-        let layers: Vec<_> = moe_specs(config)
-            .into_iter()
-            .map(|(layer, _, _)| LayerPolicy { layer, rule })
-            .collect();
+        Self::uniform_over(moe_specs(config).into_iter().map(|(l, _, _)| l), rule)
+    }
+
+    /// `rule` in each of `layers`; none is an error.
+    fn uniform_over(layers: impl Iterator<Item = usize>, rule: Rule) -> Result<Self> {
+        let layers: Vec<_> = layers.map(|layer| LayerPolicy { layer, rule }).collect();
         if layers.is_empty() {
             return Err(RouterError::NoMoeLayers);
         }
@@ -216,17 +218,7 @@ impl RoutingPolicy {
 
     /// The same rule in every MoE layer of `model`.
     pub fn uniform(model: &Llama, rule: Rule) -> Result<Self> {
-        let layers: Vec<_> = moe_layers(model)
-            .into_iter()
-            .map(|(layer, _)| LayerPolicy { layer, rule })
-            .collect();
-        if layers.is_empty() {
-            return Err(RouterError::NoMoeLayers);
-        }
-        Ok(Self {
-            layers,
-            chosen: None,
-        })
+        Self::uniform_over(moe_layers(model).into_iter().map(|(l, _)| l), rule)
     }
 
     /// The rules `model` routes with now.

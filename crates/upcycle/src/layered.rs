@@ -33,6 +33,7 @@ use crate::config::ConvertConfig;
 use crate::convert::{PROFILE_TOKENS, convert_ffn, layer_seed};
 use crate::error::{Result, UpcycleError};
 use crate::layerwise::{LayerObserver, LayerReport, LayerwiseConfig, construct_layer};
+use crate::record::read_f32;
 
 /// Which hidden states feed layer `l + 1` while converting layer by layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -144,24 +145,6 @@ fn write_f32(path: &Path, values: &[f32]) -> Result<()> {
     let mut bytes = Vec::with_capacity(values.len() * 4);
     values.iter().for_each(|v| bytes.extend(v.to_le_bytes()));
     moekit_llama::io::atomic::write(path, &bytes).map_err(UpcycleError::from)
-}
-
-fn read_f32(path: &Path, expected: usize) -> Result<Vec<f32>> {
-    let bytes = std::fs::read(path).map_err(|e| UpcycleError::io(path, e))?;
-    if bytes.len() != expected * 4 {
-        return Err(UpcycleError::WorkDir {
-            path: path.into(),
-            reason: format!(
-                "{} bytes, expected {}; delete the work directory to start over",
-                bytes.len(),
-                expected * 4
-            ),
-        });
-    }
-    Ok(bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect())
 }
 
 /// Host rows `[n·H]` of a `[b, t, H]` tensor.

@@ -79,13 +79,15 @@ fn to_vec(t: &Tensor<3>) -> Vec<f32> {
         .expect("f32 data")
 }
 
-fn read_f32(path: &Path, expected: usize) -> Result<Vec<f32>> {
+/// `expected` little-endian f32s from the work-directory file `path`; another size is a
+/// [`UpcycleError::WorkDir`] (a file cut short).
+pub(crate) fn read_f32(path: &Path, expected: usize) -> Result<Vec<f32>> {
     let bytes = std::fs::read(path).map_err(|e| UpcycleError::io(path, e))?;
     if bytes.len() != expected * 4 {
         return Err(UpcycleError::WorkDir {
             path: path.into(),
             reason: format!(
-                "{} bytes, expected {}: the recording is incomplete; delete the work directory",
+                "{} bytes, expected {}: the file is incomplete; delete the work directory",
                 bytes.len(),
                 expected * 4
             ),
