@@ -64,3 +64,6 @@ pub fn default_device() -> Device {
     feature = "wgpu"
 )))]
 compile_error!("moekit needs a backend feature: flex (default), wgpu, vulkan, metal or cuda");
+
+#[doc = include_str!("../docs/rust.md")]
+pub mod guide {}
