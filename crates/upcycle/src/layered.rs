@@ -258,13 +258,14 @@ pub fn convert_layered(
             .dense()
             .ok_or_else(|| UpcycleError::Config(format!("layer {l} is already a MoE layer")))?;
         // The attention half over every batch: the residual r, the FFN input x and the
-        // dense output y, each [b, t, H].
+        // dense output y (needed by the dense path and by construction), each [b, t, H].
+        let needs_y = settings.path == HiddenPath::Dense || settings.layerwise.is_some();
         let mut halves = Vec::new();
         if let Some(hidden) = &hidden {
             for (_, h) in &hidden.batches {
                 let tables = rope.tables(h.dims()[1], device);
                 let (r, x) = dense.attention_block(h.clone(), tables, None);
-                let y = ffn.forward(x.clone());
+                let y = needs_y.then(|| ffn.forward(x.clone()));
                 halves.push((r, x, y));
             }
         }
@@ -287,7 +288,10 @@ pub fn convert_layered(
         }
         if let Some(lw) = &settings.layerwise {
             let t = Instant::now();
-            let y_host: Vec<f32> = halves.iter().flat_map(|(_, _, y)| rows(y)).collect();
+            let y_host: Vec<f32> = halves
+                .iter()
+                .flat_map(|(_, _, y)| rows(y.as_ref().expect("computed for construction")))
+                .collect();
             let (trained, report) = construct_layer(
                 l,
                 &moe,
@@ -312,9 +316,9 @@ pub fn convert_layered(
         // The hidden states that feed the next layer.
         if let Some(hidden) = &mut hidden {
             for ((_, h), (r, x, y)) in hidden.batches.iter_mut().zip(halves) {
-                *h = match settings.path {
-                    HiddenPath::Dense => r + y,
-                    HiddenPath::Converted => r + converted.ffn.forward(x)?.0,
+                *h = match (settings.path, y) {
+                    (HiddenPath::Dense, Some(y)) => r + y,
+                    _ => r + converted.ffn.forward(x)?.0,
                 };
             }
         }

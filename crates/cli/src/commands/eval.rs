@@ -4,10 +4,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 use moekit::llama::{
-    Checkpoint, DecoderLayer, FfnSlot, FfnSpec, LayeredConfig, Llama, LlamaConfig, Perplexity,
-    Tokenizer, perplexity, perplexity_layered,
+    Checkpoint, DecoderLayer, FfnSlot, FfnSpec, LayeredConfig, LlamaConfig, Perplexity, Tokenizer,
+    perplexity, perplexity_layered,
 };
-use moekit::router::{ActiveParams, RouterError, RoutingPolicy, Rule, route_by_oracle};
+use moekit::router::{ActiveParams, RouterError, RoutingPolicy, Rule};
 use serde_json::json;
 
 use crate::error::CliError;
@@ -115,26 +115,6 @@ impl Routing {
     }
 }
 
-/// The model with the routing asked for (the whole-model path, for adapters).
-fn routed(mut model: Llama, args: &EvalArgs) -> Result<Llama, CliError> {
-    if let Some(k) = args.oracle {
-        // Not a policy file's fault: say which flag is wrong.
-        route_by_oracle(&mut model, Some(k)).map_err(|e| match e {
-            RouterError::Policy(why) => CliError::Usage(format!("--oracle {k}: {why}")),
-            e => e.into(),
-        })?;
-        return Ok(model);
-    }
-    let policy = match (&args.policy, args.top_k, args.top_p) {
-        (Some(path), _, _) => RoutingPolicy::load(path)?,
-        (_, Some(k), _) => RoutingPolicy::uniform(&model, Rule::TopK { k })?,
-        (_, _, Some(p)) => RoutingPolicy::uniform(&model, Rule::TopP { p, max_k: None })?,
-        _ => return Ok(model),
-    };
-    policy.apply(&mut model)?;
-    Ok(model)
-}
-
 /// Tokens of the file, at most `--max-tokens`; at least 2.
 fn token_ids(args: &EvalArgs, tokenizer: &Tokenizer) -> Result<Vec<u32>, CliError> {
     let text = std::fs::read_to_string(&args.text).map_err(|source| CliError::Read {
@@ -161,8 +141,13 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
     let reference = super::reference_params(args.reference.as_deref())?;
     let (result, active) = match &args.adapter {
         Some(adapter) => {
-            let (_, model, tokenizer) = super::load(&args.model, Some(adapter))?;
-            let model = routed(model, args)?;
+            let (_, mut model, tokenizer) = super::load(&args.model, Some(adapter))?;
+            let routing = Routing::of(args, &model.config)?;
+            model.layers = std::mem::take(&mut model.layers)
+                .into_iter()
+                .enumerate()
+                .map(|(l, layer)| routing.apply(l, layer))
+                .collect::<moekit::llama::Result<_>>()?;
             let ids = token_ids(args, &tokenizer)?;
             let window = args.window.unwrap_or(model.config.max_position_embeddings);
             let bar = progress::bar("eval", "tokens");
