@@ -82,7 +82,8 @@ fn perplexity_and_greedy_answer_match_transformers() {
         "perplexity {} vs transformers 18.8325",
         ppl.perplexity
     );
-    // Read one layer at a time (the quantised embedding and head by rows): the same figure.
+    // Read one layer at a time (the quantised embedding and head by rows): the same figure,
+    // to 1e-4 as every SmolLM2 perplexity (lavapipe's reductions differ by 1e-5 from Flex's).
     let layered = perplexity_layered(
         &Checkpoint::open(&path).unwrap(),
         &ids(&f["gpl3_first_512"]),
@@ -94,7 +95,7 @@ fn perplexity_and_greedy_answer_match_transformers() {
     )
     .unwrap();
     assert!(
-        (layered.nll / ppl.nll - 1.0).abs() < 1e-5,
+        (layered.nll / ppl.nll - 1.0).abs() < 1e-4,
         "layered {} vs whole {}",
         layered.perplexity,
         ppl.perplexity
