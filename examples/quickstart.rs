@@ -31,7 +31,8 @@ use moekit::burn::optim::{AdamWConfig, GradientsParams};
 use moekit::burn::tensor::Device;
 use moekit::distill::{DistillConfig, IGNORE_INDEX, cross_entropy};
 use moekit::llama::{
-    Checkpoint, ExportFormat, Llama, LlamaConfig, SaveDtype, perplexity, save_pretrained,
+    Checkpoint, ExportFormat, LayeredConfig, Llama, LlamaConfig, SaveDtype, perplexity,
+    save_pretrained,
 };
 use moekit::router::{ActiveParams, RoutingPolicy, SearchConfig, measure, proposals, select};
 use moekit::train::{TokenWindows, TrainConfig, TrainObserver, Trainer};
@@ -227,10 +228,13 @@ fn main() -> Result<(), Error> {
         seq_len: SEQ,
         ..SearchConfig::default()
     };
+    let layered = LayeredConfig::new();
     let candidates = measure(
         &moe,
         &calib[..calib.len().min(8192)],
         &search,
+        &layered,
+        &device,
         &mut |_, _| {},
     )?;
     let offered = proposals(&candidates, plan.budget, 4096)?;
@@ -239,6 +243,8 @@ fn main() -> Result<(), Error> {
         offered,
         &calib[..calib.len().min(2048)],
         SEQ,
+        &layered,
+        &device,
         &mut |_, _| {},
     )?;
     let file_routing = RoutingPolicy::of_model(&moe);

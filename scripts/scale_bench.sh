@@ -2,11 +2,9 @@
 # Time and peak memory of moekit's layer-at-a-time pipelines at the sizes people convert.
 #
 #   scripts/scale_bench.sh [SHAPE...]     # default: all four shapes, then the 8B width at 8/16 layers
-#   LAYERWISE=0 scripts/scale_bench.sh ... # without the layer-wise construction case (it trains
-#                                          # 10 steps of 2,048 rows per layer: ~80 s a layer at 8B)
-#   TRANSFORMERS=0 scripts/scale_bench.sh ... # without transformers' eval
-#   PROFILE=0 scripts/scale_bench.sh ...   # without profile (it holds the whole model in f32 and
-#                                          # refuses, in one line, a model that does not fit)
+#   CASES="eval convert profile" scripts/scale_bench.sh ...   # only these cases (default: all;
+#       eval-converted and profile read convert's output, so they need convert; convert-layerwise
+#       trains 10 steps of 2,048 rows per layer, ~2 minutes a layer at 8B)
 #
 # For each shape (smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b; `NAME:LAYERS` cuts a
 # shape to LAYERS layers) a random-weight bf16 checkpoint is made once by
@@ -43,9 +41,20 @@ AutoTokenizer.from_pretrained(d, gguf_file=f).save_pretrained(sys.argv[2])
 PY
 fi
 
-measure() { # LABEL COMMAND...: one JSON line, with the shape
+ALL="info eval convert eval-converted profile convert-layerwise transformers-eval"
+CASES=${CASES:-$ALL}
+for c in $CASES; do
+    [[ " $ALL " == *" $c "* ]] || { echo "error: unknown case $c (cases: $ALL)" >&2; exit 1; }
+done
+if [[ " $CASES " == *" eval-converted "* || " $CASES " == *" profile "* ]] && [[ " $CASES " != *" convert "* ]]; then
+    echo "error: eval-converted and profile read convert's output: add convert to CASES" >&2
+    exit 1
+fi
+
+measure() { # LABEL COMMAND...: one JSON line, with the shape (only the cases in CASES)
     local label=$1
     shift
+    [[ " $CASES " == *" $label "* ]] || return 0
     python3 "$ROOT/scripts/peak_rss.py" "$label" "$@" 2>>"$SCALE/log.txt" |
         sed "s/^{/{\"shape\": \"$NAME\", /" | tee -a "$RESULTS" || true
 }
@@ -65,11 +74,11 @@ for SPEC in "${SHAPES[@]}"; do
     measure convert "$BIN" convert "$MODEL" --method split-importance --experts 16 --shared-experts 2 \
         --top-k 4 --calib "$CALIB" --calib-tokens 2048 --dtype bf16 --json --out "$OUT"
     measure eval-converted "$BIN" eval "$OUT" --text "$EVAL_TEXT" --max-tokens 512 --json
-    [ "${PROFILE:-1}" = 0 ] || measure profile "$BIN" profile "$OUT" --calib "$CALIB" --calib-tokens 512 --select-tokens 512 --target-active-params 0.75 \
+    measure profile "$BIN" profile "$OUT" --calib "$CALIB" --calib-tokens 512 --select-tokens 512 --target-active-params 0.75 \
         --reference "$MODEL" --out "$SCALE/policy-$NAME.json"
-    [ "${LAYERWISE:-1}" = 0 ] || measure convert-layerwise "$BIN" convert "$MODEL" --method split-importance --experts 16 --shared-experts 2 \
+    measure convert-layerwise "$BIN" convert "$MODEL" --method split-importance --experts 16 --shared-experts 2 \
         --top-k 4 --calib "$CALIB" --calib-tokens 2048 --layerwise-steps 10 --dtype bf16 --json --out "$OUT-lw"
-    [ "${TRANSFORMERS:-1}" = 0 ] || measure transformers-eval "$PY" "$ROOT/scripts/hf_reference.py" "$MODEL" --text "$EVAL_TEXT" \
+    measure transformers-eval "$PY" "$ROOT/scripts/hf_reference.py" "$MODEL" --text "$EVAL_TEXT" \
         --max-tokens 512 --dtype bfloat16
     rm -rf "$OUT" "$OUT-lw"
 done

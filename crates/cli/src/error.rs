@@ -56,8 +56,31 @@ pub enum CliError {
 const GIB: f64 = (1u64 << 30) as f64;
 
 impl CliError {
+    /// Whether a write failed for want of space (a full disk, a quota, a file-size limit),
+    /// anywhere in the chain of causes.
+    fn disk_is_full(&self) -> bool {
+        use std::io::ErrorKind::{FileTooLarge, QuotaExceeded, StorageFull};
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && matches!(io.kind(), StorageFull | QuotaExceeded | FileTooLarge)
+            {
+                return true;
+            }
+            cause = e.source();
+        }
+        false
+    }
+}
+
+impl CliError {
     /// What the user can do about it.
     pub fn hint(&self) -> Option<&'static str> {
+        if self.disk_is_full() {
+            return Some(
+                "free disk space, or write elsewhere, and run the same command again: it resumes where it stopped",
+            );
+        }
         match self {
             Self::Llama(LlamaError::Corrupt { .. }) => {
                 Some("the file is damaged or not a model checkpoint; download it again")

@@ -1,5 +1,6 @@
-//! Commands that hold a whole model in memory (distill, generate) compare what they need with
-//! what the machine can give before they load anything, instead of dying in the OOM killer.
+//! Commands compare what they need with what the machine can give before they load anything,
+//! instead of dying in the OOM killer: those that hold a whole model (distill, generate) its
+//! size, those that run one layer at a time (convert, eval, profile) one layer's.
 
 use std::path::Path;
 
@@ -40,4 +41,16 @@ pub fn layer_bytes(config: &moekit::llama::LlamaConfig) -> u64 {
     let tables = if config.tie_word_embeddings { 1 } else { 2 } * embeddings;
     let layers = config.num_hidden_layers.max(1);
     4 * (config.param_counts().total.saturating_sub(tables) / layers) as u64
+}
+
+/// Refuses layer-at-a-time `what` on a model of `config` when the machine cannot hold one of
+/// its layers (loaded, and its copy being built) and a block of `vocab_block` rows of the LM
+/// head with its logits.
+pub fn check_layer(
+    what: &str,
+    config: &moekit::llama::LlamaConfig,
+    vocab_block: usize,
+) -> Result<(), CliError> {
+    let head = 4 * (vocab_block * config.hidden_size) as u64;
+    check(what, 2 * layer_bytes(config) + 2 * head)
 }

@@ -65,6 +65,10 @@ fn models_too_large_for_memory_are_refused_before_loading() {
             "evaluating one layer at a time needs about",
         ),
         (
+            vec!["profile", &model, "--calib", &text, "--out", &out],
+            "profiling one layer at a time needs about",
+        ),
+        (
             vec![
                 "convert",
                 &model,
@@ -410,6 +414,85 @@ fn convert_writes_models_that_evaluate_like_the_dense_one() {
             assert_eq!(layer["resumed"], resumed, "{router:?}: {layer}");
         }
     }
+}
+
+/// A disk that fills up while a conversion writes (a file-size limit makes every write past it
+/// fail, wherever it falls: hidden states, a staged layer, a shard, the index): one error line,
+/// no `config.json` (nothing that looks finished), and the same command without the limit
+/// resumes to the model a conversion never interrupted writes.
+#[test]
+fn a_disk_that_fills_up_mid_conversion_fails_in_one_line_and_the_rerun_resumes() {
+    let root = tempfile::tempdir().unwrap();
+    let (dense, text) = dense_model_and_text(root.path());
+    let args = |out: &str| -> Vec<String> {
+        [
+            "convert",
+            &dense,
+            "--method",
+            "split-importance",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+            "--calib",
+            &text,
+            "--seq-len",
+            "32",
+            "--out",
+            out,
+            "--json",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let reference = root.path().join("reference").display().to_string();
+    success_json(moekit(
+        &args(&reference)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    ));
+    let held_out = format!("{text}/0.txt");
+    let want_ppl = perplexity(&reference, &held_out);
+    let mut failures = 0;
+    // Limits in 512-byte blocks, from below the smallest file the run writes to above them all.
+    for blocks in [1, 4, 16, 24, 32, 48, 64, 128] {
+        let out = root
+            .path()
+            .join(format!("out-{blocks}"))
+            .display()
+            .to_string();
+        let quoted: Vec<String> = args(&out).iter().map(|a| format!("'{a}'")).collect();
+        // SIGXFSZ ignored, so that a write past the limit fails with EFBIG, as a full disk
+        // fails with ENOSPC, instead of killing the process.
+        let limited = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "trap '' XFSZ; ulimit -f {blocks}; exec '{}' {}",
+                env!("CARGO_BIN_EXE_moekit"),
+                quoted.join(" ")
+            ))
+            .output()
+            .unwrap();
+        if limited.status.success() {
+            continue;
+        }
+        failures += 1;
+        assert_clean_failure(&limited, "run the same command again: it resumes");
+        assert!(
+            !Path::new(&out).join("config.json").exists(),
+            "a cut-short conversion left a config.json ({blocks} blocks)"
+        );
+        success_json(moekit(
+            &args(&out).iter().map(String::as_str).collect::<Vec<_>>(),
+        ));
+        let ppl = perplexity(&out, &held_out);
+        assert!(
+            (ppl - want_ppl).abs() < 1e-6 * want_ppl,
+            "{blocks} blocks: {ppl} vs {want_ppl}"
+        );
+    }
+    assert!(failures >= 4, "the limits cut short only {failures} runs");
 }
 
 #[test]

@@ -2,10 +2,10 @@
 //!
 //! GPTQ and SparseGPT process models too large for memory this way: the tokens' hidden states
 //! `h [N, H]` flow through the model one decoder layer at a time, and only that layer's weights
-//! are in memory. The layer is read from the memory-mapped checkpoint
-//! ([`Checkpoint::load_layer`]), run over every token, and dropped; the embedding and the LM
-//! head are read by rows ([`Checkpoint::embed_rows`], [`Checkpoint::head_rows`]), the head in
-//! blocks of the vocabulary with a running log-sum-exp, so that `[N, V]` logits never exist.
+//! are in memory. The layer is read from the checkpoint ([`LayerSource::layer`]; a model in
+//! memory is a source too), run over every token, and dropped; the embedding and the LM head
+//! are read by rows ([`LayerSource::embed_rows`], [`LayerSource::head_rows`]), the head in
+//! blocks of the vocabulary ([`crate::lm_head`]), so that `[N, V]` logits never exist.
 //! Peak memory is one layer plus `O(N·H)` for the hidden states, whatever the model's depth
 //! and vocabulary.
 
@@ -13,12 +13,14 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use burn::config::Config;
+use burn::nn::RmsNorm;
 use burn::tensor::{Device, Tensor};
 use moekit_moe::MoeOutput;
 
 use crate::eval::{Perplexity, UsageCounter, check_input};
-use crate::io::load::Checkpoint;
 use crate::layer::DecoderLayer;
+use crate::layer_source::LayerSource;
+use crate::lm_head::head_nll;
 use crate::rope::{Rope, RopeTables};
 use crate::{LlamaError, Result};
 
@@ -37,6 +39,28 @@ pub struct LayeredConfig {
     pub vocab_block: usize,
 }
 
+impl LayeredConfig {
+    /// `windows` in passes of whole windows, in order, each of at most
+    /// [`LayeredConfig::pass_tokens`] tokens (one window at the least).
+    pub fn passes<'a>(&self, windows: &[&'a [u32]]) -> Vec<Vec<&'a [u32]>> {
+        let mut passes: Vec<Vec<&[u32]>> = Vec::new();
+        let mut held = 0;
+        for &w in windows {
+            match passes.last_mut() {
+                Some(last) if held + w.len() <= self.pass_tokens => {
+                    last.push(w);
+                    held += w.len();
+                }
+                _ => {
+                    passes.push(vec![w]);
+                    held = w.len();
+                }
+            }
+        }
+        passes
+    }
+}
+
 /// Sequences and their hidden states, in batches of equal-length sequences `[b, t, H]`.
 #[derive(Debug, Clone)]
 pub struct HiddenStates {
@@ -46,14 +70,14 @@ pub struct HiddenStates {
 
 impl HiddenStates {
     /// The embeddings of `sequences` (each its own context), `batch` sequences of one length
-    /// per batch, read row by row from the checkpoint.
+    /// per batch, read row by row from the source.
     pub fn embed(
-        checkpoint: &Checkpoint,
+        source: &dyn LayerSource,
         sequences: &[&[u32]],
         batch: usize,
         device: &Device,
     ) -> Result<Self> {
-        let h = checkpoint.config().hidden_size;
+        let h = source.config().hidden_size;
         // Consecutive sequences of one length go together, in order.
         let mut by_len: Vec<(usize, Vec<Vec<u32>>)> = Vec::new();
         for s in sequences.iter().filter(|s| !s.is_empty()) {
@@ -66,7 +90,7 @@ impl HiddenStates {
             .into_iter()
             .map(|(t, seqs)| {
                 let ids: Vec<u32> = seqs.iter().flatten().copied().collect();
-                let rows = checkpoint.embed_rows(&ids, device)?;
+                let rows = source.embed_rows(&ids, device)?;
                 Ok((seqs.clone(), rows.reshape([seqs.len(), t, h])))
             })
             .collect::<Result<_>>()?;
@@ -120,6 +144,24 @@ impl HiddenStates {
             .sum()
     }
 
+    /// Every batch's hidden states at the positions that predict a next token (all but each
+    /// sequence's last), through the final `norm`, `[b·(t−1), H]`, with the tokens they
+    /// predict: what the LM head's losses take.
+    pub fn predicting(&self, norm: &RmsNorm) -> Vec<(Tensor<2>, Vec<u32>)> {
+        self.batches
+            .iter()
+            .map(|(seqs, h)| {
+                let [b, t, width] = h.dims();
+                let h = norm
+                    .forward(h.clone())
+                    .narrow(1, 0, t - 1)
+                    .reshape([b * (t - 1), width]);
+                let targets = seqs.iter().flat_map(|s| s[1..].iter().copied()).collect();
+                (h, targets)
+            })
+            .collect()
+    }
+
     /// Runs `layer` over every batch (`h ← layer(h)`), returning each batch's MoE output if
     /// the layer is sparse.
     pub fn forward(
@@ -162,62 +204,13 @@ impl RopeCache {
     }
 }
 
-/// The summed negative log-likelihood `Σᵢ −log softmax(hᵢ·Wᵀ)[tᵢ]` of the targets under the
-/// LM head, with `h` already through the final norm: the head's rows are read in blocks of
-/// `vocab_block`, and each row's log-sum-exp is kept as a running `(max, Σ exp)` pair, so that
-/// only `[N, vocab_block]` logits exist at a time (the fused linear cross-entropy of
-/// Liger-Kernel, forward only).
-///
-/// # Shapes
-/// - h: `[N, H]`
-pub fn head_nll(
-    checkpoint: &Checkpoint,
-    h: Tensor<2>,
-    targets: &[u32],
-    vocab_block: usize,
-) -> Result<f64> {
-    let [n, _] = h.dims();
-    if targets.len() != n {
-        return Err(LlamaError::Input(format!(
-            "{} targets for {n} hidden states",
-            targets.len()
-        )));
-    }
-    let device = h.device();
-    let vocab = checkpoint.config().vocab_size;
-    let mut max: Option<Tensor<2>> = None;
-    let mut sum: Option<Tensor<2>> = None;
-    for start in (0..vocab).step_by(vocab_block.max(1)) {
-        let rows: Vec<usize> = (start..(start + vocab_block.max(1)).min(vocab)).collect();
-        let w = checkpoint.head_rows(&rows, &device)?;
-        let logits = h.clone().matmul(w.transpose()); // [N, block]
-        let block_max = logits.clone().max_dim(1);
-        let m = match &max {
-            Some(m) => m.clone().max_pair(block_max),
-            None => block_max,
-        };
-        let block_sum = (logits - m.clone()).exp().sum_dim(1);
-        sum = Some(match (sum, &max) {
-            (Some(s), Some(old)) => s * (old.clone() - m.clone()).exp() + block_sum,
-            _ => block_sum,
-        });
-        max = Some(m);
-    }
-    let (max, sum) = (max.expect("vocab > 0"), sum.expect("vocab > 0"));
-    let rows: Vec<usize> = targets.iter().map(|&t| t as usize).collect();
-    let target_rows = checkpoint.head_rows(&rows, &device)?;
-    let target_logits = (h * target_rows).sum_dim(1);
-    let nll = (max + sum.log() - target_logits).sum();
-    Ok(nll.into_scalar::<f32>() as f64)
-}
-
-/// [`crate::perplexity`] of a checkpoint read one layer at a time: the same windows (each a
+/// [`crate::perplexity`] of a model read one layer at a time: the same windows (each a
 /// fresh context), the same result within float rounding, with memory that follows one layer
 /// and `config.pass_tokens` hidden states instead of the model. `adapt(layer, block)` may
 /// change each block after it is read (apply a routing policy, say) and before it runs.
 /// `progress(done, total)` reports layers run, over every pass.
 pub fn perplexity_layered(
-    checkpoint: &Checkpoint,
+    source: &dyn LayerSource,
     ids: &[u32],
     window: usize,
     config: &LayeredConfig,
@@ -226,7 +219,7 @@ pub fn perplexity_layered(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Perplexity> {
     check_input(ids, window)?;
-    let c = checkpoint.config();
+    let c = source.config();
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
         return Err(LlamaError::Input(format!(
             "token id {bad} is outside the vocabulary of {}",
@@ -234,46 +227,27 @@ pub fn perplexity_layered(
         )));
     }
     let windows: Vec<&[u32]> = ids.chunks(window).filter(|w| w.len() >= 2).collect();
-    // Passes of whole windows, at most `pass_tokens` tokens each (one window at the least).
-    let mut passes: Vec<Vec<&[u32]>> = vec![Vec::new()];
-    let mut held = 0;
-    for w in windows {
-        let last = passes.last_mut().expect("one pass");
-        if !last.is_empty() && held + w.len() > config.pass_tokens {
-            passes.push(vec![w]);
-            held = w.len();
-        } else {
-            last.push(w);
-            held += w.len();
-        }
-    }
+    let passes = config.passes(&windows);
     let layers = c.num_hidden_layers;
     let total = passes.len() * (layers + 1);
     let mut rope = RopeCache::new(Rope::new(c)?);
-    let norm = checkpoint.final_norm(device)?;
+    let norm = source.final_norm(device)?;
     let (mut nll, mut predictions, mut done) = (0.0f64, 0usize, 0);
     let mut usage = UsageCounter::default();
     let start = Instant::now();
     for pass in passes {
-        let mut hidden = HiddenStates::embed(checkpoint, &pass, config.batch, device)?;
+        let mut hidden = HiddenStates::embed(source, &pass, config.batch, device)?;
         for l in 0..layers {
-            let block = adapt(l, checkpoint.load_layer(l, device)?)?;
+            let block = adapt(l, source.layer(l, device)?)?;
             for moe in hidden.forward(&block, &mut rope)?.into_iter().flatten() {
                 usage.add_layer(l, &moe);
             }
             done += 1;
             progress(done, total);
         }
-        for (seqs, h) in hidden.batches {
-            let [b, t, width] = h.dims();
-            // Every position but each sequence's last predicts the next token.
-            let h = norm
-                .forward(h)
-                .narrow(1, 0, t - 1)
-                .reshape([b * (t - 1), width]);
-            let targets: Vec<u32> = seqs.iter().flat_map(|s| s[1..].iter().copied()).collect();
-            nll += head_nll(checkpoint, h, &targets, config.vocab_block)?;
-            predictions += b * (t - 1);
+        for (h, targets) in hidden.predicting(&norm) {
+            predictions += targets.len();
+            nll += head_nll(source, h, &targets, config.vocab_block)?;
         }
         done += 1;
         progress(done, total);

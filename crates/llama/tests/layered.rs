@@ -87,6 +87,19 @@ fn layered_perplexity_equals_the_loaded_models() {
                 assert_eq!(got.experts_per_token, want.experts_per_token);
                 let &(done, total) = calls.last().unwrap();
                 assert_eq!(done, total);
+                // The model in memory, read layer by layer, gives the same.
+                let mut same = no_change;
+                let in_memory = perplexity_layered(
+                    &model,
+                    &ids,
+                    16,
+                    &settings,
+                    &device,
+                    &mut same,
+                    &mut |_, _| {},
+                )
+                .unwrap();
+                assert!((in_memory.nll / got.nll - 1.0).abs() < 1e-6);
             }
         }
     }
@@ -264,4 +277,39 @@ fn shards_stay_below_their_limit() {
         // Each part here is under the limit, so each shard's data is too (plus its header).
         assert!(len < 4_000 + 4096, "{s}: {len} bytes");
     }
+}
+
+/// A checkpoint file cut short after it was opened (replaced in place, a shard lost from a
+/// network disk): reading a layer it no longer holds is an error naming the file, not a panic
+/// or garbage.
+#[test]
+fn a_file_cut_short_after_opening_is_an_error_naming_it() {
+    let device = device(9);
+    let (dir, ckpt) = saved(mixtral(), ExportFormat::Mixtral, SaveDtype::F32, &device);
+    let file = dir.path().join("model.safetensors");
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let last = ckpt.config().num_hidden_layers - 1;
+    let layers: Vec<_> = (0..=last).map(|l| ckpt.load_layer(l, &device)).collect();
+    let err = layers
+        .into_iter()
+        .find_map(|r| r.err())
+        .expect("some layer lies past the cut");
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
+    let err = perplexity_layered(
+        &ckpt,
+        &ids(40),
+        16,
+        &LayeredConfig::new(),
+        &device,
+        &mut no_change,
+        &mut |_, _| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("model.safetensors"), "{err}");
 }

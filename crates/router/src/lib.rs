@@ -19,18 +19,25 @@
 //! - [`RoutingPolicy`]: a rule per layer, saved as JSON and applied to a model at inference;
 //!   dispatch computes only the chosen experts, so fewer experts run faster.
 //!
+//! Every whole-model pass runs one decoder layer at a time over a [`moekit_llama::LayerSource`]:
+//! a checkpoint on disk (memory follows one layer, whatever the model's size) or a model in
+//! memory.
+//!
 //! ```no_run
-//! use moekit_llama::Llama;
+//! use burn::tensor::Device;
+//! use moekit_llama::{Checkpoint, LayeredConfig};
 //! use moekit_router::{SearchConfig, measure, proposals, select};
 //!
-//! /// Routes `model` within 80% of the activated parameters of the model with every expert
-//! /// active, choosing per-layer rules on `calibration` tokens.
-//! fn adapt(model: &mut Llama, calibration: &[u32]) -> moekit_router::Result<()> {
-//!     let candidates = measure(model, calibration, &SearchConfig::default(), &mut |_, _| {})?;
+//! /// Chooses per-layer rules within 80% of the activated parameters of the model with every
+//! /// expert active, on `calibration` tokens, reading the model one layer at a time.
+//! fn adapt(model: &Checkpoint, calibration: &[u32], device: &Device) -> moekit_router::Result<()> {
+//!     let layered = LayeredConfig::new();
+//!     let search = SearchConfig::default();
+//!     let candidates = measure(model, calibration, &search, &layered, device, &mut |_, _| {})?;
 //!     let offered = proposals(&candidates, 0.8, 16_384)?;
-//!     let (policy, _scores) = select(model, offered, calibration, 512, &mut |_, _| {})?;
-//!     policy.save("policy.json".as_ref())?;
-//!     policy.apply(model)
+//!     let (policy, _scores) =
+//!         select(model, offered, calibration, 512, &layered, device, &mut |_, _| {})?;
+//!     policy.save("policy.json".as_ref())
 //! }
 //! ```
 #![warn(missing_docs)]

@@ -8,7 +8,7 @@
 //! parameters of one expert (`3·H·I` for a SwiGLU, or its low-rank factors).
 
 use burn::module::Module;
-use moekit_llama::{Checkpoint, FfnSpec, Llama};
+use moekit_llama::{Checkpoint, FfnSpec, Llama, LlamaConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, RouterError};
@@ -57,26 +57,40 @@ impl ActiveParams {
         } else {
             0
         };
-        let mut routed = 0;
         let layers = moe
             .iter()
             .enumerate()
-            .map(|(i, (l, m))| {
-                let e = m.experts.num_experts();
-                let p = m.experts.params_per_expert();
-                routed += e * p;
-                LayerExperts {
-                    layer: *l,
-                    num_experts: e,
-                    params_per_expert: p,
-                    experts_per_token: experts_per_token.map_or(m.router.slots() as f64, |k| k[i]),
-                }
+            .map(|(i, (l, m))| LayerExperts {
+                layer: *l,
+                num_experts: m.experts.num_experts(),
+                params_per_expert: m.experts.params_per_expert(),
+                experts_per_token: experts_per_token.map_or(m.router.slots() as f64, |k| k[i]),
             })
             .collect();
-        Ok(Self {
-            always: model.num_params() - routed - embedding,
-            layers,
-        })
+        Self::from_parts(model.num_params(), embedding, layers)
+    }
+
+    /// The counts of a model of `total` parameters, `untied_embedding` of them in an input
+    /// embedding apart from the output projection (0 when tied), whose routed experts are
+    /// `layers`; an error when they add up to more than `total` (a model whose configuration
+    /// and tensors disagree).
+    pub(crate) fn from_parts(
+        total: usize,
+        untied_embedding: usize,
+        layers: Vec<LayerExperts>,
+    ) -> Result<Self> {
+        let routed: usize = layers
+            .iter()
+            .map(|l| l.num_experts * l.params_per_expert)
+            .sum();
+        let always = total
+            .checked_sub(routed + untied_embedding)
+            .ok_or_else(|| {
+                RouterError::Policy(format!(
+                    "the model has {total} parameters, fewer than its routed experts ({routed})                      and input embedding ({untied_embedding}) hold"
+                ))
+            })?;
+        Ok(Self { always, layers })
     }
 
     /// [`ActiveParams::of`] from a checkpoint's configuration and tensor headers, without
@@ -107,26 +121,18 @@ impl ActiveParams {
                 specs.len()
             )));
         }
-        let embedding = if c.tie_word_embeddings {
-            0
-        } else {
-            c.vocab_size * h
-        };
-        let routed: usize = specs.iter().map(|&(_, e, _, p)| e * p).sum();
+        let layers = specs
+            .iter()
+            .enumerate()
+            .map(|(i, &(layer, e, k, p))| LayerExperts {
+                layer,
+                num_experts: e,
+                params_per_expert: p,
+                experts_per_token: experts_per_token.map_or(k as f64, |x| x[i]),
+            })
+            .collect();
         let total = checkpoint.param_counts()?.total;
-        Ok(Self {
-            always: total - routed - embedding,
-            layers: specs
-                .iter()
-                .enumerate()
-                .map(|(i, &(layer, e, k, p))| LayerExperts {
-                    layer,
-                    num_experts: e,
-                    params_per_expert: p,
-                    experts_per_token: experts_per_token.map_or(k as f64, |x| x[i]),
-                })
-                .collect(),
-        })
+        Self::from_parts(total, untied_embedding(c), layers)
     }
 
     /// Activated parameters per token: `always + Σ k̄ · P_e`.
@@ -153,6 +159,15 @@ impl ActiveParams {
     /// [`ActiveParams::activated`] as a fraction of [`ActiveParams::full`].
     pub fn fraction(&self) -> f64 {
         self.activated() / self.full() as f64
+    }
+}
+
+/// Parameters of the input embedding apart from the output projection: `V·H`, 0 when tied.
+pub(crate) fn untied_embedding(config: &LlamaConfig) -> usize {
+    if config.tie_word_embeddings {
+        0
+    } else {
+        config.vocab_size * config.hidden_size
     }
 }
 

@@ -175,19 +175,10 @@ impl RoutingPolicy {
     /// a model (every named layer once, a MoE layer, its rule fits its experts), before any
     /// layer is read; [`RoutingPolicy::apply_layer`] then sets each layer as it is read.
     pub fn check_config(&self, config: &LlamaConfig) -> Result<()> {
+        self.check_layers(config.num_hidden_layers)?;
         let specs = moe_specs(config);
-        let mut seen = BTreeSet::new();
         for p in &self.layers {
             let bad = |why: String| RouterError::Policy(format!("layer {}: {why}", p.layer));
-            if !seen.insert(p.layer) {
-                return Err(bad("named twice".into()));
-            }
-            if p.layer >= config.num_hidden_layers {
-                return Err(bad(format!(
-                    "the model has {} layers (a policy for another model?)",
-                    config.num_hidden_layers
-                )));
-            }
             let Some((_, e, current)) = specs.iter().find(|(l, _, _)| *l == p.layer) else {
                 return Err(bad("not a MoE layer (a policy for another model?)".into()));
             };
@@ -195,6 +186,29 @@ impl RoutingPolicy {
                 .selection(current)
                 .validate(*e)
                 .map_err(|e| bad(format!("{} does not fit: {e}", p.rule)))?;
+        }
+        Ok(())
+    }
+
+    /// Checks that the policy names each layer at most once and only layers below
+    /// `num_layers` (what can be checked before the layers are read; a model in memory may be
+    /// sparse where its configuration says dense). [`RoutingPolicy::apply_layer`] checks the
+    /// rest as each layer is read.
+    pub fn check_layers(&self, num_layers: usize) -> Result<()> {
+        let mut seen = BTreeSet::new();
+        for p in &self.layers {
+            if !seen.insert(p.layer) {
+                return Err(RouterError::Policy(format!(
+                    "layer {}: named twice",
+                    p.layer
+                )));
+            }
+            if p.layer >= num_layers {
+                return Err(RouterError::Policy(format!(
+                    "layer {}: the model has {num_layers} layers (a policy for another model?)",
+                    p.layer
+                )));
+            }
         }
         Ok(())
     }
@@ -238,32 +252,18 @@ impl RoutingPolicy {
     /// Sets every named layer's routing. Fails, changing nothing, if a layer is named twice,
     /// does not exist, is not a MoE layer, or its rule does not fit its experts.
     pub fn apply(&self, model: &mut Llama) -> Result<()> {
-        let mut seen = BTreeSet::new();
-        let layers = model.layers.len();
-        let mut selections = Vec::with_capacity(self.layers.len());
-        for p in &self.layers {
-            let bad = |why: String| RouterError::Policy(format!("layer {}: {why}", p.layer));
-            if !seen.insert(p.layer) {
-                return Err(bad("named twice".into()));
-            }
-            let slot = model.layers.get(p.layer).map(|l| &l.ffn).ok_or_else(|| {
-                bad(format!(
-                    "the model has {layers} layers (a policy for another model?)"
-                ))
-            })?;
-            let FfnSlot::Moe(moe) = slot else {
-                return Err(bad("not a MoE layer (a policy for another model?)".into()));
-            };
-            let selection = p.rule.selection(&moe.router.selection);
-            selection
-                .validate(moe.router.num_experts())
-                .map_err(|e| bad(format!("{} does not fit: {e}", p.rule)))?;
-            selections.push((p.layer, selection));
-        }
-        for (l, selection) in selections {
-            if let FfnSlot::Moe(moe) = &mut model.layers[l].ffn {
-                moe.router.selection = selection;
-            }
+        self.check_layers(model.layers.len())?;
+        // Set on copies (they share the weights) so that a failure changes nothing.
+        let slots = self
+            .layers
+            .iter()
+            .map(|p| {
+                let mut ffn = model.layers[p.layer].ffn.clone();
+                self.apply_layer(p.layer, &mut ffn).map(|_| (p.layer, ffn))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (l, ffn) in slots {
+            model.layers[l].ffn = ffn;
         }
         Ok(())
     }

@@ -1,8 +1,11 @@
 //! Routing profiles (LaDiMo, stage 2): how sharply each MoE layer routes on calibration text.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
-use moekit_llama::Llama;
+use burn::tensor::Device;
+use moekit_llama::rope::Rope;
+use moekit_llama::{HiddenStates, LayerSource, LayeredConfig, RopeCache};
 use moekit_moe::MoeOutput;
 use serde::{Deserialize, Serialize};
 
@@ -166,14 +169,18 @@ impl Sums {
     }
 }
 
-/// Runs `tokens` through `model` in windows of `seq_len` and profiles every MoE layer's
-/// routing, counting tokens whose top-1 probability exceeds each of `thresholds` (e.g.
-/// [`TOP1_THRESHOLDS`]). `progress(done, total)` reports tokens.
+/// Runs `tokens` through `source` (a checkpoint or a model in memory) in windows of `seq_len`,
+/// one decoder layer at a time as in [`moekit_llama::perplexity_layered`] (passes of at most
+/// `layered.pass_tokens` tokens), and profiles every MoE layer's routing, counting tokens whose
+/// top-1 probability exceeds each of `thresholds` (e.g. [`TOP1_THRESHOLDS`]).
+/// `progress(done, total)` reports layers run, over every pass.
 pub fn profile(
-    model: &Llama,
+    source: &dyn LayerSource,
     tokens: &[u32],
     seq_len: usize,
     thresholds: &[f64],
+    layered: &LayeredConfig,
+    device: &Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<RoutingProfile> {
     if let Some(t) = thresholds.iter().find(|t| !(0.0..=1.0).contains(*t)) {
@@ -182,29 +189,32 @@ pub fn profile(
         )));
     }
     let windows = windows(tokens, seq_len)?;
-    let device = model.device();
-    let mut sums: Vec<Sums> = Vec::new();
+    let passes = layered.passes(&windows);
+    let c = source.config();
+    let layers = c.num_hidden_layers;
+    let mut rope = RopeCache::new(Rope::new(c)?);
+    // By layer index, in layer order.
+    let mut sums: BTreeMap<usize, Sums> = BTreeMap::new();
     let mut done = 0;
-    for w in &windows {
-        let (_, _, moe) = model.forward_hidden(model.tokens(&[w], &device)?, false, None)?;
-        if moe.is_empty() {
-            return Err(RouterError::NoMoeLayers);
+    for pass in &passes {
+        let mut hidden = HiddenStates::embed(source, pass, layered.batch, device)?;
+        for l in 0..layers {
+            let block = source.layer(l, device)?;
+            for out in hidden.forward(&block, &mut rope)?.into_iter().flatten() {
+                sums.entry(l)
+                    .or_insert_with(|| Sums::new(l, out.routing.probs.dims()[1], thresholds))
+                    .add(&out)?;
+            }
+            done += 1;
+            progress(done, passes.len() * layers);
         }
         if sums.is_empty() {
-            sums = moe
-                .iter()
-                .map(|(l, out)| Sums::new(*l, out.routing.probs.dims()[1], thresholds))
-                .collect();
+            return Err(RouterError::NoMoeLayers);
         }
-        for (s, (_, out)) in sums.iter_mut().zip(&moe) {
-            s.add(out)?;
-        }
-        done += w.len();
-        progress(done, tokens.len());
     }
     let profile = RoutingProfile {
-        tokens: done,
-        layers: sums.into_iter().map(Sums::finish).collect(),
+        tokens: windows.iter().map(|w| w.len()).sum(),
+        layers: sums.into_values().map(Sums::finish).collect(),
     };
     tracing::info!(
         tokens = profile.tokens,

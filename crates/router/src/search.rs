@@ -3,9 +3,9 @@
 //! The reference ("unreduced model") is the model as it is given: every MoE layer routing with
 //! the rule it was converted or trained with. A policy trades deviation from it for cost.
 //!
-//! 1. [`measure`]: the calibration tokens run once through the reference model, keeping each
-//!    MoE layer's input `x_l` and output `y_l` (`2·L·N·H` floats in memory). Then every
-//!    candidate rule `c` of every layer is applied to that layer alone on `x_l`, giving its
+//! 1. [`measure`]: the calibration tokens run once through the reference model, one decoder
+//!    layer at a time; at each MoE layer, with its input `x_l` and output `y_l`, every
+//!    candidate rule `c` is applied to that layer alone on `x_l`, giving its
 //!    relative output error `‖MoE_c(x_l) − y_l‖² / ‖y_l‖²` and its measured mean experts per
 //!    token `k̄_c`. Cost: one forward pass plus, per layer, one MoE-layer pass per candidate
 //!    (top-k for every `k = 1..E`, or [`top_k_grid`]'s values when `E` is above
@@ -29,15 +29,16 @@
 //! differ a little from the prediction (`moekit eval --policy` measures it), and
 //! [`crate::select`] measures the whole model under the proposed policies.
 
-use burn::tensor::Tensor;
-use moekit_llama::Llama;
+use burn::tensor::{Device, Tensor};
+use moekit_llama::rope::Rope;
+use moekit_llama::{FfnSlot, HiddenStates, LayerSource, LayeredConfig, RopeCache};
 use moekit_moe::{MoeLayer, Selection};
 use serde::{Deserialize, Serialize};
 
 use crate::calib::windows;
 use crate::error::{Result, RouterError};
-use crate::params::{ActiveParams, LayerExperts};
-use crate::policy::{Choice, LayerPolicy, RoutingPolicy, Rule, moe_layers};
+use crate::params::{ActiveParams, LayerExperts, untied_embedding};
+use crate::policy::{Choice, LayerPolicy, RoutingPolicy, Rule};
 
 /// Settings of [`measure`].
 #[derive(Debug, Clone, PartialEq)]
@@ -160,12 +161,13 @@ impl Candidates {
         }
     }
 
-    /// Checks that these candidates were measured on `model`'s MoE layers (same layers, expert
-    /// counts and sizes, same always-active parameters) and hold possible values (finite
+    /// Checks that these candidates were measured on the model of `active` (same MoE layers,
+    /// expert counts and sizes, same always-active parameters; [`ActiveParams::of`] or
+    /// [`ActiveParams::of_checkpoint`]) and hold possible values (finite
     /// errors ≥ 0, between 0 and `E` experts per token, top-k with `k ≤ E`): a file edited by
     /// hand or written for another model is refused. Weights are not compared (see
     /// [`Candidates::source`]).
-    pub fn check(&self, model: &Llama) -> Result<()> {
+    pub fn check(&self, active: &ActiveParams) -> Result<()> {
         for l in &self.layers {
             for c in &l.candidates {
                 let e = l.num_experts as f64;
@@ -183,7 +185,6 @@ impl Candidates {
                 }
             }
         }
-        let active = ActiveParams::of(model, None)?;
         let ours: Vec<_> = self
             .layers
             .iter()
@@ -245,29 +246,6 @@ impl Candidates {
     }
 }
 
-/// Each MoE layer's inputs and unreduced outputs on the calibration tokens, `[1, N, H]`.
-fn record(model: &Llama, tokens: &[u32], seq_len: usize) -> Result<Vec<(Tensor<3>, Tensor<3>)>> {
-    let moe: Vec<usize> = moe_layers(model).into_iter().map(|(l, _)| l).collect();
-    if moe.is_empty() {
-        return Err(RouterError::NoMoeLayers);
-    }
-    let device = model.device();
-    let mut io: Vec<(Vec<Tensor<3>>, Vec<Tensor<3>>)> = vec![Default::default(); moe.len()];
-    for w in windows(tokens, seq_len)? {
-        model.forward_ffn_io(model.tokens(&[w], &device)?, &mut |l, x, y| {
-            if let Ok(i) = moe.binary_search(&l) {
-                io[i].0.push(x.clone());
-                io[i].1.push(y.clone());
-            }
-            Ok(())
-        })?;
-    }
-    Ok(io
-        .into_iter()
-        .map(|(x, y)| (Tensor::cat(x, 1), Tensor::cat(y, 1)))
-        .collect())
-}
-
 fn relative_error(layer: usize, got: Tensor<3>, want: &Tensor<3>) -> Result<f64> {
     let num = (got - want.clone()).square().sum().into_scalar::<f32>() as f64;
     let den = want.clone().square().sum().into_scalar::<f32>() as f64;
@@ -305,12 +283,19 @@ fn candidate_rules(moe: &MoeLayer, x: &Tensor<3>, config: &SearchConfig) -> Resu
         .collect())
 }
 
-/// Measures every candidate rule of every MoE layer on `tokens` (see the module docs).
+/// Measures every candidate rule of every MoE layer on `tokens` (see the module docs), one
+/// decoder layer at a time: the calibration hidden states flow through `source` (a checkpoint,
+/// or a model in memory) as in [`moekit_llama::perplexity_layered`], and each MoE layer's
+/// candidates run on its inputs while it is loaded. Memory: one layer, and the hidden states,
+/// FFN inputs and outputs of every calibration token (`3·N·H` floats; all tokens are held,
+/// as every candidate's error is over all of them). `layered.batch` sequences run per call.
 /// `progress(done, total)` reports layers.
 pub fn measure(
-    model: &Llama,
+    source: &dyn LayerSource,
     tokens: &[u32],
     config: &SearchConfig,
+    layered: &LayeredConfig,
+    device: &Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Candidates> {
     if let Some(p) = config.top_p.iter().find(|p| !(**p > 0.0 && **p <= 1.0)) {
@@ -322,36 +307,79 @@ pub fn measure(
             config.max_top_k_rules
         )));
     }
-    let io = record(model, tokens, config.seq_len)?;
-    let counted = io.first().map_or(0, |(x, _)| x.dims()[1]);
-    let active = ActiveParams::of(model, None)?;
-    let moe = moe_layers(model);
-    let mut layers = Vec::with_capacity(moe.len());
-    for (i, ((l, layer), (x, y))) in moe.iter().zip(io).enumerate() {
-        let mut candidates = Vec::new();
-        for rule in candidate_rules(layer, &x, config)? {
-            let mut reduced = (*layer).clone();
-            reduced.router.selection = rule.selection(&layer.router.selection);
-            let out = reduced.forward(x.clone())?;
-            candidates.push(Candidate {
-                rule,
-                experts_per_token: out.stats.mean_experts_per_token(),
-                error: relative_error(*l, out.output, &y)?,
-            });
+    let windows = windows(tokens, config.seq_len)?;
+    let c = source.config();
+    let mut hidden = HiddenStates::embed(source, &windows, layered.batch, device)?;
+    let mut rope = RopeCache::new(Rope::new(c)?);
+    let counted = hidden.tokens();
+    let mut layers = Vec::new();
+    let mut experts = Vec::new();
+    for l in 0..c.num_hidden_layers {
+        let block = source.layer(l, device)?;
+        match &block.ffn {
+            FfnSlot::Moe(moe) => {
+                // Every batch's FFN input and output, as one sequence of all tokens.
+                let (mut xs, mut ys) = (Vec::new(), Vec::new());
+                for (_, h) in &mut hidden.batches {
+                    let [b, t, width] = h.dims();
+                    let (r, x) = block.attention_block(h.clone(), rope.tables(t, device), None);
+                    let y = moe.forward(x.clone())?.output;
+                    *h = r + y.clone();
+                    xs.push(x.reshape([1, b * t, width]));
+                    ys.push(y.reshape([1, b * t, width]));
+                }
+                let (x, y) = (Tensor::cat(xs, 1), Tensor::cat(ys, 1));
+                layers.push(measure_layer(l, moe, &x, &y, config)?);
+                experts.push(LayerExperts {
+                    layer: l,
+                    num_experts: moe.experts.num_experts(),
+                    params_per_expert: moe.experts.params_per_expert(),
+                    experts_per_token: moe.router.slots() as f64,
+                });
+            }
+            _ => {
+                hidden.forward(&block, &mut rope)?;
+            }
         }
-        layers.push(LayerCandidates {
-            layer: *l,
-            num_experts: layer.router.num_experts(),
-            params_per_expert: active.layers[i].params_per_expert,
-            candidates,
-        });
-        progress(i + 1, moe.len());
+        progress(l + 1, c.num_hidden_layers);
     }
+    if layers.is_empty() {
+        return Err(RouterError::NoMoeLayers);
+    }
+    let total = source.param_counts()?.total;
+    let active = ActiveParams::from_parts(total, untied_embedding(c), experts)?;
     Ok(Candidates {
         tokens: counted,
         always: active.always,
         layers,
         source: None,
+    })
+}
+
+/// Every candidate rule of MoE layer `l` run on its input `x`, against its own output `y`.
+fn measure_layer(
+    l: usize,
+    moe: &MoeLayer,
+    x: &Tensor<3>,
+    y: &Tensor<3>,
+    config: &SearchConfig,
+) -> Result<LayerCandidates> {
+    let mut candidates = Vec::new();
+    for rule in candidate_rules(moe, x, config)? {
+        let mut reduced = moe.clone();
+        reduced.router.selection = rule.selection(&moe.router.selection);
+        let out = reduced.forward(x.clone())?;
+        candidates.push(Candidate {
+            rule,
+            experts_per_token: out.stats.mean_experts_per_token(),
+            error: relative_error(l, out.output, y)?,
+        });
+    }
+    Ok(LayerCandidates {
+        layer: l,
+        num_experts: moe.router.num_experts(),
+        params_per_expert: moe.experts.params_per_expert(),
+        candidates,
     })
 }
 

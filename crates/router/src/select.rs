@@ -22,14 +22,16 @@
 //! model and one per
 //! distinct proposal over the selection tokens.
 
-use burn::tensor::activation::log_softmax;
-use burn::tensor::{Int, Tensor, TensorData};
-use moekit_llama::{Llama, UsageCounter};
+use burn::tensor::{Device, Tensor};
+use moekit_llama::rope::Rope;
+use moekit_llama::{
+    FfnSlot, HiddenStates, LayerSource, LayeredConfig, RopeCache, UsageCounter, head_scores,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::calib::windows;
 use crate::error::{Result, RouterError};
-use crate::params::ActiveParams;
+use crate::params::{ActiveParams, LayerExperts, untied_embedding};
 use crate::policy::{RoutingPolicy, Rule, Selected};
 use crate::search::{Candidates, LayerCandidates, choose_each};
 
@@ -123,55 +125,90 @@ fn reference_k(candidates: &Candidates) -> usize {
         .unwrap_or(0)
 }
 
-/// Scores `policies` on `model` over `tokens` (windows of `seq_len`): each policy's mean
-/// next-token NLL, its KL from `model` as it is, and the activated fraction it really used
-/// there. `progress(done, total)` reports tokens.
+/// Scores `policies` on `source` (a checkpoint or a model in memory) over `tokens` (windows of
+/// `seq_len`): each policy's mean next-token NLL, its KL from the model as it is, and the
+/// activated fraction it really used there. One decoder layer at a time, as in
+/// [`moekit_llama::perplexity_layered`]: each layer is read once and run on the reference's
+/// hidden states and on each policy's, and the LM head scores them all blockwise
+/// ([`head_scores`]); `layered.pass_tokens` bounds the hidden states of all `P + 1` streams
+/// together. `progress(done, total)` reports layers run, over every pass.
 pub fn score(
-    model: &Llama,
+    source: &dyn LayerSource,
     policies: &[&RoutingPolicy],
     tokens: &[u32],
     seq_len: usize,
+    layered: &LayeredConfig,
+    device: &Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<PolicyScore>> {
-    let models = policies
-        .iter()
-        .map(|p| {
-            let mut m = model.clone();
-            p.apply(&mut m).map(|_| m)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let device = model.device();
+    let c = source.config();
+    let layers = c.num_hidden_layers;
+    for p in policies {
+        p.check_layers(layers)?;
+    }
+    let windows = windows(tokens, seq_len)?;
+    let streams = LayeredConfig {
+        pass_tokens: (layered.pass_tokens / (policies.len() + 1)).max(1),
+        ..layered.clone()
+    };
+    let passes = streams.passes(&windows);
+    let total = passes.len() * (layers + 1);
+    let mut rope = RopeCache::new(Rope::new(c)?);
+    let norm = source.final_norm(device)?;
     let mut sums = vec![(0.0f64, 0.0f64); policies.len()];
     let mut usage = vec![UsageCounter::default(); policies.len()];
+    let mut experts = Vec::new();
     let (mut predicted, mut done) = (0usize, 0usize);
-    for w in windows(tokens, seq_len)? {
-        let ids = model.tokens(&[w], &device)?;
-        let t = w.len() - 1;
-        let next: Vec<i64> = w[1..].iter().map(|&i| i as i64).collect();
-        let next: Tensor<3, Int> = Tensor::from_data(TensorData::new(next, [1, t, 1]), &device);
-        let reference = log_softmax(model.logits(ids.clone())?.narrow(1, 0, t), 2);
-        let p = reference.clone().exp();
-        for ((m, (nll, kl)), used) in models.iter().zip(sums.iter_mut()).zip(&mut usage) {
-            let (last, _, moe) = m.forward_hidden(ids.clone(), false, None)?;
-            used.add(&moe);
-            let q = log_softmax(m.head(last).narrow(1, 0, t), 2);
-            *kl += (p.clone() * (reference.clone() - q.clone()))
-                .sum()
-                .into_scalar::<f32>() as f64;
-            *nll -= q.gather(2, next.clone()).sum().into_scalar::<f32>() as f64;
+    for (pass, windows) in passes.iter().enumerate() {
+        let mut reference = HiddenStates::embed(source, windows, layered.batch, device)?;
+        let mut hidden = vec![reference.clone(); policies.len()];
+        for l in 0..layers {
+            let block = source.layer(l, device)?;
+            if let (0, FfnSlot::Moe(moe)) = (pass, &block.ffn) {
+                experts.push(LayerExperts {
+                    layer: l,
+                    num_experts: moe.experts.num_experts(),
+                    params_per_expert: moe.experts.params_per_expert(),
+                    experts_per_token: 0.0,
+                });
+            }
+            for ((p, h), used) in policies.iter().zip(&mut hidden).zip(&mut usage) {
+                let mut b = block.clone();
+                p.apply_layer(l, &mut b.ffn)?;
+                for moe in h.forward(&b, &mut rope)?.into_iter().flatten() {
+                    used.add_layer(l, &moe);
+                }
+            }
+            reference.forward(&block, &mut rope)?;
+            done += 1;
+            progress(done, total);
         }
-        predicted += t;
-        done += w.len();
-        progress(done, tokens.len());
+        let others: Vec<_> = hidden.iter().map(|h| h.predicting(&norm)).collect();
+        for (i, (h, targets)) in reference.predicting(&norm).into_iter().enumerate() {
+            let hs: Vec<Tensor<2>> = others.iter().map(|o| o[i].0.clone()).collect();
+            let scores = head_scores(source, h, &hs, &targets, layered.vocab_block)?;
+            for (sum, s) in sums.iter_mut().zip(scores) {
+                sum.0 += s.nll;
+                sum.1 += s.kl;
+            }
+            predicted += targets.len();
+        }
+        done += 1;
+        progress(done, total);
     }
+    let params = source.param_counts()?.total;
     sums.into_iter()
-        .zip(models.iter().zip(usage))
-        .map(|((nll, kl), (m, used))| {
-            let k: Vec<f64> = used.usage().iter().map(|u| u.experts_per_token).collect();
+        .zip(usage)
+        .map(|((nll, kl), used)| {
+            let mut layers = experts.clone();
+            for (l, u) in layers.iter_mut().zip(used.usage()) {
+                l.experts_per_token = u.experts_per_token;
+            }
+            let active = ActiveParams::from_parts(params, untied_embedding(c), layers)?;
             let s = PolicyScore {
                 nll: nll / predicted as f64,
                 kl: kl / predicted as f64,
-                measured_fraction: Some(ActiveParams::of(m, Some(&k))?.fraction()),
+                measured_fraction: Some(active.fraction()),
             };
             if s.nll.is_finite() && s.kl.is_finite() {
                 Ok(s)
@@ -192,17 +229,21 @@ pub fn score(
 /// together with every proposal's score (in the order given). When every proposal measures
 /// over its target, the one that measures least is returned (and a warning logged).
 pub fn select(
-    model: &Llama,
+    source: &dyn LayerSource,
     proposals: Vec<Proposal>,
     tokens: &[u32],
     seq_len: usize,
+    layered: &LayeredConfig,
+    device: &Device,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(RoutingPolicy, Vec<(Proposal, PolicyScore)>)> {
     if proposals.is_empty() {
         return Err(RouterError::Target("no proposal to select from".into()));
     }
     let policies: Vec<&RoutingPolicy> = proposals.iter().map(|p| &p.policy).collect();
-    let scores = score(model, &policies, tokens, seq_len, progress)?;
+    let scores = score(
+        source, &policies, tokens, seq_len, layered, device, progress,
+    )?;
     let scored: Vec<(Proposal, PolicyScore)> = proposals.into_iter().zip(scores).collect();
     let measured = |s: &PolicyScore| s.measured_fraction.unwrap_or(f64::INFINITY);
     let within = |(p, s): &&(Proposal, PolicyScore)| {

@@ -2,8 +2,9 @@
 //! forms, brute force and independent whole-model computations.
 
 use burn::module::Param;
+use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Tensor};
-use moekit_llama::{FfnSlot, Llama, LlamaConfig, perplexity};
+use moekit_llama::{FfnSlot, LayeredConfig, Llama, LlamaConfig, perplexity};
 use moekit_moe::Selection;
 use moekit_router::{
     ActiveParams, Candidate, Candidates, Choice, LayerCandidates, MAX_RESOLUTION, Proposal,
@@ -35,6 +36,11 @@ fn mixtral_of(experts: usize, layers: usize, renormalize: bool, device: &Device)
     model
 }
 
+/// Layer-at-a-time settings: passes of a few sequences, so that several are taken.
+fn layered() -> LayeredConfig {
+    LayeredConfig::new().with_pass_tokens(40).with_batch(2)
+}
+
 fn tokens(n: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7 + i / 5) % 40) as u32).collect()
 }
@@ -59,7 +65,16 @@ fn a_uniform_router_profiles_as_the_closed_form() {
             m.router.gate = Param::from_tensor(Tensor::zeros([16, E], &device));
         }
     }
-    let p = profile(&model, &tokens(50), 16, &TOP1_THRESHOLDS, &mut |_, _| {}).unwrap();
+    let p = profile(
+        &model,
+        &tokens(50),
+        16,
+        &TOP1_THRESHOLDS,
+        &layered(),
+        &Llama::device(&model),
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(p.tokens, 50);
     assert_eq!(p.layers.len(), 2);
     for l in &p.layers {
@@ -77,7 +92,16 @@ fn a_uniform_router_profiles_as_the_closed_form() {
 fn profiles_are_sorted_distributions_with_consistent_loads() {
     let device = device(2);
     let model = mixtral(2, true, &device);
-    let p = profile(&model, &tokens(64), 32, &TOP1_THRESHOLDS, &mut |_, _| {}).unwrap();
+    let p = profile(
+        &model,
+        &tokens(64),
+        32,
+        &TOP1_THRESHOLDS,
+        &layered(),
+        &Llama::device(&model),
+        &mut |_, _| {},
+    )
+    .unwrap();
     for l in &p.layers {
         assert!((l.sorted_mass.iter().sum::<f64>() - 1.0).abs() < 1e-5);
         assert!(l.sorted_mass.windows(2).all(|w| w[0] >= w[1]));
@@ -109,7 +133,15 @@ fn dense_models_too_little_text_and_bad_thresholds_are_errors() {
         .init(&device)
         .unwrap();
     assert!(matches!(
-        profile(&model, &tokens(20), 8, &TOP1_THRESHOLDS, &mut |_, _| {}),
+        profile(
+            &model,
+            &tokens(20),
+            8,
+            &TOP1_THRESHOLDS,
+            &layered(),
+            &Llama::device(&model),
+            &mut |_, _| {}
+        ),
         Err(RouterError::NoMoeLayers)
     ));
     assert!(matches!(
@@ -117,6 +149,8 @@ fn dense_models_too_little_text_and_bad_thresholds_are_errors() {
             &model,
             &tokens(20),
             &SearchConfig::default(),
+            &layered(),
+            &Llama::device(&model),
             &mut |_, _| {}
         ),
         Err(RouterError::NoMoeLayers)
@@ -127,6 +161,8 @@ fn dense_models_too_little_text_and_bad_thresholds_are_errors() {
             &tokens(1),
             8,
             &TOP1_THRESHOLDS,
+            &layered(),
+            &Llama::device(&mixtral(1, true, &device)),
             &mut |_, _| {}
         ),
         Err(RouterError::Calibration(_))
@@ -137,6 +173,8 @@ fn dense_models_too_little_text_and_bad_thresholds_are_errors() {
             &tokens(20),
             8,
             &[1.5],
+            &layered(),
+            &Llama::device(&mixtral(1, true, &device)),
             &mut |_, _| {}
         ),
         Err(RouterError::Calibration(_))
@@ -188,7 +226,15 @@ fn measured_candidates_match_whole_model_runs() {
             seq_len: 16,
             ..SearchConfig::default()
         };
-        let c = measure(&model, &ids, &config, &mut |_, _| {}).unwrap();
+        let c = measure(
+            &model,
+            &ids,
+            &config,
+            &layered(),
+            &Llama::device(&model),
+            &mut |_, _| {},
+        )
+        .unwrap();
         assert_eq!(c.tokens, 48);
         assert_eq!(c.layers.len(), 2);
         let layer0 = &c.layers[0];
@@ -298,8 +344,24 @@ fn layers_with_more_experts_than_rules_measure_a_grid_of_k() {
             seq_len: 16,
             max_top_k_rules: max,
         };
-        let grid = measure(&model, &ids, &config(4), &mut |_, _| {}).unwrap();
-        let every = measure(&model, &ids, &config(16), &mut |_, _| {}).unwrap();
+        let grid = measure(
+            &model,
+            &ids,
+            &config(4),
+            &layered(),
+            &Llama::device(&model),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let every = measure(
+            &model,
+            &ids,
+            &config(16),
+            &layered(),
+            &Llama::device(&model),
+            &mut |_, _| {},
+        )
+        .unwrap();
         let ks = |c: &Candidates| -> Vec<usize> {
             c.layers[0]
                 .candidates
@@ -346,6 +408,8 @@ fn layers_with_more_experts_than_rules_measure_a_grid_of_k() {
                 max_top_k_rules: 3,
                 ..SearchConfig::default()
             },
+            &layered(),
+            &Llama::device(&mixtral(1, true, &device)),
             &mut |_, _| {}
         ),
         Err(RouterError::Policy(_))
@@ -620,11 +684,16 @@ fn policy_files_round_trip_and_bad_files_are_errors() {
             seq_len: 20,
             ..SearchConfig::default()
         },
+        &layered(),
+        &Llama::device(&model),
         &mut |_, _| {},
     )
     .unwrap();
-    c.check(&model).unwrap();
-    assert!(c.check(&mixtral(3, false, &device(6))).is_err());
+    c.check(&ActiveParams::of(&model, None).unwrap()).unwrap();
+    assert!(
+        c.check(&ActiveParams::of(&mixtral(3, false, &device(6)), None).unwrap())
+            .is_err()
+    );
     let policy = choose(&c, 0.9, 512).unwrap();
     let path = dir.path().join("policy.json");
     policy.save(&path).unwrap();
@@ -676,6 +745,8 @@ fn proposals_hold_top_k_from_the_own_k_up_and_every_top_p_that_fit() {
             seq_len: 32,
             ..SearchConfig::default()
         },
+        &layered(),
+        &Llama::device(&model),
         &mut |_, _| {},
     )
     .unwrap();
@@ -739,6 +810,8 @@ fn a_policy_costs_what_it_predicts_and_the_kl_grows_as_experts_go() {
             seq_len: 32,
             ..SearchConfig::default()
         },
+        &layered(),
+        &Llama::device(&model),
         &mut |_, _| {},
     )
     .unwrap();
@@ -775,9 +848,50 @@ fn a_policy_costs_what_it_predicts_and_the_kl_grows_as_experts_go() {
     // Whole-model scores: the reference routing has KL 0; top-1 everywhere deviates.
     let own = RoutingPolicy::of_model(&model);
     let top1 = RoutingPolicy::uniform(&model, Rule::TopK { k: 1 }).unwrap();
-    let scores = score(&model, &[&own, &top1], &ids, 32, &mut |_, _| {}).unwrap();
+    let scores = score(
+        &model,
+        &[&own, &top1],
+        &ids,
+        32,
+        &layered(),
+        &Llama::device(&model),
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(scores[0].kl, 0.0);
     assert!(scores[1].kl > 0.0);
+    // Top-1's KL and NLL against the whole logits of the model routed that way.
+    let mut routed = model.clone();
+    top1.apply(&mut routed).unwrap();
+    let (mut kl, mut nll, mut n) = (0.0f64, 0.0f64, 0usize);
+    for w in ids.chunks(32).filter(|w| w.len() >= 2) {
+        let t = w.len() - 1;
+        let x = model.tokens(&[w], &device).unwrap();
+        let lp = log_softmax(model.logits(x.clone()).unwrap().narrow(1, 0, t), 2);
+        let lq = log_softmax(routed.logits(x).unwrap().narrow(1, 0, t), 2);
+        kl += (lp.clone().exp() * (lp - lq.clone()))
+            .sum()
+            .into_scalar::<f32>() as f64;
+        for (i, &next) in w[1..].iter().enumerate() {
+            nll -= lq
+                .clone()
+                .slice([0..1, i..i + 1, next as usize..next as usize + 1])
+                .into_scalar::<f32>() as f64;
+        }
+        n += t;
+    }
+    assert!(
+        (scores[1].kl - kl / n as f64).abs() < 1e-4 * (kl / n as f64),
+        "{} vs {}",
+        scores[1].kl,
+        kl / n as f64
+    );
+    assert!(
+        (scores[1].nll - nll / n as f64).abs() < 1e-4,
+        "{} vs {}",
+        scores[1].nll,
+        nll / n as f64
+    );
     // The reference's NLL is the perplexity evaluation's.
     let ppl = perplexity(&model, &ids, 32, &mut |_, _| {}).unwrap();
     assert!(
@@ -794,7 +908,16 @@ fn a_policy_costs_what_it_predicts_and_the_kl_grows_as_experts_go() {
     assert!(!offered.iter().any(|p| p.name == "uniform top-2")); // over the budget
     assert!(offered.iter().any(|p| p.name.starts_with("knapsack")));
     let names: Vec<String> = offered.iter().map(|p| p.name.clone()).collect();
-    let (best, scored) = select(&model, offered, &ids, 32, &mut |_, _| {}).unwrap();
+    let (best, scored) = select(
+        &model,
+        offered,
+        &ids,
+        32,
+        &layered(),
+        &Llama::device(&model),
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(scored.len(), names.len());
     let selected = best.chosen.as_ref().unwrap().selection.clone().unwrap();
     for (p, s) in &scored {
@@ -839,6 +962,8 @@ fn selection_keeps_to_the_budget_that_the_policies_really_use() {
             seq_len: 32,
             ..SearchConfig::default()
         },
+        &layered(),
+        &Llama::device(&model),
         &mut |_, _| {},
     )
     .unwrap();
@@ -865,7 +990,16 @@ fn selection_keeps_to_the_budget_that_the_policies_really_use() {
             .any(|l| matches!(l.rule, Rule::TopP { .. }))),
         "a proposal uses the under-predicted top-p"
     );
-    let (best, scored) = select(&model, offered, &ids, 32, &mut |_, _| {}).unwrap();
+    let (best, scored) = select(
+        &model,
+        offered,
+        &ids,
+        32,
+        &layered(),
+        &Llama::device(&model),
+        &mut |_, _| {},
+    )
+    .unwrap();
     // Only top-1 everywhere really fits: any top-p layer uses more than one expert.
     assert!(best.layers.iter().all(|l| l.rule == Rule::TopK { k: 1 }));
     let selected = best.chosen.unwrap().selection.unwrap();
@@ -889,6 +1023,8 @@ fn selection_keeps_to_the_budget_that_the_policies_really_use() {
         &[&policies[0], &policies[1]],
         &ids,
         32,
+        &layered(),
+        &Llama::device(&model),
         &mut |_, _| {},
     )
     .unwrap();
@@ -914,7 +1050,16 @@ fn selection_keeps_to_the_budget_that_the_policies_really_use() {
             }
         })
         .collect();
-    let (best, _) = select(&model, offered, &ids, 32, &mut |_, _| {}).unwrap();
+    let (best, _) = select(
+        &model,
+        offered,
+        &ids,
+        32,
+        &layered(),
+        &Llama::device(&model),
+        &mut |_, _| {},
+    )
+    .unwrap();
     let selected = best.chosen.unwrap().selection.unwrap();
     assert_eq!(selected.proposal, format!("p{}", 1 - low));
 }
@@ -998,4 +1143,83 @@ fn oracle_routing_to_every_expert_is_the_router_and_bad_k_changes_nothing() {
         route_by_oracle(&mut dense, Some(1)),
         Err(RouterError::NoMoeLayers)
     ));
+}
+
+/// Measuring, profiling and scoring read a saved checkpoint layer by layer as they read the
+/// model in memory.
+#[test]
+fn a_checkpoint_on_disk_profiles_as_the_model_in_memory() {
+    let device = device(12);
+    let model = mixtral(3, true, &device);
+    let dir = tempfile::tempdir().unwrap();
+    moekit_llama::save_pretrained(
+        &model,
+        None,
+        dir.path(),
+        moekit_llama::ExportFormat::Mixtral,
+        moekit_llama::SaveDtype::F32,
+    )
+    .unwrap();
+    let ckpt = moekit_llama::Checkpoint::open(dir.path()).unwrap();
+    let ids = tokens(96);
+    let config = SearchConfig {
+        top_p: vec![0.7],
+        seq_len: 32,
+        ..SearchConfig::default()
+    };
+    let run = |source: &dyn moekit_llama::LayerSource| {
+        let c = measure(source, &ids, &config, &layered(), &device, &mut |_, _| {}).unwrap();
+        let p = profile(
+            source,
+            &ids,
+            32,
+            &TOP1_THRESHOLDS,
+            &layered(),
+            &device,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let top1 = RoutingPolicy::uniform(&model, Rule::TopK { k: 1 }).unwrap();
+        let s = score(
+            source,
+            &[&top1],
+            &ids,
+            32,
+            &layered(),
+            &device,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        (c, p, s)
+    };
+    let (c_mem, p_mem, s_mem) = run(&model);
+    let (c_disk, p_disk, s_disk) = run(&ckpt);
+    assert_eq!(c_mem.always, c_disk.always);
+    assert_eq!(c_mem.always, ActiveParams::of(&model, None).unwrap().always);
+    assert_eq!(
+        c_mem.always,
+        ActiveParams::of_checkpoint(&ckpt, None).unwrap().always
+    );
+    for (a, b) in c_mem.layers.iter().zip(&c_disk.layers) {
+        assert_eq!(
+            (a.layer, a.num_experts, a.params_per_expert),
+            (b.layer, b.num_experts, b.params_per_expert)
+        );
+        for (x, y) in a.candidates.iter().zip(&b.candidates) {
+            assert_eq!(x.rule, y.rule);
+            assert!((x.experts_per_token - y.experts_per_token).abs() < 1e-9);
+            assert!(
+                (x.error - y.error).abs() < 1e-5 * x.error.max(1e-3),
+                "{x:?} vs {y:?}"
+            );
+        }
+    }
+    assert_eq!(p_mem.tokens, p_disk.tokens);
+    for (a, b) in p_mem.layers.iter().zip(&p_disk.layers) {
+        assert!((a.entropy - b.entropy).abs() < 1e-5);
+        assert_eq!(a.load, b.load);
+    }
+    assert!((s_mem[0].nll - s_disk[0].nll).abs() < 1e-5);
+    assert!((s_mem[0].kl - s_disk[0].kl).abs() < 1e-5);
+    assert_eq!(s_mem[0].measured_fraction, s_disk[0].measured_fraction);
 }

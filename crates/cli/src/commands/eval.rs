@@ -159,12 +159,10 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
         None => {
             let ckpt = Checkpoint::open(&args.model)?;
             let settings = LayeredConfig::new();
-            // One layer, and a block of the LM head with its logits.
-            let c = ckpt.config();
-            let head = 4 * (settings.vocab_block * c.hidden_size) as u64;
-            crate::memory::check(
+            crate::memory::check_layer(
                 "evaluating one layer at a time",
-                2 * crate::memory::layer_bytes(c) + 2 * head,
+                ckpt.config(),
+                settings.vocab_block,
             )?;
             let routing = Routing::of(args, ckpt.config())?;
             let ids = token_ids(args, &ckpt.tokenizer()?)?;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
+use moekit::llama::{Checkpoint, LayeredConfig};
 use moekit::router::file::{load_json, save_json};
 use moekit::router::{
     ActiveParams, Candidates, MAX_RESOLUTION, MIN_TOP_K_RULES, RouterError, RoutingPolicy,
@@ -140,10 +141,19 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
         Some(r) => format!("{flag} {budget} of {}", r.display()),
         None => format!("{flag} {budget}"),
     };
-    // Profiling holds the whole model in f32 (it is not layer-at-a-time yet).
-    crate::memory::check("profiling", 4 * crate::memory::params(&args.model)?)?;
-    let (_, model, tokenizer) = super::load(&args.model, None)?;
-    let active = ActiveParams::of(&model, None)?;
+    let ckpt = Checkpoint::open(&args.model)?;
+    let layered = LayeredConfig::new();
+    crate::memory::check_layer(
+        "profiling one layer at a time",
+        ckpt.config(),
+        layered.vocab_block,
+    )?;
+    let tokenizer = ckpt.tokenizer()?;
+    let active = ActiveParams::of_checkpoint(&ckpt, None)?;
+    if active.layers.is_empty() {
+        return Err(RouterError::NoMoeLayers.into());
+    }
+    let device = moekit::default_device();
     let full = active.full() as f64;
     // As a fraction of the all-experts model. A count, or a fraction of another model, may
     // allow more than the all-experts model has: then every expert fits.
@@ -181,7 +191,7 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
     let candidates: Candidates = match &args.candidates_in {
         Some(path) => {
             let c: Candidates = load_json(path)?;
-            c.check(&model)?;
+            c.check(&active)?;
             match &c.source {
                 Some(theirs) if *theirs != source => {
                     return Err(CliError::Usage(format!(
@@ -203,7 +213,14 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
         }
         None => {
             let bar = progress::bar("measure", "layers");
-            let c = measure(&model, &ids, &config, &mut progress::update(&bar))?;
+            let c = measure(
+                &ckpt,
+                &ids,
+                &config,
+                &layered,
+                &device,
+                &mut progress::update(&bar),
+            )?;
             bar.finish_and_clear();
             Candidates {
                 source: Some(source),
@@ -213,12 +230,14 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
     };
     // The profile itself is only drawn or saved; the policy search does not need it.
     let routing = if args.plot.is_some() || args.profile_out.is_some() {
-        let bar = progress::bar("profile", "tokens");
+        let bar = progress::bar("profile", "layers");
         let routing = profile(
-            &model,
+            &ckpt,
             &ids,
             args.seq_len,
             &args.top1_thresholds,
+            &layered,
+            &device,
             &mut progress::update(&bar),
         )?;
         bar.finish_and_clear();
@@ -237,12 +256,14 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
         RouterError::Target(why) => RouterError::Target(format!("{given}: {why}")),
         e => e,
     })?;
-    let bar = progress::bar("select", "tokens");
+    let bar = progress::bar("select", "layers");
     let (policy, scored) = select(
-        &model,
+        &ckpt,
         offered,
         &ids[..args.select_tokens.min(ids.len())],
         args.seq_len,
+        &layered,
+        &device,
         &mut progress::update(&bar),
     )?;
     bar.finish_and_clear();
