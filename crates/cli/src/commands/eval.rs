@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 use moekit::llama::{
-    Checkpoint, DecoderLayer, FfnSlot, FfnSpec, LayeredConfig, LlamaConfig, Perplexity, Tokenizer,
-    perplexity, perplexity_layered,
+    Checkpoint, DecoderLayer, FfnSlot, FfnSpec, LayerSource, LayeredConfig, LlamaConfig,
+    Perplexity, Tokenizer, perplexity_layered,
 };
 use moekit::router::{ActiveParams, RouterError, RoutingPolicy, Rule};
 use serde_json::json;
@@ -135,49 +135,48 @@ fn token_ids(args: &EvalArgs, tokenizer: &Tokenizer) -> Result<Vec<u32>, CliErro
     Ok(ids)
 }
 
-/// Reads the model one layer at a time (or whole, to apply an adapter), tokenises the file and
-/// prints its perplexity and speed.
+/// Reads the model one layer at a time (after loading it whole and merging an adapter, if
+/// given), tokenises the file and prints its perplexity and speed.
 pub fn run(args: &EvalArgs) -> Result<(), CliError> {
     let reference = super::reference_params(args.reference.as_deref())?;
+    let ckpt = Checkpoint::open(&args.model)?;
+    let settings = LayeredConfig::new();
+    let routing = Routing::of(args, ckpt.config())?;
+    let ids = token_ids(args, &ckpt.tokenizer()?)?;
+    let window = args.window.unwrap_or(ckpt.config().max_position_embeddings);
+    let run = |source: &dyn LayerSource| -> Result<Perplexity, CliError> {
+        let bar = progress::bar("eval", "layers");
+        let result = perplexity_layered(
+            source,
+            &ids,
+            window,
+            &settings,
+            &moekit::default_device(),
+            &mut |l, layer| routing.apply(l, layer),
+            &mut progress::update(&bar),
+        )?;
+        bar.finish_and_clear();
+        Ok(result)
+    };
     let (result, active) = match &args.adapter {
         Some(adapter) => {
-            let (_, mut model, tokenizer) = super::load(&args.model, Some(adapter))?;
-            let routing = Routing::of(args, &model.config)?;
-            model.layers = std::mem::take(&mut model.layers)
-                .into_iter()
-                .enumerate()
-                .map(|(l, layer)| routing.apply(l, layer))
-                .collect::<moekit::llama::Result<_>>()?;
-            let ids = token_ids(args, &tokenizer)?;
-            let window = args.window.unwrap_or(model.config.max_position_embeddings);
-            let bar = progress::bar("eval", "tokens");
-            let result = perplexity(&model, &ids, window, &mut progress::update(&bar))?;
-            bar.finish_and_clear();
+            // The adapter is merged into the whole model, loaded in f32.
+            crate::memory::check(
+                "evaluating with an adapter",
+                4 * ckpt.param_counts()?.total as u64,
+            )?;
+            let (_, model, _) = super::load(&args.model, Some(adapter))?;
+            let result = run(&model)?;
             let active = ActiveParams::of(&model, Some(&per_layer(&result)))?;
             (result, active)
         }
         None => {
-            let ckpt = Checkpoint::open(&args.model)?;
-            let settings = LayeredConfig::new();
             crate::memory::check_layer(
                 "evaluating one layer at a time",
                 ckpt.config(),
                 settings.vocab_block,
             )?;
-            let routing = Routing::of(args, ckpt.config())?;
-            let ids = token_ids(args, &ckpt.tokenizer()?)?;
-            let window = args.window.unwrap_or(ckpt.config().max_position_embeddings);
-            let bar = progress::bar("eval", "layers");
-            let result = perplexity_layered(
-                &ckpt,
-                &ids,
-                window,
-                &settings,
-                &moekit::default_device(),
-                &mut |l, layer| routing.apply(l, layer),
-                &mut progress::update(&bar),
-            )?;
-            bar.finish_and_clear();
+            let result = run(&ckpt)?;
             let active = ActiveParams::of_checkpoint(&ckpt, Some(&per_layer(&result)))?;
             (result, active)
         }
