@@ -1,7 +1,7 @@
 //! Grouped-query self-attention with rotary embeddings and a KV cache.
 
 use burn::module::Module;
-use burn::nn::LinearConfig;
+use burn::nn::{LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor};
@@ -23,6 +23,10 @@ pub struct Attention {
     pub v_proj: LinearSlot,
     /// Output projection `[heads·D, H]`.
     pub o_proj: LinearSlot,
+    /// RMSNorm of each query head over its `D` values, before the rotation (Qwen3).
+    pub q_norm: Option<RmsNorm>,
+    /// RMSNorm of each key head, before the rotation (Qwen3).
+    pub k_norm: Option<RmsNorm>,
     /// Query heads.
     #[module(skip)]
     pub num_heads: usize,
@@ -79,11 +83,21 @@ impl Attention {
         let (h, d) = (config.hidden_size, config.head_width());
         let (q, kv) = (config.num_attention_heads * d, config.kv_heads() * d);
         let linear = |i, o, bias| LinearConfig::new(i, o).with_bias(bias).init(device).into();
+        let qk_norm = config.architecture().is_ok_and(|a| a.qk_norm());
+        let norm = || {
+            qk_norm.then(|| {
+                RmsNormConfig::new(d)
+                    .with_epsilon(config.rms_norm_eps)
+                    .init(device)
+            })
+        };
         Self {
             q_proj: linear(h, q, config.qkv_bias()),
             k_proj: linear(h, kv, config.qkv_bias()),
             v_proj: linear(h, kv, config.qkv_bias()),
             o_proj: linear(q, h, config.o_bias()),
+            q_norm: norm(),
+            k_norm: norm(),
             num_heads: config.num_attention_heads,
             num_kv_heads: config.kv_heads(),
             head_dim: d,
@@ -102,10 +116,27 @@ impl Attention {
         cache: Option<(&mut KvCache, usize)>,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
-        let heads = |x: Tensor<3>, n: usize| x.reshape([b, t, n, self.head_dim]).swap_dims(1, 2);
-        let q = rope.apply(heads(self.q_proj.forward(x.clone()), self.num_heads));
-        let k = rope.apply(heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        // `[B, T, n·D]` → `[B, n, T, D]`, each head normed first if the model norms them.
+        let heads = |x: Tensor<3>, n: usize, norm: Option<&RmsNorm>| {
+            let x = x.reshape([b, t, n, self.head_dim]);
+            match norm {
+                Some(norm) => norm.forward(x),
+                None => x,
+            }
+            .swap_dims(1, 2)
+        };
+        let q = heads(
+            self.q_proj.forward(x.clone()),
+            self.num_heads,
+            self.q_norm.as_ref(),
+        );
+        let k = heads(
+            self.k_proj.forward(x.clone()),
+            self.num_kv_heads,
+            self.k_norm.as_ref(),
+        );
+        let (q, k) = (rope.apply(q), rope.apply(k));
+        let v = heads(self.v_proj.forward(x), self.num_kv_heads, None);
         let (k, v) = match cache {
             Some((cache, layer)) => cache.append(layer, k, v),
             None => (k, v),

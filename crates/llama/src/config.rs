@@ -24,7 +24,20 @@ pub enum Architecture {
     Mixtral,
     /// `qwen2_moe`: sparse layers with a sigmoid-gated shared expert; Q/K/V biases.
     Qwen2Moe,
+    /// `qwen3`: an RMSNorm over each query and key head before the rotation (`q_norm`,
+    /// `k_norm`), and a `head_dim` of its own (128 when the file names none).
+    Qwen3,
+    /// `qwen3_moe`: Qwen3's attention; sparse layers of softmax top-k experts without a shared
+    /// expert (`norm_topk_prob` renormalises the top-k weights).
+    Qwen3Moe,
+    /// `phi3`: LLaMA with fused projections (`qkv_proj` rows `[Q; K; V]`, `gate_up_proj` rows
+    /// `[gate; up]`), split on load.
+    Phi3,
 }
+
+/// The `model_type`s [`Architecture::from_model_type`] reads, for messages.
+pub const SUPPORTED_MODEL_TYPES: &str =
+    "llama, mistral, qwen2, qwen3, phi3, mixtral, qwen2_moe, qwen3_moe";
 
 impl Architecture {
     /// Parses a Hugging Face `model_type`.
@@ -35,6 +48,9 @@ impl Architecture {
             "qwen2" => Self::Qwen2,
             "mixtral" => Self::Mixtral,
             "qwen2_moe" => Self::Qwen2Moe,
+            "qwen3" => Self::Qwen3,
+            "qwen3_moe" => Self::Qwen3Moe,
+            "phi3" => Self::Phi3,
             other => return Err(LlamaError::UnknownArchitecture(other.to_string())),
         })
     }
@@ -47,6 +63,9 @@ impl Architecture {
             Self::Qwen2 => "qwen2",
             Self::Mixtral => "mixtral",
             Self::Qwen2Moe => "qwen2_moe",
+            Self::Qwen3 => "qwen3",
+            Self::Qwen3Moe => "qwen3_moe",
+            Self::Phi3 => "phi3",
         }
     }
 
@@ -58,7 +77,20 @@ impl Architecture {
             Self::Qwen2 => "Qwen2ForCausalLM",
             Self::Mixtral => "MixtralForCausalLM",
             Self::Qwen2Moe => "Qwen2MoeForCausalLM",
+            Self::Qwen3 => "Qwen3ForCausalLM",
+            Self::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Self::Phi3 => "Phi3ForCausalLM",
         }
+    }
+
+    /// Whether query and key heads are RMS-normed before the rotation (Qwen3).
+    pub fn qk_norm(self) -> bool {
+        matches!(self, Self::Qwen3 | Self::Qwen3Moe)
+    }
+
+    /// Whether Q/K/V and gate/up are stored fused (Phi-3).
+    pub fn fused_projections(self) -> bool {
+        self == Self::Phi3
     }
 }
 
@@ -346,10 +378,21 @@ impl LlamaConfig {
         self.num_key_value_heads.unwrap_or(self.num_attention_heads)
     }
 
-    /// Per-head width.
+    /// Per-head width: `head_dim`, or when the file names none what transformers takes (128 for
+    /// Qwen3, whose configuration class defaults to it; `hidden_size / num_attention_heads`
+    /// otherwise).
     pub fn head_width(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        match (self.head_dim, self.architecture()) {
+            (Some(d), _) => d,
+            (None, Ok(Architecture::Qwen3)) => 128,
+            (None, _) => self.hidden_size / self.num_attention_heads.max(1),
+        }
+    }
+
+    /// Routed experts per layer as the file names them: `num_experts` (Qwen2-MoE, Qwen3-MoE on
+    /// the hub) or `num_local_experts` (Mixtral, and Qwen3-MoE as transformers 5 saves it).
+    fn routed_experts(&self) -> Option<usize> {
+        self.num_experts.or(self.num_local_experts)
     }
 
     /// Rotary base θ, from `rope_theta` or transformers 5's `rope_parameters`.
@@ -375,6 +418,16 @@ impl LlamaConfig {
             (None, None) => None,
         };
         Ok(scaling.filter(|s| s.rope_type != "default"))
+    }
+
+    /// The share of each head's width that is rotated (`partial_rotary_factor`, at the top
+    /// level or in transformers 5's `rope_parameters`), if the file names one.
+    pub fn partial_rotary_factor(&self) -> Option<f64> {
+        let key = "partial_rotary_factor";
+        self.extra
+            .get(key)
+            .or_else(|| self.extra.get("rope_parameters").and_then(|p| p.get(key)))
+            .and_then(Value::as_f64)
     }
 
     /// Whether the Q/K/V projections carry biases.
@@ -422,7 +475,8 @@ impl LlamaConfig {
                 shared_intermediate_size: None,
                 combine_temperature: self.combine_temperature(),
             },
-            Ok(Architecture::Qwen2Moe) => {
+            Ok(arch @ (Architecture::Qwen2Moe | Architecture::Qwen3Moe)) => {
+                let qwen3 = arch == Architecture::Qwen3Moe;
                 let step = self.decoder_sparse_step.unwrap_or(1).max(1);
                 let dense_only = self
                     .mlp_only_layers
@@ -431,14 +485,16 @@ impl LlamaConfig {
                 if dense_only || !(layer + 1).is_multiple_of(step) {
                     return dense;
                 }
+                // transformers' defaults when the file names none.
+                let (experts, top_k, width) = if qwen3 { (128, 8, 768) } else { (60, 4, 1408) };
                 FfnSpec::Moe {
-                    num_experts: self.num_experts.unwrap_or(60),
-                    top_k: self.num_experts_per_tok.unwrap_or(4),
-                    intermediate_size: self.moe_intermediate_size.unwrap_or(1408),
+                    num_experts: self.routed_experts().unwrap_or(experts),
+                    top_k: self.num_experts_per_tok.unwrap_or(top_k),
+                    intermediate_size: self.moe_intermediate_size.unwrap_or(width),
                     renormalize: self.norm_topk_prob.unwrap_or(false),
                     shared_intermediate_size: self
                         .shared_expert_intermediate_size
-                        .filter(|&s| s > 0),
+                        .filter(|&s| s > 0 && !qwen3),
                     combine_temperature: self.combine_temperature(),
                 }
             }
@@ -454,7 +510,13 @@ impl LlamaConfig {
             self.kv_heads() * self.head_width(),
         );
         let bias = if self.qkv_bias() { q + 2 * kv } else { 0 };
-        let attention = h * q + 2 * h * kv + q * h + bias + if self.o_bias() { h } else { 0 };
+        let qk_norm = if self.architecture().is_ok_and(Architecture::qk_norm) {
+            2 * self.head_width()
+        } else {
+            0
+        };
+        let attention =
+            h * q + 2 * h * kv + q * h + bias + if self.o_bias() { h } else { 0 } + qk_norm;
         let swiglu = |i: usize| 3 * h * i;
         let mut counts = ParamCounts {
             total: v * h * if self.tie_word_embeddings { 1 } else { 2 } + h,
@@ -556,7 +618,20 @@ impl LlamaConfig {
                 }
             }
         }
-        if matches!(arch, Architecture::Mixtral | Architecture::Qwen2Moe) {
+        if self.extra.get("use_sliding_window") == Some(&Value::Bool(true)) {
+            return bad("use_sliding_window: sliding-window attention is not implemented".into());
+        }
+        if let Some(f) = self.partial_rotary_factor()
+            && f != 1.0
+        {
+            return bad(format!(
+                "partial_rotary_factor {f}: only fully rotary heads are implemented"
+            ));
+        }
+        if matches!(
+            arch,
+            Architecture::Mixtral | Architecture::Qwen2Moe | Architecture::Qwen3Moe
+        ) {
             for layer in 0..self.num_hidden_layers {
                 if let FfnSpec::Moe {
                     num_experts,

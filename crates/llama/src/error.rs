@@ -55,7 +55,8 @@ pub enum LlamaError {
     },
     /// The configuration names an architecture this crate does not implement.
     #[error(
-        "unsupported architecture `{0}`: supported are llama, mistral, qwen2, mixtral, qwen2_moe"
+        "unsupported architecture `{0}`: supported are {supported}",
+        supported = crate::config::SUPPORTED_MODEL_TYPES
     )]
     UnknownArchitecture(String),
     /// The configuration is inconsistent or out of range.

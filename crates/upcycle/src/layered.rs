@@ -152,9 +152,9 @@ fn rows(t: &Tensor<3>) -> Vec<f32> {
     t.clone().into_data().iter::<f32>().collect()
 }
 
-/// The layout a model whose every FFN is like `ffn` is written in: `format`, or Mixtral where
-/// it fits, else Qwen2-MoE; an export of `base` that cannot be written fails here, at the
-/// first layer.
+/// The layout a model whose every FFN is like `ffn` is written in: `format`, or the first of
+/// [`ExportFormat::moe_candidates`] that fits; an export of `base` that cannot be written fails
+/// here, at the first layer.
 fn start_export(
     out: &Path,
     staging: &Path,
@@ -168,7 +168,7 @@ fn start_export(
     };
     Ok(match settings.format {
         Some(format) => open(format)?,
-        None => open(ExportFormat::Mixtral).or_else(|_| open(ExportFormat::Qwen2Moe))?,
+        None => ExportFormat::first_fitting(ExportFormat::moe_candidates(base), open)?.1,
     })
 }
 

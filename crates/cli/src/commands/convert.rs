@@ -64,12 +64,15 @@ pub enum AdapterActivation {
 /// Output checkpoint layouts.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FormatArg {
-    /// Mixtral when the model fits it (renormalised top-k, no shared expert), else Qwen2-MoE.
+    /// Qwen3-MoE for Qwen3 models; for others Mixtral when the model fits it (renormalised
+    /// top-k, no shared expert), else Qwen2-MoE.
     Auto,
     /// `MixtralForCausalLM`.
     Mixtral,
     /// `Qwen2MoeForCausalLM`.
     Qwen2Moe,
+    /// `Qwen3MoeForCausalLM` (Qwen3 models, without shared experts).
+    Qwen3Moe,
 }
 
 /// Which hidden states feed each next layer.
@@ -272,6 +275,7 @@ impl ConvertArgs {
         match self.format {
             FormatArg::Mixtral => Some(ExportFormat::Mixtral),
             FormatArg::Qwen2Moe => Some(ExportFormat::Qwen2Moe),
+            FormatArg::Qwen3Moe => Some(ExportFormat::Qwen3Moe),
             FormatArg::Auto => None,
         }
     }

@@ -66,22 +66,20 @@ pub fn text_reference(activated: f64, reference: Option<f64>) -> String {
     })
 }
 
-/// The layout `model` is written in: dense LLaMA when it has no MoE layer, Mixtral where it
-/// fits, Qwen2-MoE otherwise; checked before any long work so that it cannot fail at the end.
+/// The layout `model` is written in: dense when it has no MoE layer, else the first of
+/// [`ExportFormat::moe_candidates`] that fits; checked before any long work so that it cannot
+/// fail at the end.
 pub fn auto_format(model: &Llama) -> Result<ExportFormat, CliError> {
     let has_moe = model
         .layers
         .iter()
         .any(|l| matches!(l.ffn, moekit::llama::FfnSlot::Moe(_)));
-    let format = if !has_moe {
-        ExportFormat::Dense
-    } else if check_export(model, ExportFormat::Mixtral).is_ok() {
-        ExportFormat::Mixtral
-    } else {
-        ExportFormat::Qwen2Moe
-    };
-    check_export(model, format)?;
-    Ok(format)
+    if !has_moe {
+        check_export(model, ExportFormat::Dense)?;
+        return Ok(ExportFormat::Dense);
+    }
+    let candidates = ExportFormat::moe_candidates(&model.config);
+    Ok(ExportFormat::first_fitting(candidates, |f| check_export(model, f))?.0)
 }
 
 /// Path, size and modification time of `p` (zeros where it cannot be read).

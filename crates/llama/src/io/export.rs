@@ -8,7 +8,7 @@ use moekit_moe::{Activation, FeedForward, MoeLayer, RouterConfig, Scoring, Selec
 use serde_json::Value;
 
 use super::host::HostTensor;
-use super::names::{Scheme, Weight, name};
+use super::names::{Scheme, Weight, fused_rows, name};
 use super::router_factors;
 use super::safetensors::{SaveDtype, write};
 use crate::config::{Architecture, LlamaConfig};
@@ -23,14 +23,17 @@ use crate::{LlamaError, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExportFormat {
-    /// Dense LLaMA / Mistral / Qwen2, as the model's configuration names it. Every FFN must be
-    /// dense.
+    /// Dense LLaMA / Mistral / Qwen2 / Qwen3 / Phi-3, as the model's configuration names it.
+    /// Every FFN must be dense.
     Dense,
     /// Mixtral: every FFN a softmax top-k MoE with renormalised weights, no shared expert.
     Mixtral,
     /// Qwen2-MoE: MoE layers (optionally with a shared expert) and dense ones
     /// (`mlp_only_layers`).
     Qwen2Moe,
+    /// Qwen3-MoE: Qwen3's attention (query/key head norms), MoE layers without a shared
+    /// expert and dense ones (`mlp_only_layers`).
+    Qwen3Moe,
 }
 
 impl ExportFormat {
@@ -39,6 +42,7 @@ impl ExportFormat {
             Self::Dense => "dense",
             Self::Mixtral => "mixtral",
             Self::Qwen2Moe => "qwen2_moe",
+            Self::Qwen3Moe => "qwen3_moe",
         }
     }
 
@@ -46,8 +50,35 @@ impl ExportFormat {
         match self {
             Self::Dense => Scheme::Hf,
             Self::Mixtral => Scheme::Mixtral,
-            Self::Qwen2Moe => Scheme::Qwen2Moe,
+            Self::Qwen2Moe | Self::Qwen3Moe => Scheme::Qwen2Moe,
         }
+    }
+
+    /// The MoE layouts a model converted from `base` may be written in, in the order of
+    /// preference: Qwen3-MoE for the Qwen3 family (no other layout norms query and key
+    /// heads); otherwise Mixtral where it fits (renormalised top-k, no shared expert, no dense
+    /// layer), else Qwen2-MoE.
+    pub fn moe_candidates(base: &LlamaConfig) -> &'static [ExportFormat] {
+        if base.architecture().is_ok_and(Architecture::qk_norm) {
+            &[Self::Qwen3Moe]
+        } else {
+            &[Self::Mixtral, Self::Qwen2Moe]
+        }
+    }
+
+    /// The first of `candidates` for which `fits` succeeds, or the last one's error.
+    pub fn first_fitting<T>(
+        candidates: &[ExportFormat],
+        mut fits: impl FnMut(ExportFormat) -> Result<T>,
+    ) -> Result<(ExportFormat, T)> {
+        let mut last = None;
+        for &format in candidates {
+            match fits(format) {
+                Ok(t) => return Ok((format, t)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| LlamaError::Config("no export format to try".into())))
     }
 }
 
@@ -181,6 +212,18 @@ pub(crate) fn export_config_of(
         c.mlp_only_layers,
     ) = (None, None, None);
     let original = c.architecture()?;
+    let qk_norm = original.qk_norm();
+    if qk_norm && matches!(format, ExportFormat::Mixtral | ExportFormat::Qwen2Moe) {
+        return Err(fail(format!(
+            "{} norms query and key heads, which {} does not; export as qwen3_moe",
+            original.model_type(),
+            format.label()
+        )));
+    }
+    if qk_norm || format == ExportFormat::Qwen3Moe {
+        // Qwen3 defaults it to 128, Qwen3-MoE to hidden / heads: always written.
+        c.head_dim = Some(base.head_width());
+    }
     let arch = match format {
         ExportFormat::Dense => {
             if shape.is_some() {
@@ -191,6 +234,7 @@ pub(crate) fn export_config_of(
             match original {
                 Architecture::Mixtral => Architecture::Mistral,
                 Architecture::Qwen2Moe => Architecture::Qwen2,
+                Architecture::Qwen3Moe => Architecture::Qwen3,
                 a => a,
             }
         }
@@ -237,12 +281,41 @@ pub(crate) fn export_config_of(
                 .insert("use_sliding_window".into(), Value::Bool(false));
             Architecture::Qwen2Moe
         }
+        ExportFormat::Qwen3Moe => {
+            let s = shape.ok_or_else(|| fail("the model has no MoE layer".into()))?;
+            if !qk_norm {
+                return Err(fail(format!(
+                    "Qwen3-MoE norms query and key heads, which {} does not (Qwen3 models only)",
+                    original.model_type()
+                )));
+            }
+            if s.shared.is_some() {
+                return Err(fail(
+                    "Qwen3-MoE has no shared expert; convert without shared experts".into(),
+                ));
+            }
+            if let Some(&i) = dense_widths.first() {
+                c.intermediate_size = i;
+            }
+            c.num_experts = Some(s.experts);
+            c.num_experts_per_tok = Some(s.top_k);
+            c.moe_intermediate_size = Some(s.intermediate);
+            c.norm_topk_prob = Some(s.renormalize);
+            c.decoder_sparse_step = Some(1);
+            c.mlp_only_layers = Some(dense_layers);
+            c.extra
+                .insert("use_sliding_window".into(), Value::Bool(false));
+            Architecture::Qwen3Moe
+        }
     };
     c.model_type = arch.model_type().into();
     c.architectures = vec![arch.class_name().into()];
-    c.attention_bias = matches!(arch, Architecture::Llama | Architecture::Mistral)
-        .then_some(base.o_bias() || base.qkv_bias())
-        .filter(|&b| b);
+    c.attention_bias = matches!(
+        arch,
+        Architecture::Llama | Architecture::Mistral | Architecture::Qwen3 | Architecture::Qwen3Moe
+    )
+    .then_some(base.o_bias() || base.qkv_bias())
+    .filter(|&b| b);
     c.extra.insert(
         "torch_dtype".into(),
         Value::String(dtype.torch_name().into()),
@@ -255,6 +328,10 @@ pub(crate) fn export_config_of(
 pub(crate) struct Collector {
     scheme: Scheme,
     tensors: Vec<(String, HostTensor)>,
+    /// For an architecture that stores projections fused (Phi-3), the widths
+    /// [`fused_rows`] takes, and the fused weight being assembled from its parts.
+    fused: Option<[usize; 4]>,
+    pending: Option<(Weight, usize, HostTensor)>,
 }
 
 impl Collector {
@@ -263,6 +340,8 @@ impl Collector {
         Self {
             scheme,
             tensors: Vec::new(),
+            fused: None,
+            pending: None,
         }
     }
 
@@ -272,6 +351,22 @@ impl Collector {
     }
 
     fn push(&mut self, w: Weight, t: HostTensor) {
+        // A part of a fused weight waits for the others; the rows are stored in order.
+        if let Some((whole, total, rows)) = self.fused.and_then(|dims| fused_rows(w, dims)) {
+            let mut acc = match self.pending.take() {
+                Some((pending, _, acc)) if pending == whole => acc,
+                _ => HostTensor::new(vec![0, t.shape[1]], Vec::new()),
+            };
+            debug_assert_eq!(acc.shape[0], rows.start, "fused parts come in order");
+            acc.shape[0] += t.shape[0];
+            acc.data.extend(t.data);
+            if acc.shape[0] == total {
+                self.push(whole, acc);
+            } else {
+                self.pending = Some((whole, total, acc));
+            }
+            return;
+        }
         let n = name(w, self.scheme).expect("the export table names every weight it writes");
         self.tensors.push((n, t));
     }
@@ -294,10 +389,7 @@ impl Collector {
 }
 
 fn collect(model: &Llama, config: &LlamaConfig, scheme: Scheme) -> Vec<(String, HostTensor)> {
-    let mut out = Collector {
-        scheme,
-        tensors: Vec::new(),
-    };
+    let mut out = Collector::new(scheme);
     out.push(
         Weight::Embed,
         HostTensor::from_tensor(model.embed_tokens.weight.val()),
@@ -323,7 +415,18 @@ impl Collector {
     /// configuration) names them.
     pub(crate) fn layer(&mut self, l: usize, layer: &DecoderLayer, config: &LlamaConfig) {
         let out = self;
-        let (h, scheme) = (config.hidden_size, out.scheme);
+        let h = config.hidden_size;
+        out.fused = config
+            .architecture()
+            .is_ok_and(Architecture::fused_projections)
+            .then(|| {
+                [
+                    config.num_attention_heads,
+                    config.kv_heads(),
+                    config.head_width(),
+                    config.intermediate_size,
+                ]
+            });
         out.push(
             Weight::AttnNorm(l),
             HostTensor::from_tensor(layer.input_norm.gamma.val()),
@@ -333,6 +436,11 @@ impl Collector {
             HostTensor::from_tensor(layer.post_attention_norm.gamma.val()),
         );
         let a = &layer.attention;
+        for (w, norm) in [(Weight::QNorm(l), &a.q_norm), (Weight::KNorm(l), &a.k_norm)] {
+            if let Some(norm) = norm {
+                out.push(w, HostTensor::from_tensor(norm.gamma.val()));
+            }
+        }
         for (w, b, proj) in [
             (Weight::Q(l), Weight::QBias(l), &a.q_proj),
             (Weight::K(l), Weight::KBias(l), &a.k_proj),
@@ -377,7 +485,7 @@ impl Collector {
                     ];
                     out.swiglu(names, &w_in.index(e), &w_out.index(e));
                 }
-                if scheme == Scheme::Qwen2Moe {
+                if matches!(config.architecture(), Ok(Architecture::Qwen2Moe)) {
                     let names = [
                         Weight::SharedGate(l),
                         Weight::SharedUp(l),

@@ -11,7 +11,7 @@ use moekit_moe::{
 
 use super::gguf::{GgufFile, unpermute_rows};
 use super::host::HostTensor;
-use super::names::{Scheme, Weight, name};
+use super::names::{Scheme, Weight, fused_rows, name};
 use super::quant::GgmlType;
 use super::router_factors;
 use super::safetensors::{SafetensorsDir, SourceRows};
@@ -103,7 +103,7 @@ impl Checkpoint {
     fn scheme(&self) -> Result<Scheme> {
         Ok(match self.config.architecture()? {
             Architecture::Mixtral => Scheme::Mixtral,
-            Architecture::Qwen2Moe => Scheme::Qwen2Moe,
+            Architecture::Qwen2Moe | Architecture::Qwen3Moe => Scheme::Qwen2Moe,
             _ => Scheme::Hf,
         })
     }
@@ -280,6 +280,9 @@ impl Reader<'_> {
     }
 
     fn maybe(&self, w: Weight, shape: &[usize]) -> Result<Option<HostTensor>> {
+        if let Some(t) = self.fused_part(w, shape)? {
+            return Ok(Some(t));
+        }
         let n = self.name(w);
         self.read.borrow_mut().insert(n.clone());
         let Some(t) = self.source.read(&n)? else {
@@ -305,6 +308,44 @@ impl Reader<'_> {
             }
             _ => t,
         }))
+    }
+
+    /// `w`'s rows of the fused weight that holds it, in a checkpoint whose projections are
+    /// fused (Phi-3); `None` otherwise.
+    fn fused_part(&self, w: Weight, shape: &[usize]) -> Result<Option<HostTensor>> {
+        let c = self.config;
+        if !c.architecture().is_ok_and(|a| a.fused_projections()) {
+            return Ok(None);
+        }
+        let dims = [
+            c.num_attention_heads,
+            c.kv_heads(),
+            c.head_width(),
+            c.intermediate_size,
+        ];
+        let Some((whole, total, rows)) = fused_rows(w, dims) else {
+            return Ok(None);
+        };
+        let n = self.name(whole);
+        self.read.borrow_mut().insert(n.clone());
+        let missing = || LlamaError::MissingTensor {
+            path: self.source.path().to_path_buf(),
+            name: n.clone(),
+        };
+        let stored = self.source.shape(&n).ok_or_else(missing)?;
+        let expected = [total, shape[1]];
+        if stored != expected {
+            return Err(LlamaError::TensorShape {
+                name: n,
+                expected: expected.to_vec(),
+                got: stored,
+            });
+        }
+        let t = self
+            .source
+            .read_rows(&n, &rows.collect::<Vec<_>>())?
+            .ok_or_else(missing)?;
+        Ok(Some(HostTensor::new(shape.to_vec(), t.data)))
     }
 
     /// Rows `rows` of the `[V, H]` matrix `w` (the embedding or the LM head).
@@ -340,9 +381,13 @@ impl Reader<'_> {
     }
 
     fn norm(&self, w: Weight) -> Result<RmsNorm> {
-        let h = self.config.hidden_size;
+        self.norm_of(w, self.config.hidden_size)
+    }
+
+    /// An RMSNorm of `width` values.
+    fn norm_of(&self, w: Weight, width: usize) -> Result<RmsNorm> {
         Ok(RmsNorm {
-            gamma: Param::from_tensor(self.take(w, &[h])?.to_tensor(self.device)),
+            gamma: Param::from_tensor(self.take(w, &[width])?.to_tensor(self.device)),
             epsilon: self.config.rms_norm_eps,
         })
     }
@@ -474,6 +519,7 @@ impl Reader<'_> {
         let (h, d) = (c.hidden_size, c.head_width());
         let (q, kv) = (c.num_attention_heads * d, c.kv_heads() * d);
         let bias = |b: Weight| c.qkv_bias().then_some(b);
+        let qk_norm = c.architecture()?.qk_norm();
         Ok(DecoderLayer {
             input_norm: self.norm(Weight::AttnNorm(l))?,
             attention: crate::attention::Attention {
@@ -489,6 +535,12 @@ impl Reader<'_> {
                 o_proj: self
                     .linear(Weight::O(l), c.o_bias().then_some(Weight::OBias(l)), h, q)?
                     .into(),
+                q_norm: qk_norm
+                    .then(|| self.norm_of(Weight::QNorm(l), d))
+                    .transpose()?,
+                k_norm: qk_norm
+                    .then(|| self.norm_of(Weight::KNorm(l), d))
+                    .transpose()?,
                 num_heads: c.num_attention_heads,
                 num_kv_heads: c.kv_heads(),
                 head_dim: d,

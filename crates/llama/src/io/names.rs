@@ -33,6 +33,14 @@ pub enum Weight {
     VBias(usize),
     /// Output bias (LLaMA with `attention_bias`).
     OBias(usize),
+    /// RMSNorm of each query head `[D]` (Qwen3).
+    QNorm(usize),
+    /// RMSNorm of each key head `[D]` (Qwen3).
+    KNorm(usize),
+    /// Fused query/key/value projection `[(heads + 2·kv)·D, H]`, rows `[Q; K; V]` (Phi-3).
+    Qkv(usize),
+    /// Fused gate/up projection `[2I, H]`, rows `[gate; up]` (Phi-3).
+    GateUp(usize),
     /// Dense FFN gate projection `[I, H]`.
     Gate(usize),
     /// Dense FFN up projection `[I, H]`.
@@ -74,7 +82,8 @@ pub enum Scheme {
     Hf,
     /// Hugging Face Mixtral (`block_sparse_moe.*`).
     Mixtral,
-    /// Hugging Face Qwen2-MoE (`mlp.gate`, `mlp.experts.*`, `mlp.shared_expert*`).
+    /// Hugging Face Qwen2-MoE and Qwen3-MoE (`mlp.gate`, `mlp.experts.*`, Qwen2-MoE's
+    /// `mlp.shared_expert*`).
     Qwen2Moe,
     /// llama.cpp GGUF (`blk.N.*`).
     Gguf,
@@ -119,6 +128,14 @@ pub fn name(weight: Weight, scheme: Scheme) -> Option<String> {
         (VBias(i), _) => l(i, "self_attn.v_proj.bias"),
         (OBias(i), Gguf) => l(i, "attn_output.bias"),
         (OBias(i), _) => l(i, "self_attn.o_proj.bias"),
+        (QNorm(i), Gguf) => l(i, "attn_q_norm.weight"),
+        (QNorm(i), _) => l(i, "self_attn.q_norm.weight"),
+        (KNorm(i), Gguf) => l(i, "attn_k_norm.weight"),
+        (KNorm(i), _) => l(i, "self_attn.k_norm.weight"),
+        (Qkv(i), Gguf) => l(i, "attn_qkv.weight"),
+        (Qkv(i), _) => l(i, "self_attn.qkv_proj.weight"),
+        (GateUp(_), Gguf) => return None,
+        (GateUp(i), _) => l(i, "mlp.gate_up_proj.weight"),
         (Gate(i), Gguf) => l(i, "ffn_gate.weight"),
         (Gate(i), _) => l(i, "mlp.gate_proj.weight"),
         (Up(i), Gguf) => l(i, "ffn_up.weight"),
@@ -158,6 +175,25 @@ pub fn name(weight: Weight, scheme: Scheme) -> Option<String> {
         | (SharedGate(_) | SharedUp(_) | SharedDown(_) | SharedScale(_), Hf | Mixtral) => {
             return None;
         }
+    })
+}
+
+/// Where a weight lives in a checkpoint whose projections are fused: the fused weight, its
+/// number of rows, and the rows of it that are `weight` (Phi-3: Q, K and V in `qkv_proj`, gate
+/// and up in `gate_up_proj`), for a model of `heads` query heads, `kv` key/value heads of width
+/// `d` and FFN width `i`; `None` for a weight stored alone.
+pub fn fused_rows(
+    weight: Weight,
+    [heads, kv, d, i]: [usize; 4],
+) -> Option<(Weight, usize, std::ops::Range<usize>)> {
+    let (q, k) = (heads * d, kv * d);
+    Some(match weight {
+        Weight::Q(l) => (Weight::Qkv(l), q + 2 * k, 0..q),
+        Weight::K(l) => (Weight::Qkv(l), q + 2 * k, q..q + k),
+        Weight::V(l) => (Weight::Qkv(l), q + 2 * k, q + k..q + 2 * k),
+        Weight::Gate(l) => (Weight::GateUp(l), 2 * i, 0..i),
+        Weight::Up(l) => (Weight::GateUp(l), 2 * i, i..2 * i),
+        _ => return None,
     })
 }
 
