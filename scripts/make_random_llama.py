@@ -1,9 +1,10 @@
-"""A random-weight Llama checkpoint of a named shape, in bf16, written tensor by tensor.
+"""A random-weight Llama (or Qwen3) checkpoint of a named shape, in bf16, written tensor by tensor.
 
     python scripts/make_random_llama.py SHAPE OUT_DIR --tokenizer TOKENIZER_DIR [--layers N]
 
-SHAPE is one of smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b (their published
-shapes: hidden size, FFN width, layers, query / KV heads, vocabulary, tied embeddings, RoPE).
+SHAPE is one of smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, qwen3-0.6b (their
+published shapes: hidden size, FFN width, layers, query / KV heads, vocabulary, tied embeddings,
+RoPE; Qwen3's head width of its own and per-head q_norm / k_norm).
 Weights are N(0, 0.02²) (norms 1), rounded to bf16; shards of at most 5 GB with
 model.safetensors.index.json, as transformers writes them. Memory follows one block of rows,
 not the model: an 8B checkpoint (16 GB) is written on a machine with a few GB free. The
@@ -24,7 +25,14 @@ SHAPES = {
     "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256, True, 500000.0, True),
     "llama-3.2-3b": (3072, 8192, 28, 24, 8, 128256, True, 500000.0, True),
     "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256, False, 500000.0, True),
+    "qwen3-0.6b": (1024, 3072, 28, 16, 8, 151936, True, 1000000.0, False),
 }
+# Shapes of another family: model_type and head width.
+FAMILY = {"qwen3-0.6b": ("qwen3", 128)}
+
+
+def head_dim(name, shape):
+    return FAMILY.get(name, ("llama", shape[0] // shape[3]))[1]
 SHARD_BYTES = 5_000_000_000
 BLOCK_VALUES = 1 << 24
 
@@ -36,9 +44,9 @@ def bf16_bytes(values):
     return (u >> np.uint32(16)).astype("<u2").tobytes()
 
 
-def tensors(shape, layers):
+def tensors(name, shape, layers):
     h, i, _, heads, kv, v, tied, _, _ = shape
-    d = h // heads
+    d = head_dim(name, shape)
     yield "model.embed_tokens.weight", (v, h)
     for l in range(layers):
         p = f"model.layers.{l}."
@@ -47,6 +55,9 @@ def tensors(shape, layers):
         yield p + "self_attn.k_proj.weight", (kv * d, h)
         yield p + "self_attn.v_proj.weight", (kv * d, h)
         yield p + "self_attn.o_proj.weight", (h, heads * d)
+        if name in FAMILY:
+            yield p + "self_attn.q_norm.weight", (d,)
+            yield p + "self_attn.k_norm.weight", (d,)
         yield p + "post_attention_layernorm.weight", (h,)
         yield p + "mlp.gate_proj.weight", (i, h)
         yield p + "mlp.up_proj.weight", (i, h)
@@ -100,7 +111,7 @@ def main():
     os.makedirs(tmp)
     # Shards of whole tensors, at most SHARD_BYTES each.
     shards, size = [[]], 0
-    for name, shp in tensors(shape, layers):
+    for name, shp in tensors(a.shape, shape, layers):
         n = int(np.prod(shp)) * 2
         if shards[-1] and size + n > SHARD_BYTES:
             shards.append([])
@@ -116,19 +127,20 @@ def main():
     if len(shards) > 1:
         with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    family = FAMILY.get(a.shape, ("llama", 0))[0]
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen3ForCausalLM" if family == "qwen3" else "LlamaForCausalLM"],
+        "model_type": family,
         "hidden_size": h,
         "intermediate_size": i,
         "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv,
-        "head_dim": h // heads,
+        "head_dim": head_dim(a.shape, shape),
         "vocab_size": v,
         "tie_word_embeddings": tied,
         "rope_theta": theta,
-        "rms_norm_eps": 1e-5,
+        "rms_norm_eps": 1e-6 if family == "qwen3" else 1e-5,
         "max_position_embeddings": 131072 if llama3 else 8192,
         "hidden_act": "silu",
         "attention_bias": False,

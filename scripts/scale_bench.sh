@@ -7,7 +7,8 @@
 #       trains 10 steps of 2,048 rows per layer, ~2 minutes a layer at 8B; transformers-eval-converted
 #       loads the export in f32, so it is for shapes up to 3B)
 #
-# For each shape (smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b; `NAME:LAYERS` cuts a
+# For each shape (smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b, and qwen3-0.6b, not in
+# the default list, which converts without shared experts into Qwen3-MoE; `NAME:LAYERS` cuts a
 # shape to LAYERS layers) a random-weight bf16 checkpoint is made once by
 # scripts/make_random_llama.py and cached in $MOEKIT_CACHE/scale/. Then, each through
 # scripts/peak_rss.py (wall time and the kernel's peak resident set):
@@ -72,15 +73,18 @@ for SPEC in "${SHAPES[@]}"; do
     echo "== $NAME" >&2
     "$PY" "$ROOT/scripts/make_random_llama.py" "$SHAPE" "$MODEL" --tokenizer "$TOK" ${LAYERS:+--layers $LAYERS} >/dev/null
     OUT=$SCALE/out-$NAME
+    # Qwen3 converts into Qwen3-MoE, which has no shared expert.
+    SHARED=2
+    [[ $SHAPE == qwen3* ]] && SHARED=0
     rm -rf "$OUT" "$OUT-lw"
     measure info "$BIN" info "$MODEL"
     measure eval "$BIN" eval "$MODEL" --text "$EVAL_TEXT" --max-tokens 512 --json
-    measure convert "$BIN" convert "$MODEL" --method split-importance --experts 16 --shared-experts 2 \
+    measure convert "$BIN" convert "$MODEL" --method split-importance --experts 16 --shared-experts $SHARED \
         --top-k 4 --calib "$CALIB" --calib-tokens 2048 --dtype bf16 --json --out "$OUT"
     measure eval-converted "$BIN" eval "$OUT" --text "$EVAL_TEXT" --max-tokens 512 --json
     measure profile "$BIN" profile "$OUT" --calib "$CALIB" --calib-tokens 512 --select-tokens 512 --target-active-params 0.75 \
         --reference "$MODEL" --out "$SCALE/policy-$NAME.json"
-    measure convert-layerwise "$BIN" convert "$MODEL" --method split-importance --experts 16 --shared-experts 2 \
+    measure convert-layerwise "$BIN" convert "$MODEL" --method split-importance --experts 16 --shared-experts $SHARED \
         --top-k 4 --calib "$CALIB" --calib-tokens 2048 --layerwise-steps 10 --dtype bf16 --json --out "$OUT-lw"
     measure transformers-eval "$PY" "$ROOT/scripts/hf_reference.py" "$MODEL" --text "$EVAL_TEXT" \
         --max-tokens 512 --dtype bfloat16

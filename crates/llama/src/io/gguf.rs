@@ -379,7 +379,11 @@ impl GgufFile {
             .ok_or_else(|| LlamaError::corrupt(&self.path, "general.architecture is missing"))?;
         match arch {
             "llama" | "qwen2" => Ok(arch.to_string()),
-            other => Err(LlamaError::UnknownArchitecture(format!("{other} (GGUF)"))),
+            other => Err(LlamaError::Config(format!(
+                "GGUF architecture `{other}` is not supported (GGUF files: llama, qwen2); load \
+                 the model's Hugging Face safetensors instead (supported there: {})",
+                crate::config::SUPPORTED_MODEL_TYPES
+            ))),
         }
     }
 
