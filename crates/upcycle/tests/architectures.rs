@@ -1,5 +1,6 @@
 //! Every dense architecture converts into each MoE layout that fits it, one layer at a time:
-//! Qwen3 into Qwen3-MoE, Phi-3 (fused projections) into Mixtral and Qwen2-MoE. Upcycled models,
+//! Qwen3 into Qwen3-MoE, Phi-3 (fused projections) into Mixtral and Qwen2-MoE, Qwen2 (biased
+//! Q/K/V) into Qwen2-MoE (LLaMA into Mixtral and Qwen2-MoE: tests/layered.rs). Upcycled models,
 //! and splits with every expert chosen, compute the dense model's logits.
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,22 @@ use moekit_upcycle::{
 
 fn fixture(kind: &str) -> PathBuf {
     moekit_testing::package_dir().join(format!("../llama/tests/fixtures/architectures/{kind}"))
+}
+
+/// A tiny random Qwen2 (biases on Q, K and V) written as a checkpoint in `dir`.
+fn qwen2(dir: &Path) -> PathBuf {
+    let mut c = moekit_llama::LlamaConfig::llama(128, 32, 64, 2, 4, 2);
+    c.model_type = "qwen2".into();
+    let model = c.init(&device(5)).unwrap();
+    moekit_llama::save_pretrained(
+        &model,
+        None,
+        dir,
+        ExportFormat::Dense,
+        moekit_llama::SaveDtype::F32,
+    )
+    .unwrap();
+    dir.to_path_buf()
 }
 
 fn load(dir: &Path) -> Llama {
@@ -35,12 +52,12 @@ fn logits(model: &Llama) -> Vec<f32> {
 }
 
 fn convert(
-    kind: &str,
+    dense: &Path,
     config: &ConvertConfig,
     format: Option<ExportFormat>,
     out: &Path,
 ) -> Result<(), UpcycleError> {
-    let ckpt = Checkpoint::open(&fixture(kind)).unwrap();
+    let ckpt = Checkpoint::open(dense).unwrap();
     let calibration: Vec<u32> = (0..96).map(|i| (i * 13 + 5) % 128).collect();
     let settings = LayeredSettings {
         seq_len: 32,
@@ -94,13 +111,19 @@ fn dense_architectures_convert_into_each_layout_that_fits() {
             "qwen2_moe",
         ),
         ("phi3", &with_shared, None, "qwen2_moe"),
+        ("qwen2", &upcycle, None, "qwen2_moe"),
+        ("qwen2", &every_expert, None, "qwen2_moe"),
     ] {
         let root = tempfile::tempdir().unwrap();
+        let dense = match kind {
+            "qwen2" => qwen2(&root.path().join("dense")),
+            _ => fixture(kind),
+        };
         let out = root.path().join("out");
-        convert(kind, config, format, &out).unwrap();
+        convert(&dense, config, format, &out).unwrap();
         let c = moekit_llama::LlamaConfig::from_file(&out.join("config.json")).unwrap();
         assert_eq!(c.model_type, written, "{kind}");
-        let (dense, moe) = (logits(&load(&fixture(kind))), logits(&load(&out)));
+        let (dense, moe) = (logits(&load(&dense)), logits(&load(&out)));
         let diff = dense
             .iter()
             .zip(&moe)
@@ -122,7 +145,7 @@ fn qwen3_with_shared_experts_has_no_layout_and_says_so_before_converting() {
         2,
     )
     .with_shared_experts(1);
-    let err = convert("qwen3", &config, None, &out).unwrap_err();
+    let err = convert(&fixture("qwen3"), &config, None, &out).unwrap_err();
     assert!(
         matches!(&err, UpcycleError::Llama(LlamaError::Export { .. }))
             && err.to_string().contains("shared expert"),
