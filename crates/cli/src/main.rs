@@ -59,6 +59,15 @@ fn run(cli: Cli) -> Result<(), CliError> {
 }
 
 fn main() -> ExitCode {
+    // A closed pipe (`moekit info MODEL | head -1`) ends the process quietly, as it ends other
+    // command-line tools, instead of `println!` panicking on the write error: Rust starts
+    // programs with SIGPIPE ignored, and std offers no stable way to restore it.
+    #[cfg(unix)]
+    // SAFETY: called first thing in `main`, before any other thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("MOEKIT_LOG")

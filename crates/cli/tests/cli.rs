@@ -495,6 +495,24 @@ fn a_disk_that_fills_up_mid_conversion_fails_in_one_line_and_the_rerun_resumes()
     assert!(failures >= 4, "the limits cut short only {failures} runs");
 }
 
+/// Output into a pipe that is already closed (`moekit info MODEL | head -1` once `head` has
+/// gone) ends the process as it ends other tools, without a panic message.
+#[test]
+fn a_closed_pipe_ends_the_output_quietly() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, _) = dense_model_and_text(root.path());
+    for args in [format!("info '{model}'"), format!("info '{model}' --json")] {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("'{}' {args} | true", env!("CARGO_BIN_EXE_moekit")))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args}: {stderr}");
+        assert!(stderr.is_empty(), "{args}: {stderr}");
+    }
+}
+
 #[test]
 fn work_directories_follow_their_model_and_keep_other_files() {
     use moekit::llama::{ExportFormat, LlamaConfig, SaveDtype, save_pretrained};

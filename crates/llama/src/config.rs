@@ -603,14 +603,35 @@ impl LlamaConfig {
                 self.rms_norm_eps
             ));
         }
+        let theta = self.rope_base();
+        if !(theta.is_finite() && theta > 0.0) {
+            return bad(format!("rope_theta {theta} must be finite and positive"));
+        }
         if let Some(s) = self.rope_scaling()? {
+            // Factors below 1 would squeeze positions together (transformers warns about
+            // them, and no released model uses one); Llama-3's band needs low < high.
+            let factor_ok = s.factor.is_some_and(|f| f.is_finite() && f >= 1.0);
+            let positive = |x: Option<f64>| x.is_some_and(|x| x.is_finite() && x > 0.0);
             match s.rope_type.as_str() {
-                "linear" if s.factor.is_some_and(|f| f > 0.0) => {}
+                "linear" | "llama3" if !factor_ok => {
+                    return bad(format!(
+                        "rope scaling factor {:?} must be a finite number of at least 1",
+                        s.factor
+                    ));
+                }
+                "linear" => {}
                 "llama3"
-                    if s.factor.is_some_and(|f| f > 0.0)
-                        && s.low_freq_factor.is_some()
-                        && s.high_freq_factor.is_some()
-                        && s.original_max_position_embeddings.is_some() => {}
+                    if positive(s.low_freq_factor)
+                        && positive(s.high_freq_factor)
+                        && s.low_freq_factor < s.high_freq_factor
+                        && s.original_max_position_embeddings.is_some_and(|n| n > 0) => {}
+                "llama3" => {
+                    return bad(format!(
+                        "llama3 rope scaling needs 0 < low_freq_factor < high_freq_factor and \
+                         original_max_position_embeddings > 0 (low {:?}, high {:?}, original {:?})",
+                        s.low_freq_factor, s.high_freq_factor, s.original_max_position_embeddings
+                    ));
+                }
                 other => {
                     return bad(format!(
                         "rope scaling `{other}` is unsupported or incomplete (supported: linear, llama3)"
@@ -741,7 +762,7 @@ mod tests {
         let mut c = base.clone();
         c.hidden_size = usize::MAX;
         assert!(c.validate().is_err());
-        let mut c = base;
+        let mut c = base.clone();
         c.rope_scaling = Some(RopeScaling {
             rope_type: "yarn".into(),
             factor: Some(2.0),
@@ -750,6 +771,39 @@ mod tests {
             original_max_position_embeddings: None,
         });
         assert!(c.validate().is_err());
+        // Numbers out of range: each refused in one message naming the field.
+        let llama3 = |factor: f64, low: f64, high: f64| RopeScaling {
+            rope_type: "llama3".into(),
+            factor: Some(factor),
+            low_freq_factor: Some(low),
+            high_freq_factor: Some(high),
+            original_max_position_embeddings: Some(8192),
+        };
+        let linear = |factor: f64| RopeScaling {
+            rope_type: "linear".into(),
+            factor: Some(factor),
+            low_freq_factor: None,
+            high_freq_factor: None,
+            original_max_position_embeddings: None,
+        };
+        let mut ok = base.clone();
+        ok.rope_scaling = Some(llama3(8.0, 1.0, 4.0));
+        ok.validate().unwrap();
+        for (theta, scaling, says) in [
+            (0.0, None, "rope_theta"),
+            (-1.0, None, "rope_theta"),
+            (f64::NAN, None, "rope_theta"),
+            (1e4, Some(linear(1e-30)), "factor"),
+            (1e4, Some(linear(f64::INFINITY)), "factor"),
+            (1e4, Some(llama3(8.0, 4.0, 4.0)), "low_freq_factor"),
+            (1e4, Some(llama3(8.0, 0.0, 4.0)), "low_freq_factor"),
+        ] {
+            let mut c = base.clone();
+            c.rope_theta = Some(theta);
+            c.rope_scaling = scaling;
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(says), "{theta}: {err}");
+        }
     }
 
     #[test]

@@ -148,7 +148,8 @@ pub(crate) fn check_input(ids: &[u32], window: usize) -> Result<()> {
 
 impl Perplexity {
     /// The result of `predictions` predictions of total negative log-likelihood `nll` over
-    /// `tokens` tokens, timed from `start`; a non-finite mean is an error.
+    /// `tokens` tokens, timed from `start`; a non-finite mean, or one whose perplexity
+    /// overflows, is an error.
     pub(crate) fn new(
         tokens: usize,
         predictions: usize,
@@ -161,6 +162,13 @@ impl Perplexity {
         if !mean.is_finite() {
             return Err(LlamaError::Input(format!(
                 "the negative log-likelihood is {mean}: the model produced non-finite logits"
+            )));
+        }
+        // exp overflows past ~709 nats: no perplexity to report, only that the model is broken.
+        if !mean.exp().is_finite() {
+            return Err(LlamaError::Input(format!(
+                "the mean negative log-likelihood is {mean:.1} nats, a perplexity beyond f64: \
+                 the model predicts nothing (damaged or mismatched weights?)"
             )));
         }
         Ok(Perplexity {

@@ -138,6 +138,13 @@ impl Tokenizer {
             .and_then(GgufValue::as_array)
             .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
             .unwrap_or_default();
+        if types.len() > tokens.len() {
+            return Err(tok_err(format!(
+                "tokenizer.ggml.token_type has {} entries for {} tokens",
+                types.len(),
+                tokens.len()
+            )));
+        }
         let vocab: serde_json::Map<String, Value> = tokens
             .iter()
             .enumerate()

@@ -565,3 +565,37 @@ fn a_combine_temperature_is_folded_into_the_written_gates() {
         "{err}"
     );
 }
+
+/// A non-finite weight (a damaged block, a bad conversion) is refused where it is read, naming
+/// the tensor, instead of turning into a perplexity; so is a model whose perplexity overflows.
+#[test]
+fn non_finite_weights_and_overflowing_perplexities_are_errors() {
+    use burn::module::Param;
+    let device = moekit_testing::device(21);
+    let mut model = tiny().init(&device).unwrap();
+    let w = model.layers[1].attention.q_proj.merged().weight.val();
+    let dims = w.dims();
+    let nan = w.slice_assign([0..1, 3..4], Tensor::full([1, 1], f32::NAN, &device));
+    assert_eq!(nan.dims(), dims);
+    let mut bad = model.clone();
+    bad.layers[1].attention.q_proj = burn::nn::Linear {
+        weight: Param::from_tensor(nan),
+        bias: None,
+    }
+    .into();
+    let dir = save(&bad, ExportFormat::Dense, SaveDtype::BF16);
+    let err = reload(dir.path(), &device).unwrap_err();
+    assert!(
+        matches!(&err, LlamaError::Corrupt { reason, .. } if reason.contains("model.layers.1.self_attn.q_proj.weight")),
+        "{err}"
+    );
+    // Finite weights whose logits are so sharp that exp(mean NLL) overflows f64.
+    let head = model.embed_tokens.weight.val() * 1e5;
+    model.embed_tokens.weight = Param::from_tensor(head);
+    let ids: Vec<u32> = (0..40).map(|i| (i * 7 + 3) % 50).collect();
+    let err = moekit_llama::perplexity(&model, &ids, 20, &mut |_, _| {}).unwrap_err();
+    assert!(
+        err.to_string().contains("predicts nothing") || err.to_string().contains("non-finite"),
+        "{err}"
+    );
+}

@@ -156,7 +156,8 @@ impl DataOrder {
     /// when fewer than `count` remain, the next epoch starts (`count` is capped at `n`).
     pub fn next(&mut self, count: usize, n: usize) -> Vec<usize> {
         let count = count.min(n);
-        if self.position + count > n {
+        // `position ≤ n` unless a state file says otherwise (the trainer checks on resume).
+        if count > n.saturating_sub(self.position) {
             self.epoch += 1;
             self.position = 0;
         }
@@ -215,5 +216,17 @@ mod tests {
         let a = DataOrder::new(3).permutation(0, 50);
         let b = DataOrder::new(3).permutation(1, 50);
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_position_past_the_data_starts_the_next_epoch_instead_of_overflowing() {
+        let mut order = DataOrder {
+            seed: 1,
+            epoch: 4,
+            position: usize::MAX - 1,
+        };
+        let ids = order.next(3, 10);
+        assert_eq!((order.epoch, order.position), (5, 3));
+        assert_eq!(ids, DataOrder::new(1).permutation(5, 10)[..3]);
     }
 }

@@ -276,6 +276,16 @@ impl Trainer {
         self.step.distiller.projection = projection;
         self.step.load_optimizer(loaded.optimizer);
         let state = loaded.state;
+        if state.order.position > self.data.len() {
+            return Err(TrainError::checkpoint(
+                &path,
+                format!(
+                    "the data position {} is past the {} training windows",
+                    state.order.position,
+                    self.data.len()
+                ),
+            ));
+        }
         self.done = state.step;
         self.order = state.order;
         self.tokens = state.tokens;

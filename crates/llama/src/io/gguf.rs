@@ -506,6 +506,7 @@ impl TensorSource for GgufFile {
         let mut data = vec![0.0f32; n];
         let bytes = read_at(&self.file, &self.path, info.offset, info.len)?;
         ty.dequantize(&bytes, &mut data);
+        super::source::check_finite(&self.path, name, &data)?;
         Ok(Some(HostTensor::new(info.shape.clone(), data)))
     }
 
@@ -532,6 +533,7 @@ impl TensorSource for GgufFile {
             let at = info.offset + r * row_bytes;
             ty.dequantize(&read_at(&self.file, &self.path, at, row_bytes)?, out);
         }
+        super::source::check_finite(&self.path, name, &data)?;
         Ok(Some(HostTensor::new(
             super::source::row_shape(&info.shape, rows.len()),
             data,

@@ -253,6 +253,12 @@ pub(crate) fn read_at(
 
 /// Stored values in `dtype` as f32.
 fn decode_values(shard: &Shard, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
+    let values = decode_raw(shard, name, dtype, bytes)?;
+    super::source::check_finite(&shard.path, name, &values)?;
+    Ok(values)
+}
+
+fn decode_raw(shard: &Shard, name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
     Ok(match dtype {
         Dtype::F32 => bytes
             .chunks_exact(4)

@@ -56,3 +56,19 @@ pub(crate) fn check_rows(path: &Path, name: &str, len: usize, rows: &[usize]) ->
         None => Ok(()),
     }
 }
+
+/// Refuses values that are not finite (NaN or ±inf, from a damaged or badly converted file):
+/// they would turn every later result into NaN, or into a number that looks like an answer.
+/// Every reader of weights calls it on what it decodes.
+pub(crate) fn check_finite(path: &Path, name: &str, values: &[f32]) -> Result<()> {
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(crate::LlamaError::corrupt(
+            path,
+            format!(
+                "`{name}` holds a non-finite value ({}) at element {i}",
+                values[i]
+            ),
+        )),
+        None => Ok(()),
+    }
+}
