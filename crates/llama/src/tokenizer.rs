@@ -203,6 +203,48 @@ impl Tokenizer {
             .to_vec())
     }
 
+    /// The token ids of the text file `path` (as [`Tokenizer::encode`] gives them), at most
+    /// `max_tokens` of them (`None`: all). The file is read and tokenised in pieces of about
+    /// [`TEXT_PIECE_BYTES`], so memory follows the piece and the tokens kept, not the file: a
+    /// huge file with a small cap, or an endless one (`/dev/zero`), reads only what the cap
+    /// needs. Pieces end at a line break between two non-blank characters, where byte-level BPE
+    /// splits the text anyway (a piece with none ends at the size limit), so a file of at most
+    /// one piece tokenises exactly as a whole.
+    pub fn encode_file(&self, path: &Path, max_tokens: Option<usize>) -> Result<Vec<u32>> {
+        use std::io::Read;
+        let cap = max_tokens.unwrap_or(usize::MAX);
+        let file = std::fs::File::open(path).map_err(|e| LlamaError::io(path, e))?;
+        let mut reader = std::io::BufReader::new(file);
+        let mut ids = Vec::new();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut done = false;
+        while ids.len() < cap && !(done && pending.is_empty()) {
+            if !done && pending.len() < TEXT_PIECE_BYTES {
+                let want = (TEXT_PIECE_BYTES - pending.len()) as u64;
+                let got = reader
+                    .by_ref()
+                    .take(want)
+                    .read_to_end(&mut pending)
+                    .map_err(|e| LlamaError::io(path, e))?;
+                done = got == 0;
+                continue;
+            }
+            let cut = if done {
+                pending.len()
+            } else {
+                piece_end(&pending)
+            };
+            let rest = pending.split_off(cut);
+            let text = std::str::from_utf8(&pending).map_err(|e| {
+                LlamaError::Tokenizer(format!("{}: not UTF-8 text ({e})", path.display()))
+            })?;
+            ids.extend(self.encode(text)?);
+            pending = rest;
+        }
+        ids.truncate(cap);
+        Ok(ids)
+    }
+
     /// Text of `ids`, special tokens skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(tok_err)
@@ -302,9 +344,70 @@ impl TokenStream<'_> {
     }
 }
 
+/// Bytes of text [`Tokenizer::encode_file`] tokenises at a time.
+pub const TEXT_PIECE_BYTES: usize = 1 << 20;
+
+/// Where a piece of `text` (a full buffer) ends: after its last line break that has a non-blank
+/// character on both sides, else at the last UTF-8 character boundary (an invalid sequence is
+/// left for the UTF-8 check to name).
+fn piece_end(text: &[u8]) -> usize {
+    let blank = |b: u8| b.is_ascii_whitespace();
+    let at_break = (1..text.len().saturating_sub(1))
+        .rev()
+        .find(|&i| text[i] == b'\n' && !blank(text[i - 1]) && !blank(text[i + 1]));
+    match at_break {
+        Some(i) => i + 1,
+        // Before the last character, which may continue past the buffer.
+        None => (1..text.len())
+            .rev()
+            .find(|&i| text[i] & 0xC0 != 0x80)
+            .unwrap_or(text.len()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn words() -> (tempfile::TempDir, Tokenizer) {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokenizer.json");
+        let json = moekit_testing::word_tokenizer_json(&["[UNK]", "a", "bb", "é"]);
+        std::fs::write(&file, json).unwrap();
+        let t = Tokenizer::from_file(&file, &dir.path().join("none.json")).unwrap();
+        (dir, t)
+    }
+
+    #[test]
+    fn files_tokenise_in_pieces_as_a_whole_and_stop_at_the_cap() {
+        let (dir, t) = words();
+        // Three pieces' worth of lines, with multi-byte characters around the piece ends.
+        let line = "a bb é\nbb é a\n";
+        let text = line.repeat(3 * TEXT_PIECE_BYTES / line.len() + 7);
+        let path = dir.path().join("text.txt");
+        std::fs::write(&path, &text).unwrap();
+        let whole = t.encode(&text).unwrap();
+        assert_eq!(t.encode_file(&path, None).unwrap(), whole);
+        assert_eq!(t.encode_file(&path, Some(10)).unwrap(), whole[..10]);
+        // A line longer than a piece (one unknown word per piece), cut inside no character.
+        let long = "é".repeat(TEXT_PIECE_BYTES);
+        std::fs::write(&path, &long).unwrap();
+        let ids = t.encode_file(&path, None).unwrap();
+        assert!(ids.iter().all(|&i| i == 0) && ids.len() >= 2, "{ids:?}");
+        // Not UTF-8: an error naming the file.
+        std::fs::write(&path, [b'a', b' ', 0xff, 0xfe]).unwrap();
+        let err = t.encode_file(&path, None).unwrap_err();
+        assert!(err.to_string().contains("text.txt"), "{err}");
+    }
+
+    /// An endless file is read only as far as the cap needs.
+    #[cfg(unix)]
+    #[test]
+    fn an_endless_file_stops_at_the_cap() {
+        let (_dir, t) = words();
+        let ids = t.encode_file(Path::new("/dev/zero"), Some(3)).unwrap();
+        assert_eq!(ids.len(), 3);
+    }
 
     #[test]
     fn default_system_prompt_is_read_from_a_chatml_template() {

@@ -70,6 +70,32 @@ fn tokenizer_matches_hugging_face() {
     assert_eq!(tokenizer.encode(&chat).unwrap(), ids(&f["chat_ids"]));
 }
 
+/// A text of several pieces tokenises in pieces (`encode_file`) as in one call, with SmolLM2's
+/// byte-level BPE: the pieces end where its pre-tokenizer splits anyway.
+#[test]
+fn files_tokenise_in_pieces_as_in_one_call() {
+    let Some(path) = gguf() else { return };
+    let tokenizer = Checkpoint::open(&path).unwrap().tokenizer().unwrap();
+    let docs = std::path::Path::new("/usr/share/doc/python3.11/html/_sources/library");
+    let Ok(entries) = std::fs::read_dir(docs) else {
+        return;
+    };
+    let mut files: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+    files.sort();
+    let mut text = String::new();
+    for f in files {
+        if text.len() > 5 * moekit_llama::tokenizer::TEXT_PIECE_BYTES / 2 {
+            break;
+        }
+        text += &std::fs::read_to_string(f).unwrap_or_default();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("library.txt");
+    std::fs::write(&file, &text).unwrap();
+    let whole = tokenizer.encode(&text).unwrap();
+    assert_eq!(tokenizer.encode_file(&file, None).unwrap(), whole);
+}
+
 #[test]
 fn perplexity_and_greedy_answer_match_transformers() {
     let Some(path) = gguf() else { return };

@@ -38,15 +38,15 @@ pub fn files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 /// Tokenises the files in order and concatenates their ids, stopping once `max_tokens` are
-/// collected (the last file is cut). Files that are not UTF-8 text are an error.
+/// collected (the last file is cut; [`Tokenizer::encode_file`] reads no more of it than the
+/// cap needs). Files that are not UTF-8 text are an error.
 pub fn tokens(tokenizer: &Tokenizer, files: &[PathBuf], max_tokens: usize) -> Result<Vec<u32>> {
     let mut ids = Vec::new();
     for f in files {
         if ids.len() >= max_tokens {
             break;
         }
-        let text = std::fs::read_to_string(f).map_err(|e| UpcycleError::io(f, e))?;
-        ids.extend(tokenizer.encode(&text)?);
+        ids.extend(tokenizer.encode_file(f, Some(max_tokens - ids.len()))?);
     }
     ids.truncate(max_tokens);
     if ids.len() < 2 {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 use moekit::llama::{
     Checkpoint, DecoderLayer, FfnSlot, FfnSpec, LayerSource, LayeredConfig, LlamaConfig,
-    Perplexity, Tokenizer, perplexity_layered,
+    LlamaError, Perplexity, Tokenizer, perplexity_layered,
 };
 use moekit::router::{ActiveParams, RouterError, RoutingPolicy, Rule};
 use serde_json::json;
@@ -117,14 +117,12 @@ impl Routing {
 
 /// Tokens of the file, at most `--max-tokens`; at least 2.
 fn token_ids(args: &EvalArgs, tokenizer: &Tokenizer) -> Result<Vec<u32>, CliError> {
-    let text = std::fs::read_to_string(&args.text).map_err(|source| CliError::Read {
-        path: args.text.clone(),
-        source,
-    })?;
-    let mut ids = tokenizer.encode(&text)?;
-    if let Some(n) = args.max_tokens {
-        ids.truncate(n);
-    }
+    let ids = tokenizer
+        .encode_file(&args.text, args.max_tokens)
+        .map_err(|e| match e {
+            LlamaError::Io { path, source } => CliError::Read { path, source },
+            e => e.into(),
+        })?;
     if ids.len() < 2 {
         return Err(CliError::Usage(format!(
             "{}: {} tokens is too little text to evaluate (need at least 2)",
