@@ -238,6 +238,22 @@ fn array_counts_are_checked_against_their_item_size() {
     );
 }
 
+/// Metadata of one-byte values that parse into ~32 bytes each: a 9 MB file may not ask for
+/// hundreds of MB (all arrays together hold at most 2^23 values).
+#[test]
+fn metadata_arrays_are_held_to_a_bounded_number_of_values() {
+    let n: u64 = (1 << 23) + 1;
+    let mut value = 0u32.to_le_bytes().to_vec(); // u8 items
+    value.extend(n.to_le_bytes());
+    value.resize(value.len() + n as usize, 7);
+    let big = gguf(Some((9, &value)), &[], 0);
+    assert!(
+        corrupt_reason(&big).contains("more than"),
+        "{}",
+        corrupt_reason(&big)
+    );
+}
+
 #[test]
 fn absurd_head_widths_are_an_error_not_an_overflow() {
     let (_dir, path) = quants_file();

@@ -100,10 +100,11 @@ pub struct GgufFile {
     pub tensors: BTreeMap<String, GgufTensorInfo>,
 }
 
-/// Values all metadata arrays may hold together (a tokenizer's vocabulary and merges are a
-/// few hundred thousand); each parsed value takes ~32 bytes, so a lying count of one-byte
-/// items could otherwise ask for 32 times the file's size.
-const MAX_ARRAY_ITEMS: usize = 1 << 26;
+/// Values all metadata arrays may hold together: the largest tokenizers' vocabularies, merges
+/// and token types come to about a million. Each parsed value takes ~32 bytes (a string more),
+/// so this holds metadata to a few hundred MB whatever the file says; at 2^26 a 64 MB file of
+/// one-byte items took 2 GB.
+const MAX_ARRAY_ITEMS: usize = 1 << 23;
 
 /// The fewest bytes a metadata value of type `type_id` takes in the file (strings: their
 /// 8-byte length; arrays: item type and count; unknown types: 1, refused when parsed).
