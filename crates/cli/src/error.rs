@@ -91,6 +91,11 @@ impl CliError {
             Self::Llama(LlamaError::UnsupportedDtype { .. }) => {
                 Some("convert the checkpoint to f32/f16/bf16 or a supported GGUF quantisation")
             }
+            Self::Llama(LlamaError::Busy { .. })
+            | Self::Upcycle(UpcycleError::Llama(LlamaError::Busy { .. })) => Some(
+                "wait for that run to end, or write elsewhere (--out, --work-dir); a run killed \
+                 outright releases the folder",
+            ),
             Self::Llama(LlamaError::NotAModel(_)) | Self::Llama(LlamaError::Io { .. }) => {
                 Some("MODEL is a Hugging Face model directory or a .gguf file")
             }

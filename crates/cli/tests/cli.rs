@@ -513,6 +513,44 @@ fn a_closed_pipe_ends_the_output_quietly() {
     }
 }
 
+/// Two runs writing one output folder: the second is refused at once, in one line, while the
+/// first holds the folder; once it is released the same command runs.
+#[test]
+fn a_folder_another_run_is_writing_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let (dense, _) = dense_model_and_text(root.path());
+    let out = root.path().join("out");
+    let args = |out: &str| {
+        moekit(&[
+            "convert",
+            &dense,
+            "--method",
+            "upcycle",
+            "--experts",
+            "2",
+            "--top-k",
+            "1",
+            "--out",
+            out,
+        ])
+    };
+    let held = moekit::llama::FolderLock::acquire(&out).unwrap();
+    let o = out.display().to_string();
+    assert_clean_failure(&args(&o), "another moekit run is writing");
+    assert!(!out.join("config.json").exists());
+    drop(held);
+    assert_success(args(&o));
+    assert!(out.join("config.json").exists());
+}
+
+fn assert_success(out: Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn work_directories_follow_their_model_and_keep_other_files() {
     use moekit::llama::{ExportFormat, LlamaConfig, SaveDtype, save_pretrained};

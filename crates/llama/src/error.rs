@@ -17,6 +17,12 @@ pub enum LlamaError {
         /// The underlying error.
         source: std::io::Error,
     },
+    /// Another process is writing the folder (it holds its [`crate::io::lock::FolderLock`]).
+    #[error("{path}: another moekit run is writing this folder")]
+    Busy {
+        /// The folder.
+        path: PathBuf,
+    },
     /// A checkpoint file is malformed: truncated, corrupt header, offsets past the end, ...
     #[error("{path}: {reason}")]
     Corrupt {

@@ -49,6 +49,7 @@ pub use io::adapter::{load_adapter, save_adapter};
 pub use io::export::{ExportFormat, check_export, save_pretrained};
 pub use io::layered_export::LayeredExport;
 pub use io::load::Checkpoint;
+pub use io::lock::FolderLock;
 pub use io::safetensors::SaveDtype;
 pub use layer::DecoderLayer;
 pub use layer_source::LayerSource;

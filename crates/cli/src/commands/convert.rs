@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar};
-use moekit::llama::{Checkpoint, ExportFormat, SaveDtype};
+use moekit::llama::{Checkpoint, ExportFormat, FolderLock, SaveDtype};
 use moekit::moe::Activation;
 use moekit::upcycle::{
     ActivationStore, ConvertConfig, HiddenPath, LayerObserver, LayerReport, LayeredSettings,
@@ -435,6 +435,12 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
         .work_dir
         .clone()
         .unwrap_or_else(|| args.out.join(".moekit-work"));
+    // One run per output and work folder at a time (the default work folder is inside the
+    // output folder, and its lock covers it).
+    let out_lock = FolderLock::acquire(&args.out)?;
+    let work_lock = (!work.starts_with(&args.out))
+        .then(|| FolderLock::acquire(&work))
+        .transpose()?;
     let ids = if needs_calib {
         calibration::tokens(&tokenizer, &files, args.calib_tokens)?
     } else {
@@ -479,9 +485,13 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
         &mut progress::update(&layer_bar),
     )?;
     layer_bar.finish_and_clear();
+    if let Some(lock) = work_lock {
+        lock.release()?;
+    }
     if !args.keep_work && work.exists() {
         remove_work(&work)?;
     }
+    out_lock.release()?;
     let (counts, dense_counts) = (report.params, report.dense_params);
     let reports = &report.layers;
     let summary = json!({

@@ -321,6 +321,8 @@ pub fn run(args: &DistillArgs) -> Result<(), CliError> {
     )?
     .with_checkpoints(args.out.join("checkpoints"))
     .with_source(source(args));
+    // One run per output folder at a time (its checkpoints, log and model).
+    let lock = moekit::llama::FolderLock::acquire(&args.out)?;
     trainer.resume()?;
 
     std::fs::create_dir_all(&args.out).map_err(|source| CliError::Read {
@@ -405,5 +407,6 @@ pub fn run(args: &DistillArgs) -> Result<(), CliError> {
             );
         }
     }
+    lock.release()?;
     Ok(())
 }

@@ -534,6 +534,14 @@ pub fn save_pretrained(
 ) -> Result<LlamaConfig> {
     let config = export_config(model, format, dtype)?;
     std::fs::create_dir_all(dir).map_err(|e| LlamaError::io(dir, e))?;
+    // The folder is a finished model once config.json is in it: an earlier one goes first and
+    // the new one comes last, so a crash in between never leaves new weights beside an old
+    // configuration.
+    let config_path = dir.join("config.json");
+    if config_path.exists() {
+        std::fs::remove_file(&config_path).map_err(|e| LlamaError::io(&config_path, e))?;
+        super::atomic::sync_dir(dir)?;
+    }
     let tensors = collect(model, &config, format.scheme());
     tracing::info!(dir = %dir.display(), tensors = tensors.len(), params = model.num_params(), "writing checkpoint");
     write(&dir.join("model.safetensors"), &tensors, dtype)?;

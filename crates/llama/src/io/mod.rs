@@ -7,6 +7,7 @@ pub mod gguf;
 pub mod host;
 pub mod layered_export;
 pub mod load;
+pub mod lock;
 pub mod names;
 pub mod quant;
 pub mod router_factors;
