@@ -254,6 +254,38 @@ fn metadata_arrays_are_held_to_a_bounded_number_of_values() {
     );
 }
 
+/// A token-type list longer than the token list is an error naming it, not an index panic.
+#[test]
+fn token_types_beyond_the_tokens_are_an_error() {
+    let (_dir, path) = quants_file();
+    let mut file = GgufFile::open(&path).unwrap();
+    let s = |v: &str| GgufValue::Str(v.into());
+    for (key, value) in [
+        ("tokenizer.ggml.model", s("gpt2")),
+        (
+            "tokenizer.ggml.tokens",
+            GgufValue::Array(vec![s("a"), s("b")]),
+        ),
+        ("tokenizer.ggml.merges", GgufValue::Array(vec![])),
+        (
+            "tokenizer.ggml.token_type",
+            GgufValue::Array(vec![
+                GgufValue::UInt(1),
+                GgufValue::UInt(1),
+                GgufValue::UInt(3),
+            ]),
+        ),
+    ] {
+        file.metadata.insert(key.into(), value);
+    }
+    let err = moekit_llama::Tokenizer::from_gguf(&file).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("token_type has 3 entries for 2 tokens"),
+        "{err}"
+    );
+}
+
 #[test]
 fn absurd_head_widths_are_an_error_not_an_overflow() {
     let (_dir, path) = quants_file();
