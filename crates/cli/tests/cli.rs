@@ -1190,6 +1190,16 @@ fn distill_trains_resumes_and_exports() {
         (Some(7), Some(8))
     );
     assert_eq!(more["tokens"], 8 * 2 * 16);
+    // The student named another way (a trailing slash), with a file written beside its
+    // weights: the same inputs, so the run resumes.
+    std::fs::write(Path::new(&moe).join("notes.txt"), b"mine").unwrap();
+    let slashed = format!("{moe}/");
+    let again = success_json(distill(
+        &slashed,
+        &out_s,
+        &["--steps", "9", "--loss", "kl:1,ce:0.1"],
+    ));
+    assert_eq!(again["first_step"].as_u64(), Some(9));
     // Another student of the same shape (the split with another seed) does not resume the
     // first one's checkpoints.
     let other = split_random(&dense, &root.path().join("moe-seed-5"), 1, &["--seed", "5"]);

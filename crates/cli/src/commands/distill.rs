@@ -212,13 +212,18 @@ fn tokens(
 }
 
 /// What a run starts from besides its data and settings, part of its checkpoints' identity:
-/// the student and teacher files, the routing policy file and the LoRA settings.
+/// the student's and teacher's weights and configurations (under their canonical paths, so
+/// that the path as typed and files written beside them do not count), the routing policy
+/// file and the LoRA settings.
 fn source(args: &DistillArgs) -> String {
-    let policy = args.policy.as_deref().map(super::stamp);
+    let policy = args
+        .policy
+        .as_deref()
+        .map(|p| super::stamp(&p.canonicalize().unwrap_or_else(|_| p.to_path_buf())));
     format!(
         "student {}\nteacher {}\npolicy {policy:?}\nlora {:?} {} {:?}",
-        super::stamp_model(&args.student),
-        super::stamp_model(&args.teacher),
+        super::stamp_weights(&args.student),
+        super::stamp_weights(&args.teacher),
         args.lora_rank,
         args.lora_alpha,
         args.lora_targets

@@ -93,25 +93,31 @@ pub fn stamp(p: &Path) -> String {
     format!("{}:{len}:{mtime}", p.display())
 }
 
-/// What a measurement on text depends on: the model's stamp ([`stamp_model`] or
-/// [`stamp_weights`]), `settings` (the options that change it) and the text files' stamps, in
-/// order. Equal fingerprints mean the same inputs (as far as file sizes and times tell).
+/// What a measurement on text depends on: the model's stamp ([`stamp_weights`]), `settings`
+/// (the options that change it) and the text files' stamps, in order. Equal fingerprints mean
+/// the same inputs (as far as file sizes and times tell).
 pub fn inputs_fingerprint(model: String, settings: String, files: &[PathBuf]) -> String {
     let mut parts = vec![model, settings];
     parts.extend(files.iter().map(|f| stamp(f)));
     parts.join("\n")
 }
 
-/// Stamps of a model's weights and configuration only, under its canonical path: a .gguf
-/// file's, or an HF directory's `config.json` and `*.safetensors`. Unlike [`stamp_model`],
-/// files written beside the model (a policy, a plot) and the path as typed do not change it.
+/// Stamps of what defines a model, under its canonical path: a .gguf file's, or an HF
+/// directory's `config.json`, `*.safetensors` and tokenizer files (`tokenizer*.json`: they
+/// turn text into the ids a run works on). Files written beside the model (a policy, a plot,
+/// notes) and the path as typed (relative, absolute, a trailing slash) do not change it.
 pub fn stamp_weights(path: &Path) -> String {
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     match files_in(&path) {
         Some(files) => files
             .iter()
             .filter(|p| {
-                p.file_name().is_some_and(|n| n == "config.json")
+                let name = p
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default();
+                name == "config.json"
+                    || (name.starts_with("tokenizer") && name.ends_with(".json"))
                     || p.extension().is_some_and(|e| e == "safetensors")
             })
             .map(|p| stamp(p))
@@ -119,14 +125,6 @@ pub fn stamp_weights(path: &Path) -> String {
             .join("\n"),
         None => stamp(&path),
     }
-}
-
-/// Stamps of a model: a .gguf file's, or those of a Hugging Face directory and every file in
-/// it (the directory's own time does not change when a file in it is rewritten in place).
-pub fn stamp_model(path: &Path) -> String {
-    let mut parts = vec![stamp(path)];
-    parts.extend(files_in(path).unwrap_or_default().iter().map(|p| stamp(p)));
-    parts.join("\n")
 }
 
 /// The files directly in `dir`, sorted; `None` when it is not a readable directory.
