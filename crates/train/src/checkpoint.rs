@@ -19,6 +19,7 @@ use burn::store::ModuleRecord;
 use serde::{Deserialize, Serialize};
 
 use crate::data::DataOrder;
+use crate::digest::Fnv1a;
 use crate::error::{Result, TrainError};
 use crate::eval::EvalReport;
 
@@ -35,6 +36,11 @@ pub struct TrainState {
     pub evals: Vec<EvalReport>,
     /// What must match for a resume ([`RunIdentity`]).
     pub identity: RunIdentity,
+    /// The FNV-1a digest ([`crate::digest::Fnv1a`], hex) of each `.bpk` file of the
+    /// checkpoint, checked when it is read: a file copied from another step, or damaged, is
+    /// refused. Empty in checkpoints written before it was recorded.
+    #[serde(default)]
+    pub digests: std::collections::BTreeMap<String, String>,
 }
 
 /// What identifies a run: a checkpoint resumes only a run with the same identity.
@@ -115,6 +121,9 @@ pub struct Loaded {
 
 const LATEST: &str = "latest";
 
+/// The parameter files of a checkpoint.
+const BPK_FILES: [&str; 3] = ["student.bpk", "projection.bpk", "optimizer.bpk"];
+
 fn step_name(step: usize) -> String {
     format!("step-{step:06}")
 }
@@ -184,7 +193,18 @@ pub fn save<M: Module, P: Module>(
     let p = tmp.join("optimizer.bpk");
     optimizer.save(&p).map_err(|e| fail(&p, e))?;
     sync(&p)?;
-    let json = serde_json::to_vec_pretty(state).expect("the state serialises");
+    let mut state = state.clone();
+    state.digests = BPK_FILES
+        .iter()
+        .filter(|f| tmp.join(f).exists())
+        .map(|f| {
+            Ok((
+                f.to_string(),
+                format!("{:016x}", Fnv1a::of_file(&tmp.join(f))?),
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let json = serde_json::to_vec_pretty(&state).expect("the state serialises");
     write_atomic(&tmp.join("state.json"), &json)?;
     let target = dir.join(&name);
     if target.exists() {
@@ -232,7 +252,15 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
         return Ok(None);
     }
     let name = std::fs::read_to_string(&pointer).map_err(|e| TrainError::io(&pointer, e))?;
-    let path = dir.join(name.trim());
+    let name = name.trim();
+    // A checkpoint's own name only: never a path out of the checkpoint folder.
+    if step_of(name).is_none() {
+        return Err(TrainError::checkpoint(
+            &pointer,
+            format!("`latest` names `{name}`, not a checkpoint of this folder (step-N)"),
+        ));
+    }
+    let path = dir.join(name);
     if !path.join("state.json").exists() {
         return Err(TrainError::checkpoint(
             &path,
@@ -240,6 +268,30 @@ pub fn latest(dir: &Path) -> Result<Option<PathBuf>> {
         ));
     }
     Ok(Some(path))
+}
+
+/// The checkpoints a resume may start from, newest first: the one `latest` names, then the
+/// older ones in `dir` (a newer one may be damaged; the trainer passes over it).
+pub fn candidates(dir: &Path) -> Result<Vec<PathBuf>> {
+    let Some(newest) = latest(dir)? else {
+        return Ok(Vec::new());
+    };
+    let top = newest
+        .file_name()
+        .and_then(|n| step_of(&n.to_string_lossy()))
+        .expect("latest names a step");
+    let mut older: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .map_err(|e| TrainError::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let step = step_of(&p.file_name()?.to_string_lossy())?;
+            (step < top && p.join("state.json").exists()).then_some((step, p))
+        })
+        .collect();
+    older.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
+    Ok(std::iter::once(newest)
+        .chain(older.into_iter().map(|(_, p)| p))
+        .collect())
 }
 
 /// Reads the checkpoint in `path`.
@@ -255,6 +307,20 @@ pub fn load(path: &Path) -> Result<Loaded> {
     let text = std::fs::read_to_string(&p).map_err(|e| TrainError::io(&p, e))?;
     let state: TrainState = serde_json::from_str(&text)
         .map_err(|e| TrainError::checkpoint(&p, format!("not a training state: {e}")))?;
+    for (file, want) in &state.digests {
+        let p = path.join(file);
+        if !BPK_FILES.contains(&file.as_str()) {
+            return Err(TrainError::checkpoint(&p, "not a checkpoint file"));
+        }
+        let got = format!("{:016x}", Fnv1a::of_file(&p)?);
+        if got != *want {
+            return Err(TrainError::checkpoint(
+                &p,
+                "its contents are not those this checkpoint recorded (damaged, or copied from \
+                 another step)",
+            ));
+        }
+    }
     let projection = if path.join("projection.bpk").exists() {
         Some(read("projection.bpk")?)
     } else {

@@ -80,13 +80,13 @@ impl TokenWindows {
     /// A 64-bit FNV-1a hash of the window length and every token, the same in every build:
     /// two token streams that differ anywhere differ here (but for a chance of 2⁻⁶⁴).
     pub fn fingerprint(&self) -> u64 {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut hash = crate::digest::Fnv1a::default();
         let seq = self.seq_len as u64;
         let words = std::iter::once(seq).chain(self.tokens.iter().map(|&t| u64::from(t)));
-        for byte in words.flat_map(u64::to_le_bytes) {
-            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        for word in words {
+            hash.update(&word.to_le_bytes());
         }
-        hash
+        hash.finish()
     }
 
     /// Windows `ids` as a batch on `device`.

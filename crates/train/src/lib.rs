@@ -42,6 +42,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod data;
+pub mod digest;
 pub mod error;
 pub mod eval;
 pub mod step;

@@ -227,20 +227,39 @@ impl Trainer {
         }
     }
 
-    /// Continues from the latest checkpoint in the checkpoint directory, if there is one;
-    /// returns the step it resumes after.
+    /// Continues from the newest checkpoint in the checkpoint directory that reads whole, if
+    /// there is one (a damaged newer one, or one whose files are not those it recorded, is
+    /// passed over with a warning); returns the step it resumes after.
     ///
     /// # Errors
     /// [`TrainError::Checkpoint`] for a checkpoint of another run (trainable set, loss, batch
-    /// shape, data or model differ) or one that cannot be read.
+    /// shape, data or model differ), or the newest one's error when none can be read.
     pub fn resume(&mut self) -> Result<Option<usize>> {
         let Some(dir) = &self.checkpoints else {
             return Ok(None);
         };
-        let Some(path) = checkpoint::latest(dir)? else {
-            return Ok(None);
+        // The newest checkpoint that reads whole; a damaged newer one is passed over (with a
+        // warning), and if none reads, the newest one's error is the answer.
+        let mut first_error = None;
+        let mut found = None;
+        for path in checkpoint::candidates(dir)? {
+            match checkpoint::load(&path) {
+                Ok(loaded) => {
+                    found = Some((path, loaded));
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "checkpoint passed over");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let Some((path, loaded)) = found else {
+            return match first_error {
+                Some(e) => Err(e),
+                None => Ok(None),
+            };
         };
-        let loaded = checkpoint::load(&path)?;
         let differences = self.identity().differences(&loaded.state.identity);
         if !differences.is_empty() {
             return Err(TrainError::checkpoint(
@@ -305,6 +324,8 @@ impl Trainer {
             tokens: self.tokens,
             evals: self.evals.clone(),
             identity: self.identity(),
+            // Filled in by `checkpoint::save` from the files it writes.
+            digests: Default::default(),
         };
         checkpoint::save(
             dir,

@@ -342,12 +342,35 @@ fn a_half_written_checkpoint_is_ignored() {
     again.train_step().unwrap();
     again.save_checkpoint().unwrap();
     assert!(!tmp.exists(), "stale temporary directories are removed");
-    // A damaged checkpoint is an error, not a panic.
+    // A damaged newest checkpoint is passed over for the intact one before it.
     let latest = checkpoint::latest(dir.path()).unwrap().unwrap();
+    let first = dir.path().join("step-000001");
+    assert!(first.exists(), "two checkpoints are kept");
+    let optimizer = std::fs::read(latest.join("optimizer.bpk")).unwrap();
     std::fs::write(latest.join("optimizer.bpk"), b"garbage").unwrap();
+    let mut older = trainer(&t, &s, "router", config(4)).with_checkpoints(dir.path());
+    assert_eq!(older.resume().unwrap(), Some(1));
+    // A parameter file copied from another step reads as a file, but not as this step's.
+    std::fs::write(latest.join("optimizer.bpk"), optimizer).unwrap();
+    std::fs::copy(first.join("student.bpk"), latest.join("student.bpk")).unwrap();
+    let mut mixed = trainer(&t, &s, "router", config(4)).with_checkpoints(dir.path());
+    assert_eq!(
+        mixed.resume().unwrap(),
+        Some(1),
+        "step 2 is refused, step 1 resumes"
+    );
+    // When none reads, the newest one's error is the answer, not a panic.
+    std::fs::write(first.join("optimizer.bpk"), b"garbage").unwrap();
     let mut broken = trainer(&t, &s, "router", config(4)).with_checkpoints(dir.path());
+    let err = broken.resume().unwrap_err();
+    assert!(
+        matches!(&err, TrainError::Checkpoint { path, .. } if path.starts_with(&latest)),
+        "{err}"
+    );
+    // `latest` naming something outside the folder is refused.
+    std::fs::write(dir.path().join("latest"), "../../etc").unwrap();
     assert!(matches!(
-        broken.resume(),
+        checkpoint::latest(dir.path()),
         Err(TrainError::Checkpoint { .. })
     ));
 }
