@@ -1200,6 +1200,16 @@ fn distill_trains_resumes_and_exports() {
         &["--steps", "9", "--loss", "kl:1,ce:0.1"],
     ));
     assert_eq!(again["first_step"].as_u64(), Some(9));
+    // Another weight decay from the middle of the run is refused, naming what differs.
+    let other = [
+        "--steps",
+        "9",
+        "--loss",
+        "kl:1,ce:0.1",
+        "--weight-decay",
+        "0.5",
+    ];
+    assert_clean_failure(&distill(&moe, &out_s, &other), "optimiser settings");
     // Another student of the same shape (the split with another seed) does not resume the
     // first one's checkpoints.
     let other = split_random(&dense, &root.path().join("moe-seed-5"), 1, &["--seed", "5"]);

@@ -74,6 +74,12 @@ pub struct RunIdentity {
     /// is refused. `None` when the caller gives none.
     #[serde(default)]
     pub source: Option<String>,
+    /// The optimiser's settings and the schedule's shape but its length: learning rate,
+    /// warm-up, floor, weight decay, betas, clipping, auxiliary-loss weight, data seed. A run
+    /// may go on for more steps (the documented way to extend it), but not with other
+    /// settings mixed in from its middle. `None` in checkpoints written before it was recorded.
+    #[serde(default)]
+    pub optimizer: Option<String>,
 }
 
 impl RunIdentity {
@@ -99,6 +105,10 @@ impl RunIdentity {
                 optional(self.distiller == saved.distiller),
             ),
             ("models", optional(self.source == saved.source)),
+            (
+                "optimiser settings",
+                saved.optimizer.is_none() || self.optimizer == saved.optimizer,
+            ),
         ]
         .into_iter()
         .filter(|(_, same)| !same)

@@ -224,6 +224,22 @@ impl Trainer {
                 d.temperature, d.alpha, d.beta, d.top_k, d.layers
             )),
             source: self.source.clone(),
+            optimizer: {
+                let c = &self.config;
+                Some(format!(
+                    "lr {} warmup {} min_lr_ratio {} weight_decay {} betas {} {} max_grad_norm {:?} \
+                     aux_weight {} seed {}",
+                    c.lr,
+                    c.warmup_steps,
+                    c.min_lr_ratio,
+                    c.weight_decay,
+                    c.beta_1,
+                    c.beta_2,
+                    c.max_grad_norm,
+                    c.aux_weight,
+                    c.seed
+                ))
+            },
         }
     }
 
