@@ -338,6 +338,7 @@ pub fn convert_layered(
         };
         let text = serde_json::to_string(&next).expect("the state serialises");
         moekit_llama::io::atomic::write(&run.join(STATE), text.as_bytes())?;
+        tracing::info!(layer = l, "layer finished");
         progress(l + 1, layers);
     }
     let Some((export, format)) = export else {

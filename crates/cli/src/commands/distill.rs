@@ -186,6 +186,7 @@ impl TrainObserver for Observer {
             parts.join(", ")
         ));
         self.line(json!({ "event": "step", "report": r }));
+        tracing::info!(step = r.step, loss = r.loss, "step");
     }
 
     fn eval(&mut self, r: &EvalReport) {
