@@ -10,13 +10,14 @@
 //! half-written one.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ParamGroup};
 use burn::optim::OptimizerRecord;
 use burn::store::ModuleRecord;
 use serde::{Deserialize, Serialize};
+
+use moekit_llama::io::atomic;
 
 use crate::data::DataOrder;
 use crate::digest::Fnv1a;
@@ -159,16 +160,6 @@ fn step_of(name: &str) -> Option<usize> {
     name.strip_prefix("step-")?.parse().ok()
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, sync, rename).
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| TrainError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| TrainError::io(path, e))
-}
-
 /// Saves a checkpoint of step `state.step` in `dir`, points `latest` at it and removes all
 /// but the newest `keep` checkpoints. Returns the checkpoint's directory.
 pub fn save<M: Module, P: Module>(
@@ -215,7 +206,7 @@ pub fn save<M: Module, P: Module>(
         })
         .collect::<Result<_>>()?;
     let json = serde_json::to_vec_pretty(&state).expect("the state serialises");
-    write_atomic(&tmp.join("state.json"), &json)?;
+    atomic::write(&tmp.join("state.json"), &json)?;
     let target = dir.join(&name);
     if target.exists() {
         std::fs::remove_dir_all(&target).map_err(|e| TrainError::io(&target, e))?;
@@ -224,7 +215,7 @@ pub fn save<M: Module, P: Module>(
     // The checkpoint's entry is on disk before `latest` names it, and `latest` before older
     // checkpoints go.
     sync_dir(dir)?;
-    write_atomic(&dir.join(LATEST), name.as_bytes())?;
+    atomic::write(&dir.join(LATEST), name.as_bytes())?;
     sync_dir(dir)?;
     prune(dir, keep, state.step)?;
     tracing::info!(step = state.step, path = %target.display(), "checkpoint saved");
