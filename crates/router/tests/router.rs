@@ -41,6 +41,24 @@ fn layered() -> LayeredConfig {
     LayeredConfig::new().with_pass_tokens(40).with_batch(2)
 }
 
+/// [`select`] on `model` over `ids` in windows of 32, one layer at a time.
+fn select_on(
+    model: &Llama,
+    offered: Vec<Proposal>,
+    ids: &[u32],
+) -> (RoutingPolicy, Vec<(Proposal, moekit_router::PolicyScore)>) {
+    select(
+        model,
+        offered,
+        ids,
+        32,
+        &layered(),
+        &model.device(),
+        &mut |_, _| {},
+    )
+    .unwrap()
+}
+
 fn tokens(n: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7 + i / 5) % 40) as u32).collect()
 }
@@ -908,16 +926,7 @@ fn a_policy_costs_what_it_predicts_and_the_kl_grows_as_experts_go() {
     assert!(!offered.iter().any(|p| p.name == "uniform top-2")); // over the budget
     assert!(offered.iter().any(|p| p.name.starts_with("knapsack")));
     let names: Vec<String> = offered.iter().map(|p| p.name.clone()).collect();
-    let (best, scored) = select(
-        &model,
-        offered,
-        &ids,
-        32,
-        &layered(),
-        &Llama::device(&model),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let (best, scored) = select_on(&model, offered, &ids);
     assert_eq!(scored.len(), names.len());
     let selected = best.chosen.as_ref().unwrap().selection.clone().unwrap();
     for (p, s) in &scored {
@@ -990,16 +999,7 @@ fn selection_keeps_to_the_budget_that_the_policies_really_use() {
             .any(|l| matches!(l.rule, Rule::TopP { .. }))),
         "a proposal uses the under-predicted top-p"
     );
-    let (best, scored) = select(
-        &model,
-        offered,
-        &ids,
-        32,
-        &layered(),
-        &Llama::device(&model),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let (best, scored) = select_on(&model, offered, &ids);
     // Only top-1 everywhere really fits: any top-p layer uses more than one expert.
     assert!(best.layers.iter().all(|l| l.rule == Rule::TopK { k: 1 }));
     let selected = best.chosen.unwrap().selection.unwrap();
@@ -1050,16 +1050,7 @@ fn selection_keeps_to_the_budget_that_the_policies_really_use() {
             }
         })
         .collect();
-    let (best, _) = select(
-        &model,
-        offered,
-        &ids,
-        32,
-        &layered(),
-        &Llama::device(&model),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let (best, _) = select_on(&model, offered, &ids);
     let selected = best.chosen.unwrap().selection.unwrap();
     assert_eq!(selected.proposal, format!("p{}", 1 - low));
 }

@@ -261,9 +261,21 @@ pub(crate) fn export_config_of(
             c.num_experts_per_tok = Some(s.top_k);
             Architecture::Mixtral
         }
-        ExportFormat::Qwen2Moe => {
+        ExportFormat::Qwen2Moe | ExportFormat::Qwen3Moe => {
             let s = shape.ok_or_else(|| fail("the model has no MoE layer".into()))?;
-            if base.o_bias() {
+            let qwen3 = format == ExportFormat::Qwen3Moe;
+            if qwen3 && !qk_norm {
+                return Err(fail(format!(
+                    "Qwen3-MoE norms query and key heads, which {} does not (Qwen3 models only)",
+                    original.model_type()
+                )));
+            }
+            if qwen3 && s.shared.is_some() {
+                return Err(fail(
+                    "Qwen3-MoE has no shared expert; convert without shared experts".into(),
+                ));
+            }
+            if !qwen3 && base.o_bias() {
                 return Err(fail("Qwen2-MoE's output projection has no bias".into()));
             }
             if let Some(&i) = dense_widths.first() {
@@ -273,39 +285,18 @@ pub(crate) fn export_config_of(
             c.num_experts_per_tok = Some(s.top_k);
             c.moe_intermediate_size = Some(s.intermediate);
             c.norm_topk_prob = Some(s.renormalize);
-            // transformers always builds a shared expert; a model without one gets a zero one.
-            c.shared_expert_intermediate_size = Some(s.shared.unwrap_or(1));
             c.decoder_sparse_step = Some(1);
             c.mlp_only_layers = Some(dense_layers);
             c.extra
                 .insert("use_sliding_window".into(), Value::Bool(false));
-            Architecture::Qwen2Moe
-        }
-        ExportFormat::Qwen3Moe => {
-            let s = shape.ok_or_else(|| fail("the model has no MoE layer".into()))?;
-            if !qk_norm {
-                return Err(fail(format!(
-                    "Qwen3-MoE norms query and key heads, which {} does not (Qwen3 models only)",
-                    original.model_type()
-                )));
+            if qwen3 {
+                Architecture::Qwen3Moe
+            } else {
+                // transformers always builds Qwen2-MoE's shared expert; a model without one
+                // gets a zero one.
+                c.shared_expert_intermediate_size = Some(s.shared.unwrap_or(1));
+                Architecture::Qwen2Moe
             }
-            if s.shared.is_some() {
-                return Err(fail(
-                    "Qwen3-MoE has no shared expert; convert without shared experts".into(),
-                ));
-            }
-            if let Some(&i) = dense_widths.first() {
-                c.intermediate_size = i;
-            }
-            c.num_experts = Some(s.experts);
-            c.num_experts_per_tok = Some(s.top_k);
-            c.moe_intermediate_size = Some(s.intermediate);
-            c.norm_topk_prob = Some(s.renormalize);
-            c.decoder_sparse_step = Some(1);
-            c.mlp_only_layers = Some(dense_layers);
-            c.extra
-                .insert("use_sliding_window".into(), Value::Bool(false));
-            Architecture::Qwen3Moe
         }
     };
     c.model_type = arch.model_type().into();
