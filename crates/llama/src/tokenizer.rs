@@ -235,8 +235,13 @@ impl Tokenizer {
                 piece_end(&pending)
             };
             let rest = pending.split_off(cut);
+            // As `read_to_string` reports it: an I/O error of kind InvalidData on the file.
             let text = std::str::from_utf8(&pending).map_err(|e| {
-                LlamaError::Tokenizer(format!("{}: not UTF-8 text ({e})", path.display()))
+                let why = format!("not UTF-8 text ({e})");
+                LlamaError::io(
+                    path,
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, why),
+                )
             })?;
             ids.extend(self.encode(text)?);
             pending = rest;

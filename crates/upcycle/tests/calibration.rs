@@ -137,7 +137,10 @@ fn too_little_text_or_binary_files_are_errors() {
     let binary = dir.path().join("blob.bin");
     write(&binary, &[0xff, 0xfe, 0x00, 0x80]);
     match tokens(&tok, std::slice::from_ref(&binary), 100) {
-        Err(UpcycleError::Io { path, .. }) => assert_eq!(path, binary),
+        Err(UpcycleError::Llama(moekit_llama::LlamaError::Io { path, source })) => {
+            assert_eq!(path, binary);
+            assert_eq!(source.kind(), std::io::ErrorKind::InvalidData);
+        }
         other => panic!("{other:?}"),
     }
 }
