@@ -1190,6 +1190,9 @@ fn distill_trains_resumes_and_exports() {
         (Some(7), Some(8))
     );
     assert_eq!(more["tokens"], 8 * 2 * 16);
+    // The longer run stretched the schedule from step 7 on, and says so.
+    assert_eq!(more["schedule"], serde_json::json!([[1, 6], [7, 8]]));
+    assert_eq!(first["schedule"], serde_json::json!([[1, 6]]));
     // The student named another way (a trailing slash), with a file written beside its
     // weights: the same inputs, so the run resumes.
     std::fs::write(Path::new(&moe).join("notes.txt"), b"mine").unwrap();

@@ -35,6 +35,11 @@ pub struct TrainState {
     pub tokens: u64,
     /// Every evaluation so far.
     pub evals: Vec<EvalReport>,
+    /// The learning-rate schedule's length over the run: `(first step, total steps)` for each
+    /// length it ran with (a rerun with more `steps` stretches the cosine decay from there on).
+    /// Empty in checkpoints written before it was recorded.
+    #[serde(default)]
+    pub schedule: Vec<(usize, usize)>,
     /// What must match for a resume ([`RunIdentity`]).
     pub identity: RunIdentity,
     /// The FNV-1a digest ([`crate::digest::Fnv1a`], hex) of each `.bpk` file of the

@@ -55,6 +55,9 @@ pub struct TrainSummary {
     pub seconds: f64,
     /// Every evaluation, the last one at the end of training.
     pub evals: Vec<EvalReport>,
+    /// The learning-rate schedule's length over the run: `(first step, total steps)`, one
+    /// entry unless a rerun changed `steps` (see [`TrainState::schedule`]).
+    pub schedule: Vec<(usize, usize)>,
     /// The last step's report.
     pub last: Option<StepReport>,
 }
@@ -79,6 +82,8 @@ pub struct Trainer {
     done: usize,
     tokens: u64,
     evals: Vec<EvalReport>,
+    /// See [`TrainSummary::schedule`].
+    schedule: Vec<(usize, usize)>,
     checkpoints: Option<PathBuf>,
     source: Option<String>,
     /// `data.fingerprint()`, hashed once (every checkpoint records it).
@@ -147,6 +152,7 @@ impl Trainer {
             student,
             trainable,
             order: DataOrder::new(config.seed),
+            schedule: vec![(1, config.steps)],
             config,
             data,
             eval_data,
@@ -325,6 +331,25 @@ impl Trainer {
         self.order = state.order;
         self.tokens = state.tokens;
         self.evals = state.evals;
+        // A run resumed with another length: the schedule stretches (or shrinks) from here on,
+        // which the summary records.
+        let mut schedule = state.schedule;
+        if schedule
+            .last()
+            .is_none_or(|&(_, steps)| steps != self.config.steps)
+        {
+            if let Some(&(_, before)) = schedule.last() {
+                tracing::warn!(
+                    before,
+                    now = self.config.steps,
+                    from = self.done + 1,
+                    "the run goes on with another number of steps: its learning-rate schedule \
+                     changes length from here on"
+                );
+            }
+            schedule.push((self.done + 1, self.config.steps));
+        }
+        self.schedule = schedule;
         tracing::info!(step = self.done, path = %path.display(), "resumed");
         Ok(Some(self.done))
     }
@@ -339,6 +364,7 @@ impl Trainer {
             order: self.order,
             tokens: self.tokens,
             evals: self.evals.clone(),
+            schedule: self.schedule.clone(),
             identity: self.identity(),
             // Filled in by `checkpoint::save` from the files it writes.
             digests: Default::default(),
@@ -441,6 +467,7 @@ impl Trainer {
             tokens: self.tokens,
             seconds: start.elapsed().as_secs_f64(),
             evals: self.evals.clone(),
+            schedule: self.schedule.clone(),
             last,
         })
     }

@@ -389,6 +389,7 @@ pub fn run(args: &DistillArgs) -> Result<(), CliError> {
         "trainable_params": params,
         "steps": summary.steps,
         "first_step": summary.first_step,
+        "schedule": summary.schedule,
         "tokens": summary.tokens,
         "seconds": summary.seconds,
         "before": first,
