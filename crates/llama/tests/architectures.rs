@@ -10,13 +10,19 @@ use moekit_llama::{
 };
 use moekit_testing::device;
 
-fn fixture(kind: &str) -> PathBuf {
+/// The fixture's source folder (its JSON files).
+fn source(kind: &str) -> PathBuf {
     moekit_testing::package_dir().join(format!("tests/fixtures/architectures/{kind}"))
+}
+
+/// The checkpoint transformers wrote, rebuilt in a temporary folder.
+fn fixture(kind: &str) -> tempfile::TempDir {
+    moekit_testing::rebuild_fixture(&source(kind))
 }
 
 /// transformers' input ids and logits `[T, V]`.
 fn reference(kind: &str) -> (Vec<u32>, Vec<f32>, [usize; 2]) {
-    let text = std::fs::read_to_string(fixture(kind).join("reference_logits.json")).unwrap();
+    let text = std::fs::read_to_string(source(kind).join("reference_logits.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
     let ids: Vec<u32> = serde_json::from_value(json["input_ids"].clone()).unwrap();
     let rows: Vec<Vec<f32>> = serde_json::from_value(json["logits"].clone()).unwrap();
@@ -50,7 +56,7 @@ fn load(dir: &std::path::Path) -> Llama {
 #[test]
 fn logits_equal_transformers() {
     for kind in ["qwen3", "qwen3_moe", "phi3"] {
-        let model = load(&fixture(kind));
+        let model = load(fixture(kind).path());
         let (ids, want, shape) = reference(kind);
         let want = Tensor::from_data(TensorData::new(want, shape), &model.device());
         assert_logits_close(logits(&model, &ids), &want, kind);
@@ -64,12 +70,12 @@ fn written_models_read_back_with_the_same_logits_and_layout() {
         ("phi3", ExportFormat::Dense, true),
         ("qwen3_moe", ExportFormat::Qwen3Moe, false),
     ] {
-        let model = load(&fixture(kind));
+        let model = load(fixture(kind).path());
         let dir = tempfile::tempdir().unwrap();
         let written = save_pretrained(&model, None, dir.path(), format, SaveDtype::F32).unwrap();
         assert_eq!(written.model_type, kind);
         let names = SafetensorsDir::open(dir.path()).unwrap().names();
-        let theirs = SafetensorsDir::open(&fixture(kind)).unwrap().names();
+        let theirs = SafetensorsDir::open(fixture(kind).path()).unwrap().names();
         // The names transformers wrote, no more and no fewer.
         assert_eq!(names, theirs, "{kind}");
         assert_eq!(
@@ -85,7 +91,7 @@ fn written_models_read_back_with_the_same_logits_and_layout() {
 
 #[test]
 fn qwen3_cannot_be_written_in_layouts_without_its_head_norms() {
-    let model = load(&fixture("qwen3_moe"));
+    let model = load(fixture("qwen3_moe").path());
     let dir = tempfile::tempdir().unwrap();
     for format in [ExportFormat::Mixtral, ExportFormat::Qwen2Moe] {
         let err = save_pretrained(&model, None, dir.path(), format, SaveDtype::F32).unwrap_err();
@@ -104,7 +110,7 @@ fn configurations_of_the_new_families() {
     c.model_type = "qwen3".into();
     assert_eq!(c.head_width(), 128);
     // Qwen3-MoE under either name of the expert count.
-    let text = std::fs::read_to_string(fixture("qwen3_moe").join("config.json")).unwrap();
+    let text = std::fs::read_to_string(source("qwen3_moe").join("config.json")).unwrap();
     let c: LlamaConfig = serde_json::from_str(&text).unwrap();
     let hub = text.replace("num_local_experts", "num_experts");
     let h: LlamaConfig = serde_json::from_str(&hub).unwrap();
@@ -155,7 +161,8 @@ fn configurations_of_the_new_families() {
 #[test]
 fn a_fused_projection_of_the_wrong_size_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let src = fixture("phi3");
+    let rebuilt = fixture("phi3");
+    let src = rebuilt.path();
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
     // One query head fewer in the configuration than in the file.
     let text = std::fs::read_to_string(dir.path().join("config.json")).unwrap();

@@ -213,48 +213,9 @@ fn fixture() -> PathBuf {
     moekit_testing::package_dir().join("tests/fixtures/peft_tiny")
 }
 
-/// Fixture directory `name` as PEFT / transformers wrote it: its JSON files copied, and the
-/// safetensors file rebuilt from `tensors.json` by the reference `safetensors` writer.
+/// Fixture directory `name` as PEFT / transformers wrote it.
 fn fixture_dir(name: &str) -> tempfile::TempDir {
-    let (src, dst) = (fixture().join(name), tempfile::tempdir().unwrap());
-    for entry in std::fs::read_dir(&src).unwrap() {
-        let path = entry.unwrap().path();
-        if path.file_name().unwrap() != "tensors.json" {
-            std::fs::copy(&path, dst.path().join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    let text = std::fs::read_to_string(src.join("tensors.json")).unwrap();
-    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = json["tensors"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(name, t)| {
-            let shape = t["shape"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize);
-            let bytes = t["values"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .flat_map(|v| (v.as_f64().unwrap() as f32).to_le_bytes())
-                .collect();
-            (name.clone(), shape.collect(), bytes)
-        })
-        .collect();
-    let views: Vec<(&str, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, shape, bytes)| {
-            let view =
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes);
-            (n.as_str(), view.unwrap())
-        })
-        .collect();
-    let file = dst.path().join(json["file"].as_str().unwrap());
-    safetensors::serialize_to_file(views, None, &file).unwrap();
-    dst
+    moekit_testing::rebuild_fixture(&fixture().join(name))
 }
 
 fn expected(key: &str) -> (Vec<u32>, Vec<f32>) {

@@ -248,3 +248,52 @@ pub fn word_tokenizer_json(words: &[&str]) -> String {
     })
     .to_string()
 }
+
+/// A fixture folder as the reference tools wrote it, in a new temporary folder: its files
+/// copied, and its weights file rebuilt from `tensors.json` (`{"file": NAME, "tensors": {name:
+/// {"shape", "values"}}}`, exact f32 values) by the reference `safetensors` writer. Fixtures
+/// keep their weights as JSON so that no model file is tracked.
+///
+/// # Panics
+/// On a folder or `tensors.json` that is not such a fixture.
+pub fn rebuild_fixture(src: &std::path::Path) -> tempfile::TempDir {
+    let dst = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() != "tensors.json" {
+            std::fs::copy(&path, dst.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let text = std::fs::read_to_string(src.join("tensors.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = json["tensors"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(name, t)| {
+            let shape = t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize);
+            let bytes = t["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|v| (v.as_f64().unwrap() as f32).to_le_bytes())
+                .collect();
+            (name.clone(), shape.collect(), bytes)
+        })
+        .collect();
+    let views: Vec<(&str, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, shape, bytes)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes);
+            (n.as_str(), view.unwrap())
+        })
+        .collect();
+    let file = dst.path().join(json["file"].as_str().unwrap());
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    dst
+}

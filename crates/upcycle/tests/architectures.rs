@@ -12,8 +12,12 @@ use moekit_upcycle::{
     convert_layered,
 };
 
-fn fixture(kind: &str) -> PathBuf {
-    moekit_testing::package_dir().join(format!("../llama/tests/fixtures/architectures/{kind}"))
+/// The checkpoint transformers wrote (crates/llama's fixture), rebuilt in a temporary folder.
+fn fixture(kind: &str) -> tempfile::TempDir {
+    moekit_testing::rebuild_fixture(
+        &moekit_testing::package_dir()
+            .join(format!("../llama/tests/fixtures/architectures/{kind}")),
+    )
 }
 
 /// A tiny random Qwen2 (biases on Q, K and V) written as a checkpoint in `dir`.
@@ -115,9 +119,14 @@ fn dense_architectures_convert_into_each_layout_that_fits() {
         ("qwen2", &every_expert, None, "qwen2_moe"),
     ] {
         let root = tempfile::tempdir().unwrap();
-        let dense = match kind {
-            "qwen2" => qwen2(&root.path().join("dense")),
-            _ => fixture(kind),
+        // The rebuilt fixture's folder lives as long as `_held`.
+        let (_held, dense) = match kind {
+            "qwen2" => (None, qwen2(&root.path().join("dense"))),
+            _ => {
+                let held = fixture(kind);
+                let dense = held.path().to_path_buf();
+                (Some(held), dense)
+            }
         };
         let out = root.path().join("out");
         convert(&dense, config, format, &out).unwrap();
@@ -145,7 +154,7 @@ fn qwen3_with_shared_experts_has_no_layout_and_says_so_before_converting() {
         2,
     )
     .with_shared_experts(1);
-    let err = convert(&fixture("qwen3"), &config, None, &out).unwrap_err();
+    let err = convert(fixture("qwen3").path(), &config, None, &out).unwrap_err();
     assert!(
         matches!(&err, UpcycleError::Llama(LlamaError::Export { .. }))
             && err.to_string().contains("shared expert"),
