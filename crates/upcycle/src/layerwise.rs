@@ -653,15 +653,17 @@ pub fn construct_layer(
         _ => {
             let trained = train_block(moe.clone(), tx, ty, h, &device, config, l, observer)?;
             if let Some(path) = &saved {
-                let tmp = path.with_extension("bpk.tmp");
-                trained
+                // Serialised here and written by the one atomic writer (synced, a unique
+                // temporary name, I/O errors kept typed: a full disk is reported as one).
+                let bytes = trained
                     .clone()
-                    .save_file(&tmp)
+                    .into_record()
+                    .into_bytes()
                     .map_err(|e| UpcycleError::WorkDir {
-                        path: tmp.clone(),
+                        path: path.clone(),
                         reason: format!("cannot save the layer: {e}"),
                     })?;
-                std::fs::rename(&tmp, path).map_err(|e| UpcycleError::io(path, e))?;
+                moekit_llama::io::atomic::write(path, &bytes)?;
             }
             (trained, false)
         }
