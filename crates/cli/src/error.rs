@@ -71,9 +71,7 @@ impl CliError {
         }
         false
     }
-}
 
-impl CliError {
     /// What the user can do about it.
     pub fn hint(&self) -> Option<&'static str> {
         if self.disk_is_full() {

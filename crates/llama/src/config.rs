@@ -420,6 +420,22 @@ impl LlamaConfig {
         Ok(scaling.filter(|s| s.rope_type != "default"))
     }
 
+    /// For an architecture that stores its projections fused (Phi-3), the widths
+    /// [`crate::io::names::fused_rows`] locates Q/K/V and gate/up by: `[heads, kv heads, head
+    /// width, FFN width]`; `None` for the others.
+    pub fn fused_dims(&self) -> Option<[usize; 4]> {
+        self.architecture()
+            .is_ok_and(Architecture::fused_projections)
+            .then(|| {
+                [
+                    self.num_attention_heads,
+                    self.kv_heads(),
+                    self.head_width(),
+                    self.intermediate_size,
+                ]
+            })
+    }
+
     /// The share of each head's width that is rotated (`partial_rotary_factor`, at the top
     /// level or in transformers 5's `rope_parameters`), if the file names one.
     pub fn partial_rotary_factor(&self) -> Option<f64> {

@@ -655,14 +655,12 @@ pub fn construct_layer(
             if let Some(path) = &saved {
                 // Serialised here and written by the one atomic writer (synced, a unique
                 // temporary name, I/O errors kept typed: a full disk is reported as one).
-                let bytes = trained
-                    .clone()
-                    .into_record()
-                    .into_bytes()
-                    .map_err(|e| UpcycleError::WorkDir {
+                let bytes = trained.clone().into_record().into_bytes().map_err(|e| {
+                    UpcycleError::WorkDir {
                         path: path.clone(),
                         reason: format!("cannot save the layer: {e}"),
-                    })?;
+                    }
+                })?;
                 moekit_llama::io::atomic::write(path, &bytes)?;
             }
             (trained, false)

@@ -345,7 +345,7 @@ impl LayerObserver for Bars {
 /// rewritten), the calibration files and the token counts.
 fn fingerprint(args: &ConvertArgs, files: &[PathBuf]) -> String {
     let settings = format!("tokens={} seq={}", args.calib_tokens, args.seq_len);
-    super::inputs_fingerprint(super::stamp_weights(&args.dense), settings, files)
+    super::inputs_fingerprint(super::stamp_model(&args.dense), settings, files)
 }
 
 /// A folder of the work directory for `key`: `prefix-` and 16 hex digits of a hash of it.
@@ -414,7 +414,7 @@ pub fn run(args: &ConvertArgs) -> Result<(), CliError> {
         let print = fingerprint(args, &files);
         (files, print)
     } else {
-        (Vec::new(), super::stamp_weights(&args.dense))
+        (Vec::new(), super::stamp_model(&args.dense))
     };
     let ckpt = Checkpoint::open(&args.dense)?;
     // One layer dense and converted, its tensors on the host for writing, and the calibration

@@ -223,8 +223,8 @@ fn source(args: &DistillArgs) -> String {
         .map(|p| super::stamp(&p.canonicalize().unwrap_or_else(|_| p.to_path_buf())));
     format!(
         "student {}\nteacher {}\npolicy {policy:?}\nlora {:?} {} {:?}",
-        super::stamp_weights(&args.student),
-        super::stamp_weights(&args.teacher),
+        super::stamp_model(&args.student),
+        super::stamp_model(&args.teacher),
         args.lora_rank,
         args.lora_alpha,
         args.lora_targets
@@ -254,8 +254,8 @@ pub fn run(args: &DistillArgs) -> Result<(), CliError> {
         4 * crate::memory::params(&args.teacher)?
             + per_student_param * crate::memory::params(&args.student)?,
     )?;
-    let (_, teacher, tokenizer) = super::load(&args.teacher, None)?;
-    let (_, mut student, _) = super::load(&args.student, None)?;
+    let (teacher, tokenizer) = super::load(&args.teacher, None)?;
+    let (mut student, _) = super::load(&args.student, None)?;
     let format = super::auto_format(&student)?;
     let own_routing = RoutingPolicy::of_model(&student);
     let policy = args

@@ -163,7 +163,7 @@ pub fn run(args: &EvalArgs) -> Result<(), CliError> {
                 "evaluating with an adapter",
                 4 * ckpt.param_counts()?.total as u64,
             )?;
-            let (_, model, _) = super::load(&args.model, Some(adapter))?;
+            let model = super::load_model(&ckpt, Some(adapter))?;
             let result = run(&model)?;
             let active = ActiveParams::of(&model, Some(&per_layer(&result)))?;
             (result, active)

@@ -50,7 +50,7 @@ pub fn run(args: &GenerateArgs) -> Result<(), CliError> {
     };
     // f32 weights (the KV cache of one sequence is small beside them).
     crate::memory::check("generation", 4 * crate::memory::params(&args.model)?)?;
-    let (_, model, tokenizer) = super::load(&args.model, args.adapter.as_deref())?;
+    let (model, tokenizer) = super::load(&args.model, args.adapter.as_deref())?;
     let prompt = if args.chat {
         tokenizer.chat_prompt(&[Message::new("user", &args.prompt)])
     } else {

@@ -15,14 +15,16 @@ use moekit::router::ActiveParams;
 use crate::error::CliError;
 use crate::progress;
 
-/// Opens a checkpoint and loads it on the default device, with a progress bar; applies a PEFT
-/// LoRA adapter directory if given (merged into the weights: inference runs at base speed).
-pub fn load(
-    path: &Path,
-    adapter: Option<&Path>,
-) -> Result<(Checkpoint, Llama, Tokenizer), CliError> {
+/// Opens a checkpoint and loads it on the default device ([`load_model`]), with its tokenizer.
+pub fn load(path: &Path, adapter: Option<&Path>) -> Result<(Llama, Tokenizer), CliError> {
     let ckpt = Checkpoint::open(path)?;
     let tokenizer = ckpt.tokenizer()?;
+    Ok((load_model(&ckpt, adapter)?, tokenizer))
+}
+
+/// Loads an opened checkpoint on the default device, with a progress bar; applies a PEFT LoRA
+/// adapter directory if given (merged into the weights: inference runs at base speed).
+pub fn load_model(ckpt: &Checkpoint, adapter: Option<&Path>) -> Result<Llama, CliError> {
     let bar = progress::bar("loading", "layers");
     let mut model = ckpt.load(&moekit::default_device(), &mut progress::update(&bar))?;
     bar.finish_and_clear();
@@ -37,7 +39,7 @@ pub fn load(
         );
         model = adapted.merge_lora();
     }
-    Ok((ckpt, model, tokenizer))
+    Ok(model)
 }
 
 /// Activated parameters per token of the `--reference` model at `path`, if given, under its own
@@ -93,7 +95,7 @@ pub fn stamp(p: &Path) -> String {
     format!("{}:{len}:{mtime}", p.display())
 }
 
-/// What a measurement on text depends on: the model's stamp ([`stamp_weights`]), `settings`
+/// What a measurement on text depends on: the model's stamp ([`stamp_model`]), `settings`
 /// (the options that change it) and the text files' stamps, in order. Equal fingerprints mean
 /// the same inputs (as far as file sizes and times tell).
 pub fn inputs_fingerprint(model: String, settings: String, files: &[PathBuf]) -> String {
@@ -106,7 +108,7 @@ pub fn inputs_fingerprint(model: String, settings: String, files: &[PathBuf]) ->
 /// directory's `config.json`, `*.safetensors` and tokenizer files (`tokenizer*.json`: they
 /// turn text into the ids a run works on). Files written beside the model (a policy, a plot,
 /// notes) and the path as typed (relative, absolute, a trailing slash) do not change it.
-pub fn stamp_weights(path: &Path) -> String {
+pub fn stamp_model(path: &Path) -> String {
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     match files_in(&path) {
         Some(files) => files

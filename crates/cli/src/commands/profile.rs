@@ -187,7 +187,7 @@ pub fn run(args: &ProfileArgs) -> Result<(), CliError> {
         .iter()
         .map(|f| f.canonicalize().unwrap_or_else(|_| f.clone()))
         .collect();
-    let source = super::inputs_fingerprint(super::stamp_weights(&args.model), settings, &canonical);
+    let source = super::inputs_fingerprint(super::stamp_model(&args.model), settings, &canonical);
     let candidates: Candidates = match &args.candidates_in {
         Some(path) => {
             let c: Candidates = load_json(path)?;

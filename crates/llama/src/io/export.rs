@@ -407,17 +407,7 @@ impl Collector {
     pub(crate) fn layer(&mut self, l: usize, layer: &DecoderLayer, config: &LlamaConfig) {
         let out = self;
         let h = config.hidden_size;
-        out.fused = config
-            .architecture()
-            .is_ok_and(Architecture::fused_projections)
-            .then(|| {
-                [
-                    config.num_attention_heads,
-                    config.kv_heads(),
-                    config.head_width(),
-                    config.intermediate_size,
-                ]
-            });
+        out.fused = config.fused_dims();
         out.push(
             Weight::AttnNorm(l),
             HostTensor::from_tensor(layer.input_norm.gamma.val()),

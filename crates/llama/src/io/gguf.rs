@@ -530,9 +530,17 @@ impl TensorSource for GgufFile {
         let width: usize = info.shape[1..].iter().product();
         let row_bytes = info.len / info.shape[0].max(1);
         let mut data = vec![0.0f32; rows.len() * width];
-        for (out, &r) in data.chunks_exact_mut(width.max(1)).zip(rows) {
-            let at = info.offset + r * row_bytes;
-            ty.dequantize(&read_at(&self.file, &self.path, at, row_bytes)?, out);
+        // One read per run of consecutive rows; each row is whole blocks, de-quantised alone.
+        for run in super::source::consecutive_runs(rows) {
+            let at = info.offset + rows[run.start] * row_bytes;
+            let bytes = read_at(&self.file, &self.path, at, run.len() * row_bytes)?;
+            let out = &mut data[run.start * width..run.end * width];
+            for (row, out) in bytes
+                .chunks_exact(row_bytes.max(1))
+                .zip(out.chunks_exact_mut(width.max(1)))
+            {
+                ty.dequantize(row, out);
+            }
         }
         super::source::check_finite(&self.path, name, &data)?;
         Ok(Some(HostTensor::new(

@@ -313,17 +313,8 @@ impl Reader<'_> {
     /// `w`'s rows of the fused weight that holds it, in a checkpoint whose projections are
     /// fused (Phi-3); `None` otherwise.
     fn fused_part(&self, w: Weight, shape: &[usize]) -> Result<Option<HostTensor>> {
-        let c = self.config;
-        if !c.architecture().is_ok_and(|a| a.fused_projections()) {
-            return Ok(None);
-        }
-        let dims = [
-            c.num_attention_heads,
-            c.kv_heads(),
-            c.head_width(),
-            c.intermediate_size,
-        ];
-        let Some((whole, total, rows)) = fused_rows(w, dims) else {
+        let Some((whole, total, rows)) = self.config.fused_dims().and_then(|d| fused_rows(w, d))
+        else {
             return Ok(None);
         };
         let n = self.name(whole);

@@ -180,16 +180,9 @@ impl TensorSource for SafetensorsDir {
         let width: usize = shape.iter().skip(1).product();
         super::source::check_rows(&shard.path, name, len, rows)?;
         let mut data = Vec::with_capacity(rows.len() * width);
-        // Consecutive rows are decoded as one run.
-        let mut i = 0;
-        while i < rows.len() {
-            let mut j = i + 1;
-            while j < rows.len() && rows[j] == rows[j - 1] + 1 {
-                j += 1;
-            }
-            let bytes = self.bytes(name, rows[i] * width, (j - i) * width)?;
+        for run in super::source::consecutive_runs(rows) {
+            let bytes = self.bytes(name, rows[run.start] * width, run.len() * width)?;
             data.extend(decode_values(shard, name, info.dtype, &bytes)?);
-            i = j;
         }
         Ok(Some(HostTensor::new(
             super::source::row_shape(shape, rows.len()),

@@ -72,3 +72,19 @@ pub(crate) fn check_finite(path: &Path, name: &str, values: &[f32]) -> Result<()
         None => Ok(()),
     }
 }
+
+/// `rows` cut into runs of consecutive rows, as index ranges into `rows`: what row readers read
+/// and decode at once (a block of the vocabulary is one run).
+pub(crate) fn consecutive_runs(rows: &[usize]) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < rows.len() {
+        let mut j = i + 1;
+        while j < rows.len() && rows[j] == rows[j - 1] + 1 {
+            j += 1;
+        }
+        runs.push(i..j);
+        i = j;
+    }
+    runs
+}
