@@ -41,6 +41,40 @@ fn layered() -> LayeredConfig {
     LayeredConfig::new().with_pass_tokens(40).with_batch(2)
 }
 
+/// [`measure`] on `model`, one layer at a time.
+fn measure_on(
+    model: &Llama,
+    ids: &[u32],
+    config: &SearchConfig,
+) -> moekit_router::Result<Candidates> {
+    measure(
+        model,
+        ids,
+        config,
+        &layered(),
+        &model.device(),
+        &mut |_, _| {},
+    )
+}
+
+/// [`profile`] of `model`, one layer at a time.
+fn profile_on(
+    model: &Llama,
+    ids: &[u32],
+    seq_len: usize,
+    thresholds: &[f64],
+) -> moekit_router::Result<moekit_router::RoutingProfile> {
+    profile(
+        model,
+        ids,
+        seq_len,
+        thresholds,
+        &layered(),
+        &model.device(),
+        &mut |_, _| {},
+    )
+}
+
 /// [`select`] on `model` over `ids` in windows of 32, one layer at a time.
 fn select_on(
     model: &Llama,
@@ -83,16 +117,7 @@ fn a_uniform_router_profiles_as_the_closed_form() {
             m.router.gate = Param::from_tensor(Tensor::zeros([16, E], &device));
         }
     }
-    let p = profile(
-        &model,
-        &tokens(50),
-        16,
-        &TOP1_THRESHOLDS,
-        &layered(),
-        &Llama::device(&model),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let p = profile_on(&model, &tokens(50), 16, &TOP1_THRESHOLDS).unwrap();
     assert_eq!(p.tokens, 50);
     assert_eq!(p.layers.len(), 2);
     for l in &p.layers {
@@ -110,16 +135,7 @@ fn a_uniform_router_profiles_as_the_closed_form() {
 fn profiles_are_sorted_distributions_with_consistent_loads() {
     let device = device(2);
     let model = mixtral(2, true, &device);
-    let p = profile(
-        &model,
-        &tokens(64),
-        32,
-        &TOP1_THRESHOLDS,
-        &layered(),
-        &Llama::device(&model),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let p = profile_on(&model, &tokens(64), 32, &TOP1_THRESHOLDS).unwrap();
     for l in &p.layers {
         assert!((l.sorted_mass.iter().sum::<f64>() - 1.0).abs() < 1e-5);
         assert!(l.sorted_mass.windows(2).all(|w| w[0] >= w[1]));
@@ -151,50 +167,19 @@ fn dense_models_too_little_text_and_bad_thresholds_are_errors() {
         .init(&device)
         .unwrap();
     assert!(matches!(
-        profile(
-            &model,
-            &tokens(20),
-            8,
-            &TOP1_THRESHOLDS,
-            &layered(),
-            &Llama::device(&model),
-            &mut |_, _| {}
-        ),
+        profile_on(&model, &tokens(20), 8, &TOP1_THRESHOLDS),
         Err(RouterError::NoMoeLayers)
     ));
     assert!(matches!(
-        measure(
-            &model,
-            &tokens(20),
-            &SearchConfig::default(),
-            &layered(),
-            &Llama::device(&model),
-            &mut |_, _| {}
-        ),
+        measure_on(&model, &tokens(20), &SearchConfig::default()),
         Err(RouterError::NoMoeLayers)
     ));
     assert!(matches!(
-        profile(
-            &mixtral(1, true, &device),
-            &tokens(1),
-            8,
-            &TOP1_THRESHOLDS,
-            &layered(),
-            &Llama::device(&mixtral(1, true, &device)),
-            &mut |_, _| {}
-        ),
+        profile_on(&mixtral(1, true, &device), &tokens(1), 8, &TOP1_THRESHOLDS),
         Err(RouterError::Calibration(_))
     ));
     assert!(matches!(
-        profile(
-            &mixtral(1, true, &device),
-            &tokens(20),
-            8,
-            &[1.5],
-            &layered(),
-            &Llama::device(&mixtral(1, true, &device)),
-            &mut |_, _| {}
-        ),
+        profile_on(&mixtral(1, true, &device), &tokens(20), 8, &[1.5]),
         Err(RouterError::Calibration(_))
     ));
 }
@@ -244,15 +229,7 @@ fn measured_candidates_match_whole_model_runs() {
             seq_len: 16,
             ..SearchConfig::default()
         };
-        let c = measure(
-            &model,
-            &ids,
-            &config,
-            &layered(),
-            &Llama::device(&model),
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let c = measure_on(&model, &ids, &config).unwrap();
         assert_eq!(c.tokens, 48);
         assert_eq!(c.layers.len(), 2);
         let layer0 = &c.layers[0];
@@ -362,24 +339,8 @@ fn layers_with_more_experts_than_rules_measure_a_grid_of_k() {
             seq_len: 16,
             max_top_k_rules: max,
         };
-        let grid = measure(
-            &model,
-            &ids,
-            &config(4),
-            &layered(),
-            &Llama::device(&model),
-            &mut |_, _| {},
-        )
-        .unwrap();
-        let every = measure(
-            &model,
-            &ids,
-            &config(16),
-            &layered(),
-            &Llama::device(&model),
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let grid = measure_on(&model, &ids, &config(4)).unwrap();
+        let every = measure_on(&model, &ids, &config(16)).unwrap();
         let ks = |c: &Candidates| -> Vec<usize> {
             c.layers[0]
                 .candidates
@@ -898,8 +859,10 @@ fn a_policy_costs_what_it_predicts_and_the_kl_grows_as_experts_go() {
         }
         n += t;
     }
+    // Relative to the KL, with a floor for f32 rounding of the reference's sums when the KL is
+    // small (the models' weights depend on the order tests seed the shared device).
     assert!(
-        (scores[1].kl - kl / n as f64).abs() < 1e-4 * (kl / n as f64),
+        (scores[1].kl - kl / n as f64).abs() < 1e-4 * (kl / n as f64) + 1e-6,
         "{} vs {}",
         scores[1].kl,
         kl / n as f64
